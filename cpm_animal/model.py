@@ -1,0 +1,219 @@
+"""Convolutional Pose Machines (Wei et al., CVPR 2016) as used by the seed "Animal Pose Estimation".
+
+`CPM(CPMConfig(...))` returns one heatmap stack per stage, shape (stages, B, K, h, w), every stage
+supervised. `PRESETS["original"]` is the seed network exactly (40,205,052 parameters, 368 -> 45x45);
+`PRESETS["small"]` is the CPU preset trained by default. Everything else is a config field.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+from torch import nn
+
+NORMS = ("none", "batch", "group", "layer")
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
+DROPOUT_PLACES = ("features", "output")
+
+
+@dataclass(frozen=True)
+class CPMConfig:
+    num_keypoints: int = 16
+    input_size: tuple[int, int] = (368, 368)  # (W, H); the "layer" norm shapes are derived from it
+    stages: int = 7
+    trunk_channels: int = 128
+    trunk_kernel: int = 9
+    trunk_blocks: int = 3           # conv + activation (+ pool) blocks per trunk
+    trunk_pools: int = 3            # the first `trunk_pools` blocks end in a 3x3/2 max-pool
+    stage1_features: int = 32       # stage 1: conv 5x5 trunk -> 32, conv 9x9 -> 512, 1x1 512 -> 512
+    stage1_channels: int = 512
+    stage1_kernel: int = 9
+    stage_features: int = 64        # later stages: conv 5x5 on the shared trunk
+    stage_channels: int = 128
+    stage_kernel: int = 11
+    stage_convs: int = 3            # large-kernel convs per later stage
+    activation: str = "gelu"
+    norm: str = "layer"             # none | batch | group | layer
+    group_norm_groups: int = 8
+    drop_rate: float = 0.0
+    dropout_on: str = "features"    # features (trunk outputs) | output (each stage's heatmaps, the seed)
+    centre_map: bool = False        # CPM centre-map Gaussian fed to every later stage
+    centre_sigma: float = 21.0      # input pixels, as in the CPM release
+    background: bool = False        # one extra output channel: background = 1 - max |target|
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"model.norm must be one of {NORMS}, got {self.norm!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
+        if self.dropout_on not in DROPOUT_PLACES:
+            raise ValueError(f"model.dropout_on must be one of {DROPOUT_PLACES}, got {self.dropout_on!r}")
+        if self.stages < 1 or self.trunk_pools > self.trunk_blocks:
+            raise ValueError("model.stages must be >= 1 and model.trunk_pools <= model.trunk_blocks")
+
+    @property
+    def out_channels(self) -> int:
+        return self.num_keypoints + int(self.background)
+
+
+PRESETS = {
+    # The seed's network: GELU, LayerNorm on the input and in every later stage, 7 stages.
+    "original": CPMConfig(),
+    # CPU preset: 128 px input, two pools (31x31 heatmaps), narrow trunk, smaller kernels, 3 stages.
+    "small": CPMConfig(input_size=(128, 128), stages=3, trunk_channels=32, trunk_kernel=5, trunk_pools=2,
+                       stage1_features=32, stage1_channels=64, stage1_kernel=5, stage_features=32,
+                       stage_channels=48, stage_kernel=7, norm="batch", activation="relu"),
+    # For tests: a few thousand parameters.
+    "tiny": CPMConfig(input_size=(64, 64), stages=2, trunk_channels=8, trunk_kernel=3, trunk_pools=2,
+                      stage1_features=8, stage1_channels=8, stage1_kernel=3, stage_features=8,
+                      stage_channels=8, stage_kernel=3),
+}
+
+
+def config_from_dict(options: dict) -> CPMConfig:
+    """Builds a CPMConfig from the YAML `model` group: `preset` first, then any field overrides."""
+    options = dict(options)
+    preset = options.pop("preset", "original")
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    known = {f.name for f in fields(CPMConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; known: {sorted(known)}")
+    if "input_size" in options:
+        size = options["input_size"]
+        options["input_size"] = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+    return replace(PRESETS[preset], **options)
+
+
+def pooled_size(length: int, pools: int) -> int:
+    """Length after `pools` 3x3 stride-2 max-pools without padding (rounding down: 368 -> 45)."""
+    for _ in range(pools):
+        length = (length - 3) // 2 + 1
+    return length
+
+
+def heatmap_size(config: CPMConfig) -> tuple[int, int]:
+    """(W, H) of the output heatmaps for the configured input size."""
+    width, height = config.input_size
+    return pooled_size(width, config.trunk_pools), pooled_size(height, config.trunk_pools)
+
+
+def make_norm(kind: str, channels: int, size_hw: tuple[int, int], groups: int) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(channels, groups), channels)
+    # The seed's LayerNorm((H, W)): normalises each channel over its pixels, one affine weight per pixel.
+    return nn.LayerNorm(tuple(size_hw))
+
+
+def conv(in_ch: int, out_ch: int, kernel: int) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2)
+
+
+class Trunk(nn.Sequential):
+    """Image features: input norm, then conv/activation/pool blocks, then optional feature dropout."""
+
+    def __init__(self, cfg: CPMConfig):
+        width, height = cfg.input_size
+        layers = [make_norm(cfg.norm, 3, (height, width), cfg.group_norm_groups)]
+        in_ch = 3
+        for block in range(cfg.trunk_blocks):
+            layers += [conv(in_ch, cfg.trunk_channels, cfg.trunk_kernel), ACTIVATIONS[cfg.activation]()]
+            if block < cfg.trunk_pools:
+                layers.append(nn.MaxPool2d(3, 2))
+            in_ch = cfg.trunk_channels
+        if cfg.dropout_on == "features" and cfg.drop_rate > 0:
+            layers.append(nn.Dropout2d(cfg.drop_rate))
+        super().__init__(*layers)
+
+
+class FirstStage(nn.Sequential):
+    """Stage 1 head on its own trunk: conv 5x5, conv 9x9, 1x1, 1x1 -> keypoint maps."""
+
+    def __init__(self, cfg: CPMConfig):
+        act = ACTIVATIONS[cfg.activation]
+        super().__init__(
+            conv(cfg.trunk_channels, cfg.stage1_features, 5), act(),
+            conv(cfg.stage1_features, cfg.stage1_channels, cfg.stage1_kernel), act(),
+            conv(cfg.stage1_channels, cfg.stage1_channels, 1), act(),
+            conv(cfg.stage1_channels, cfg.out_channels, 1),
+        )
+
+
+class LaterStage(nn.Module):
+    """Stage t >= 2: own 5x5 features of the shared trunk + previous maps (+ centre map) -> refined maps."""
+
+    def __init__(self, cfg: CPMConfig):
+        super().__init__()
+        act = ACTIVATIONS[cfg.activation]
+        self.features = nn.Sequential(conv(cfg.trunk_channels, cfg.stage_features, 5), act())
+        in_ch = cfg.stage_features + cfg.out_channels + int(cfg.centre_map)
+        map_w, map_h = heatmap_size(cfg)
+        self.norm = make_norm(cfg.norm, in_ch, (map_h, map_w), cfg.group_norm_groups)
+        layers = []
+        for _ in range(cfg.stage_convs):
+            layers += [conv(in_ch, cfg.stage_channels, cfg.stage_kernel), act()]
+            in_ch = cfg.stage_channels
+        layers += [conv(in_ch, cfg.stage_channels, 1), act(), conv(cfg.stage_channels, cfg.out_channels, 1)]
+        self.refine = nn.Sequential(*layers)
+
+    def forward(self, shared_features, previous_maps, centre_map=None):
+        parts = [self.features(shared_features), previous_maps]
+        if centre_map is not None:
+            parts.append(centre_map)
+        return self.refine(self.norm(torch.cat(parts, dim=1)))
+
+
+class CPM(nn.Module):
+    def __init__(self, config: CPMConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or PRESETS["original"]
+        self.stage1_trunk = Trunk(cfg)
+        self.stage1 = FirstStage(cfg)
+        if cfg.stages > 1:
+            self.shared_trunk = Trunk(cfg)
+        self.later_stages = nn.ModuleList(LaterStage(cfg) for _ in range(cfg.stages - 1))
+        self.output_dropout = (nn.Dropout(cfg.drop_rate) if cfg.dropout_on == "output" and cfg.drop_rate > 0
+                               else nn.Identity())
+        # Each stage's last 1x1 starts near zero so the first MSE steps are not dominated by
+        # random heatmaps (the targets are zero almost everywhere).
+        for head in [self.stage1[-1]] + [stage.refine[-1] for stage in self.later_stages]:
+            nn.init.normal_(head.weight, std=0.001)
+            nn.init.zeros_(head.bias)
+
+    def make_centre_map(self, batch: int, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """The CPM centre map: a Gaussian at the middle of the crop, in heatmap pixels."""
+        stride = self.config.input_size[0] / max(heatmap_size(self.config)[0], 1)
+        sigma = self.config.centre_sigma / stride
+        ys = torch.arange(height, dtype=like.dtype, device=like.device) - (height - 1) / 2
+        xs = torch.arange(width, dtype=like.dtype, device=like.device) - (width - 1) / 2
+        gauss = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * sigma ** 2))
+        return gauss.expand(batch, 1, height, width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.config.norm == "layer" and tuple(images.shape[-2:]) != tuple(reversed(self.config.input_size)):
+            raise ValueError(f"norm=layer fixes the input to {self.config.input_size} (W, H); "
+                             f"got {tuple(images.shape[-1:-3:-1])}")
+        maps = self.stage1(self.stage1_trunk(images))
+        outputs = [self.output_dropout(maps)]
+        if self.config.stages > 1:
+            shared = self.shared_trunk(images)
+            centre = (self.make_centre_map(images.shape[0], shared.shape[2], shared.shape[3], shared)
+                      if self.config.centre_map else None)
+            for stage in self.later_stages:
+                maps = stage(shared, maps, centre)
+                outputs.append(self.output_dropout(maps))
+        return torch.stack(outputs)
+
+
+def build_model(options: dict | CPMConfig) -> CPM:
+    return CPM(options if isinstance(options, CPMConfig) else config_from_dict(options))
+
+
+def describe(config: CPMConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
