@@ -1,0 +1,276 @@
+"""Top-down single-person data for Simple Baselines: LIP CSV, MPII JSON and COCO keypoints readers,
+and one `TopDownDataset` that crops a person (affine warp, never a squashing resize), augments it and
+builds Gaussian heatmap targets.  `python simple_baseline/dataset.py --show 8` writes a grid of
+augmented built-in samples with their targets drawn.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from common.data import BadImageError, read_image
+from common.geometry import (affine_points, box_to_center_scale, flip_image, flip_keypoints,
+                             get_affine_transform, warp_image)
+from common.heatmaps import make_heatmaps
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+LIP_NUM_JOINTS = 16
+NECK, HEAD_TOP = 8, 9  # MPII/LIP indices: neck-to-head-top is our (non-official) LIP head size
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers. Each returns a list of records: {"image": path, "joints": (K, 3) float32 [x, y, w]
+# (w = 1 labelled, 0 missing), and either "box" (x, y, w, h) or "center" + "height" (MPII)},
+# plus "head_size" when the format defines one.
+
+
+def read_lip_csv(csv_path, image_dir, check_images=True):
+    """LIP pose CSV: no header, 49 columns `name, x0, y0, v0, ..., x15, y15, v15`, missing joints
+    `nan,nan,nan`. A labelled joint has weight 1 whatever its v (LIP's v flags occlusion, not absence).
+    Bad rows (wrong column count, unparsable numbers, missing image) are warned about and skipped."""
+    csv_path, image_dir = Path(csv_path), Path(image_dir)
+    records, skipped = [], 0
+    with open(csv_path, newline="") as f:
+        for row_number, row in enumerate(csv.reader(f), start=1):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != 1 + 3 * LIP_NUM_JOINTS:
+                warnings.warn(f"{csv_path}: row {row_number}: expected {1 + 3 * LIP_NUM_JOINTS} columns, "
+                              f"got {len(row)}; row skipped")
+                skipped += 1
+                continue
+            try:
+                values = np.array([float(cell) for cell in row[1:]], np.float64).reshape(LIP_NUM_JOINTS, 3)
+            except ValueError as exc:
+                warnings.warn(f"{csv_path}: row {row_number}: {exc}; row skipped")
+                skipped += 1
+                continue
+            image_path = image_dir / row[0].strip()
+            if check_images and not image_path.is_file():
+                warnings.warn(f"{csv_path}: row {row_number}: image {image_path} not found; row skipped")
+                skipped += 1
+                continue
+            labelled = np.isfinite(values[:, 0]) & np.isfinite(values[:, 1])
+            joints = np.zeros((LIP_NUM_JOINTS, 3), np.float32)
+            joints[labelled, :2] = values[labelled, :2]
+            joints[labelled, 2] = 1.0
+            records.append({"image": str(image_path), "joints": joints, "box": None,
+                            "head_size": neck_to_head_top(joints)})
+    if skipped:
+        warnings.warn(f"{csv_path}: skipped {skipped} bad row(s), kept {len(records)}")
+    return records, skipped
+
+
+def neck_to_head_top(joints):
+    """Upper-neck to head-top distance, our head size for LIP and for MPII without head boxes
+    (NOT the official MPII PCKh normaliser, which is 0.6 x the head box diagonal)."""
+    if joints[NECK, 2] > 0 and joints[HEAD_TOP, 2] > 0:
+        return float(np.linalg.norm(joints[NECK, :2] - joints[HEAD_TOP, :2]))
+    return float("nan")
+
+
+def read_mpii_json(json_path, image_dir, head_boxes=None):
+    """MPII in the Simple Baselines JSON layout (list of {image, center, scale, joints, joints_vis}).
+    head_boxes: optional (N, 2, 2) array from the official gt_valid.mat (see `load_mpii_head_boxes`)."""
+    json_path = Path(json_path)
+    try:
+        entries = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"{json_path}: cannot read MPII annotations: {exc}")
+    if head_boxes is not None and len(head_boxes) != len(entries):
+        raise SystemExit(f"{json_path}: {len(entries)} entries but {len(head_boxes)} head boxes")
+    records = []
+    for i, entry in enumerate(entries):
+        joints = np.zeros((LIP_NUM_JOINTS, 3), np.float32)
+        joints[:, :2] = np.asarray(entry["joints"], np.float32)
+        joints[:, 2] = np.asarray(entry["joints_vis"], np.float32) > 0
+        center = np.asarray(entry["center"], np.float32).copy()
+        scale = float(entry["scale"])
+        # MPII's centre sits high and its scale is tight (person height / 200): the official code
+        # moves the centre down by 15 x scale and pads by 1.25 (our 1.25 padding below).
+        center[1] += 15 * scale
+        if head_boxes is not None:
+            head_size = 0.6 * float(np.linalg.norm(head_boxes[i][1] - head_boxes[i][0]))
+        else:
+            head_size = neck_to_head_top(joints)
+        records.append({"image": str(Path(image_dir) / entry["image"]), "joints": joints,
+                        "center": center, "height": scale * 200.0, "head_size": head_size})
+    return records
+
+
+def load_mpii_head_boxes(mat_path):
+    """(N, 2, 2) head boxes [[x1, y1], [x2, y2]] from the official MPII gt_valid.mat."""
+    from scipy.io import loadmat
+    boxes = loadmat(mat_path)["headboxes_src"]  # (2, 2, N)
+    return np.transpose(boxes, (2, 1, 0)).astype(np.float32)
+
+
+def read_coco_topdown(ann_file, image_dir, detections=None, num_keypoints=17, min_score=0.0):
+    """COCO keypoints, one record per person: ground-truth boxes of non-crowd people with at least
+    one labelled keypoint, or (detections = a results JSON of boxes) one record per detected box."""
+    from common.data import load_coco_keypoints
+    coco = load_coco_keypoints(ann_file, num_keypoints=num_keypoints)
+    records = []
+    if detections is None:
+        for ann in coco.loadAnns(coco.getAnnIds(iscrowd=False)):
+            x, y, w, h = ann["bbox"]
+            if ann.get("num_keypoints", 0) == 0 or w < 1 or h < 1:
+                continue
+            kpts = np.asarray(ann["keypoints"], np.float32).reshape(-1, 3)
+            joints = kpts.copy()
+            joints[:, 2] = kpts[:, 2] > 0
+            info = coco.imgs[ann["image_id"]]
+            records.append({"image": str(Path(image_dir) / info["file_name"]), "joints": joints,
+                            "box": (x, y, w, h), "image_id": ann["image_id"], "score": 1.0})
+    else:
+        boxes = json.loads(Path(detections).read_text())
+        for det in boxes:
+            if det.get("category_id", 1) != 1 or det.get("score", 1.0) < min_score:
+                continue
+            info = coco.imgs[det["image_id"]]
+            records.append({"image": str(Path(image_dir) / info["file_name"]),
+                            "joints": np.zeros((num_keypoints, 3), np.float32), "box": tuple(det["bbox"]),
+                            "image_id": det["image_id"], "score": float(det.get("score", 1.0))})
+    return records, coco
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset
+
+
+def joints_extent_box(joints, image_width, image_height):
+    """LIP has no person boxes: the labelled joints' extent, or the whole image when fewer than two
+    joints are labelled (LIP images are already person crops)."""
+    labelled = joints[:, 2] > 0
+    if labelled.sum() >= 2:
+        x0, y0 = joints[labelled, :2].min(0)
+        x1, y1 = joints[labelled, :2].max(0)
+        if x1 - x0 >= 2 or y1 - y0 >= 2:
+            return (x0, y0, max(x1 - x0, 1.0), max(y1 - y0, 1.0))
+    return (0.0, 0.0, float(image_width), float(image_height))
+
+
+class TopDownDataset(torch.utils.data.Dataset):
+    """Crops one person per record to `input_size` (W, H) and returns
+    image (3, H, W) ImageNet-normalised RGB, target (K, H/s, W/s), target_weight (K,), and what
+    evaluation needs to map predictions back: center, size (the crop box in original pixels),
+    joints (K, 3) in original pixels, head_size, index.
+
+    Target centre convention: sub-pixel (the Gaussian sits at the joint's exact float position on
+    the heatmap grid), and the heatmap grid is the crop box mapped onto (W/s, H/s) by the same
+    affine as the input, so heatmap x = input x / s and the inverse affine of the heatmap maps a
+    decoded peak straight back to original pixels.
+    """
+
+    def __init__(self, records, flip_index, input_size=(256, 256), stride=4, sigma=2.0, train=False,
+                 scale_factor=0.25, rotation_factor=30.0, rotation_prob=0.6, flip_prob=0.5, padding=1.25):
+        self.records = records
+        self.flip_index = list(flip_index)
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.heatmap_size = (self.input_size[0] // stride, self.input_size[1] // stride)
+        self.sigma = sigma
+        self.train = train
+        self.scale_factor, self.rotation_factor = scale_factor, rotation_factor
+        self.rotation_prob, self.flip_prob, self.padding = rotation_prob, flip_prob, padding
+
+    def __len__(self):
+        return len(self.records)
+
+    def crop_box(self, record, image_width, image_height):
+        """Centre and (w, h) of the crop in original pixels, at the input's aspect ratio, padded."""
+        aspect = self.input_size[0] / self.input_size[1]
+        if "center" in record:  # MPII: centre + person height
+            h = record["height"] * self.padding
+            return np.asarray(record["center"], np.float32), np.array([h * aspect, h], np.float32)
+        box = record["box"] or joints_extent_box(record["joints"], image_width, image_height)
+        return box_to_center_scale(box, aspect, self.padding)
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        try:
+            image = read_image(record["image"])
+        except BadImageError as exc:
+            warnings.warn(f"{exc}; sample skipped")
+            return None
+        joints = record["joints"].copy()
+        image_height, image_width = image.shape[:2]
+        center, size = self.crop_box(record, image_width, image_height)
+        rotation = 0.0
+        if self.train:
+            # Paper augmentation: scale, rotation (with probability), horizontal flip with left/right swap.
+            sf, rf = self.scale_factor, self.rotation_factor
+            size = size * np.clip(np.random.randn() * sf + 1, 1 - sf, 1 + sf)
+            if np.random.rand() < self.rotation_prob:
+                rotation = float(np.clip(np.random.randn() * rf, -2 * rf, 2 * rf))
+            if np.random.rand() < self.flip_prob:
+                image = flip_image(image)
+                joints = flip_keypoints(joints, image_width, self.flip_index)
+                center = np.array([image_width - 1 - center[0], center[1]], np.float32)
+
+        input_matrix = get_affine_transform(center, size, rotation, self.input_size)
+        crop = warp_image(image, input_matrix, self.input_size)
+        heatmap_matrix = get_affine_transform(center, size, rotation, self.heatmap_size)
+        joints_on_heatmap = affine_points(joints, heatmap_matrix)
+        target, target_weight = make_heatmaps(joints_on_heatmap, self.heatmap_size, self.sigma,
+                                              center="subpixel")
+        pixels = (crop.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        return {
+            "image": torch.from_numpy(pixels.transpose(2, 0, 1).copy()),
+            "target": torch.from_numpy(target),
+            "target_weight": torch.from_numpy(target_weight),
+            "center": torch.from_numpy(np.asarray(center, np.float32)),
+            "size": torch.from_numpy(np.asarray(size, np.float32)),
+            "joints": torch.from_numpy(record["joints"].astype(np.float32)),
+            "head_size": torch.tensor(record.get("head_size", float("nan")), dtype=torch.float32),
+            "index": torch.tensor(index),
+        }
+
+
+def denormalize(image_tensor):
+    """(3, H, W) normalised tensor -> (H, W, 3) uint8 RGB, for drawing."""
+    pixels = image_tensor.detach().cpu().numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+    return np.clip(pixels * 255.0, 0, 255).astype(np.uint8)
+
+
+def main():
+    from common.data import show_samples
+    from common.drawing import draw_heatmap_overlay
+    from common.engine import output_dirs
+    from common.keypoints import LIP16
+    from common.synthetic import ensure_dataset
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--show", type=int, default=8, help="how many augmented training samples to draw")
+    parser.add_argument("--input-size", type=int, nargs=2, default=(128, 128), metavar=("W", "H"))
+    parser.add_argument("--out", default=None, help="output root (default $POSE_OUTPUT_ROOT or .)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    np.random.seed(args.seed)
+    dirs = output_dirs("simple_baseline", "show", args.out)
+    data = ensure_dataset("single_person", root=dirs["data"])
+    records, _ = read_lip_csv(data["lip_train_csv"], data["lip_image_dir"])
+    dataset = TopDownDataset(records, LIP16.flip_index, args.input_size, train=True)
+    tiles = []
+    for i in range(min(args.show, len(dataset))):
+        sample = dataset[i]
+        if sample is None:
+            continue
+        image = denormalize(sample["image"])
+        heat = sample["target"].max(0).values.numpy()
+        heat = cv2.resize(heat, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+        tiles.append(draw_heatmap_overlay(image, heat))
+    out_path = Path(dirs["outputs"]) / "dataset_samples.png"
+    show_samples(tiles, out_path)
+    print(f"wrote {len(tiles)} augmented samples with their targets to {out_path}")
+
+
+if __name__ == "__main__":
+    main()
