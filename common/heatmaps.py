@@ -1,0 +1,115 @@
+"""Gaussian heatmap targets and their decoding.
+
+Two centre conventions exist in the literature and each model folder picks one:
+- "truncate": the official HigherHRNet / Simple Baselines target generators put the peak on the
+  pixel int(x), int(y), so a target is biased by up to one pixel towards the origin.
+- "subpixel": the Gaussian is centred on the exact float position (no quantisation bias).
+Decoding is argmax plus the classic quarter-pixel step towards the higher neighbour.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def make_heatmaps(joints, heatmap_size, sigma, center="subpixel", occluded_negative=False):
+    """Gaussian targets for one image.
+
+    joints: (K, 3) or (P, K, 3) array of (x, y, v) in heatmap pixels; heatmap_size: (W, H).
+    Peak 1, support +-3 sigma; with several people the per-joint maximum is kept.
+    occluded_negative: joints with v == 1 get a negative Gaussian (peak -1), the CPM seed's way to
+    teach visibility. Returns heatmaps (K, H, W) float32 and weights (K,) float32: 1 where some
+    person has the joint labelled (v > 0) with its centre on the map.
+    """
+    if center not in ("subpixel", "truncate"):
+        raise ValueError(f"center must be 'subpixel' or 'truncate', not {center!r}")
+    joints = np.asarray(joints, dtype=np.float64)
+    if joints.ndim == 2:
+        joints = joints[None]
+    num_people, num_joints = joints.shape[:2]
+    width, height = int(heatmap_size[0]), int(heatmap_size[1])
+    heatmaps = np.zeros((num_joints, height, width), np.float32)
+    weights = np.zeros(num_joints, np.float32)
+    if num_people == 0:
+        return heatmaps, weights
+
+    x, y, v = joints[..., 0], joints[..., 1], joints[..., 2]
+    labelled = (v > 0) & np.isfinite(x) & np.isfinite(y)
+    if center == "truncate":
+        # official generators: a joint is drawn iff its truncated pixel lies on the map
+        x, y = np.trunc(np.nan_to_num(x, nan=-1.0)), np.trunc(np.nan_to_num(y, nan=-1.0))
+        lo_x, hi_x, lo_y, hi_y = 0, width, 0, height
+    else:
+        # sub-pixel: a joint belongs to the map iff it falls inside some pixel's area
+        lo_x, hi_x, lo_y, hi_y = -0.5, width - 0.5, -0.5, height - 0.5
+    drawn = labelled & (x >= lo_x) & (x < hi_x) & (y >= lo_y) & (y < hi_y)
+
+    xs = np.arange(width, dtype=np.float64)
+    ys = np.arange(height, dtype=np.float64)
+    px = np.where(drawn, x, 0.0)[..., None]
+    py = np.where(drawn, y, 0.0)[..., None]
+    gx = np.exp(-((xs - px) ** 2) / (2 * sigma ** 2)) * (np.abs(xs - px) <= 3 * sigma + 0.5)
+    gy = np.exp(-((ys - py) ** 2) / (2 * sigma ** 2)) * (np.abs(ys - py) <= 3 * sigma + 0.5)
+    gx = (gx * drawn[..., None]).astype(np.float32)
+    gy = gy.astype(np.float32)
+    negative = np.zeros_like(heatmaps)
+    for person in range(num_people):  # one (K, H, W) outer product at a time bounds the memory
+        gauss = gy[person][:, :, None] * gx[person][:, None, :]
+        if occluded_negative:
+            occluded = (v[person] == 1)[:, None, None]
+            np.maximum(negative, np.where(occluded, gauss, 0), out=negative)
+            gauss = np.where(occluded, 0, gauss)
+        np.maximum(heatmaps, gauss, out=heatmaps)
+    if occluded_negative:
+        heatmaps[:] = np.where(negative > heatmaps, -negative, heatmaps)
+    weights[:] = drawn.any(0)
+    return heatmaps, weights
+
+
+def decode_heatmaps(heatmaps: torch.Tensor):
+    """Argmax per map plus a quarter-pixel step towards the higher neighbour.
+
+    heatmaps: (B, K, H, W). Returns coords (B, K, 2) float in heatmap pixels and maxvals (B, K).
+    """
+    batch, joints, height, width = heatmaps.shape
+    flat = heatmaps.reshape(batch, joints, -1)
+    maxvals, index = flat.max(dim=2)
+    x = (index % width).float()
+    y = torch.div(index, width, rounding_mode="floor").float()
+    xi, yi = x.long(), y.long()
+
+    def at(dx, dy):
+        xx = (xi + dx).clamp(0, width - 1)
+        yy = (yi + dy).clamp(0, height - 1)
+        return flat.gather(2, (yy * width + xx).unsqueeze(2)).squeeze(2)
+
+    dx = torch.sign(at(1, 0) - at(-1, 0)) * ((xi > 0) & (xi < width - 1))
+    dy = torch.sign(at(0, 1) - at(0, -1)) * ((yi > 0) & (yi < height - 1))
+    coords = torch.stack([x + 0.25 * dx, y + 0.25 * dy], dim=2)
+    return coords, maxvals
+
+
+def flip_heatmaps_back(heatmaps: torch.Tensor, flip_index, shift=False):
+    """Undo a horizontal input flip on network output: mirror W and swap left/right channels.
+
+    shift=True moves the result one pixel right, the Simple Baselines correction for the
+    half-pixel misalignment that flipping an even-width map introduces.
+    """
+    flipped = heatmaps.flip(3)[:, list(flip_index)]
+    if shift:
+        flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=3)
+    return flipped
+
+
+def heatmap_nms(heatmaps: torch.Tensor, kernel=5):
+    """Keep only local maxima within a kernel x kernel window (others set to zero)."""
+    pooled = F.max_pool2d(heatmaps, kernel, stride=1, padding=(kernel - 1) // 2)
+    return heatmaps * (pooled == heatmaps)
+
+
+def topk_peaks(heatmaps: torch.Tensor, k):
+    """Top-k values of each (already NMS'd) map: scores, xs, ys, each (B, K, k)."""
+    batch, joints, height, width = heatmaps.shape
+    scores, index = heatmaps.reshape(batch, joints, -1).topk(k, dim=2)
+    return scores, index % width, torch.div(index, width, rounding_mode="floor")
