@@ -6,12 +6,9 @@ augmented built-in samples with their targets drawn.
 import argparse
 import csv
 import json
-import math
-import os
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -263,10 +260,7 @@ def main():
         sample = dataset[i]
         if sample is None:
             continue
-        image = denormalize(sample["image"])
-        heat = sample["target"].max(0).values.numpy()
-        heat = cv2.resize(heat, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
-        tiles.append(draw_heatmap_overlay(image, heat))
+        tiles.append(draw_heatmap_overlay(denormalize(sample["image"]), sample["target"].numpy()))
     out_path = Path(dirs["outputs"]) / "dataset_samples.png"
     show_samples(tiles, out_path)
     print(f"wrote {len(tiles)} augmented samples with their targets to {out_path}")

@@ -1,0 +1,178 @@
+"""Tests for simple_baseline/: parameter counts and shapes, the offline pretrained policy, targets,
+flip test, PCKh, the LIP/MPII readers, an overfit run and the three scripts end to end (tiny sizes)."""
+import json
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from common.heatmaps import flip_heatmaps_back
+from common.keypoints import LIP16
+from simple_baseline.dataset import TopDownDataset, read_lip_csv, read_mpii_json
+from simple_baseline.model import PoseResNet, build_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TINY = dict(backbone="resnet18", num_joints=16, deconv_filters=(8, 8, 8))
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backbone, joints, filters, expected", [
+    ("resnet18", 16, (256, 256, 256), 15_376_464),
+    ("resnet50", 17, (256, 256, 256), 33_999_697),
+    ("resnet18", 16, (512, 512, 512), 23_770_704),  # the seed's head
+])
+def test_parameter_counts_match_the_paper_configurations(backbone, joints, filters, expected):
+    with torch.device("meta"):
+        model = PoseResNet(backbone, joints, filters)
+    assert count(model) == expected
+
+
+def test_output_shapes_are_a_quarter_of_the_input():
+    with torch.device("meta"):
+        model = PoseResNet("resnet18", 16)
+        assert model(torch.empty(1, 3, 256, 256)).shape == (1, 16, 64, 64)
+        assert model(torch.empty(1, 3, 256, 192)).shape == (1, 16, 64, 48)
+    tiny = PoseResNet(**TINY).eval()
+    assert tiny(torch.zeros(1, 3, 128, 96)).shape == (1, 16, 32, 24)
+
+
+def test_head_init_follows_the_paper():
+    model = PoseResNet(**TINY)
+    deconv = model.deconv_layers[0]
+    assert deconv.bias is None and 0.0005 < deconv.weight.std().item() < 0.002
+    assert model.final_layer.weight.std().item() < 0.002 and model.final_layer.bias.abs().max() == 0
+    assert torch.all(model.deconv_layers[1].weight == 1) and torch.all(model.deconv_layers[1].bias == 0)
+
+
+def test_pretrained_none_never_touches_the_network(monkeypatch, tmp_path):
+    def no_network(*args, **kwargs):
+        raise AssertionError("network touched")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "get_dir", no_network)  # not even the cache is looked at
+    model = build_model(**TINY, pretrained="none")
+    assert isinstance(model, PoseResNet)
+
+
+def test_pretrained_imagenet_offline_stops_with_one_line_naming_the_file(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise OSError("offline")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit) as info:
+        build_model(**TINY, pretrained="imagenet")
+    message = str(info.value)
+    assert "resnet18-f37072fd.pth" in message and "--pretrained none" in message and "\n" not in message
+
+
+def test_pretrained_path_loads_backbone_weights(tmp_path):
+    source = PoseResNet(**TINY)
+    torch.save(source.backbone.state_dict(), tmp_path / "backbone.pth")
+    model = build_model(**TINY, pretrained=str(tmp_path / "backbone.pth"))
+    assert torch.equal(model.backbone.conv1.weight, source.backbone.conv1.weight)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def write_image(path, width=64, height=64):
+    cv2.imwrite(str(path), np.full((height, width, 3), 128, np.uint8))
+
+
+def test_targets_full_peak_on_the_last_row_and_column_and_zero_weight_for_missing(tmp_path):
+    write_image(tmp_path / "a.png")
+    joints = np.zeros((16, 3), np.float32)
+    joints[0] = (60, 60, 1)      # maps to heatmap pixel (15, 15): the last row and column
+    joints[1] = (32, 32, 1)      # heatmap centre (8, 8)
+    joints[2] = (-40, 10, 1)     # outside the crop
+    # joints[3:] unlabelled (nan in the CSV -> weight 0)
+    record = {"image": str(tmp_path / "a.png"), "joints": joints, "box": (0, 0, 64, 64)}
+    dataset = TopDownDataset([record], LIP16.flip_index, input_size=(64, 64), stride=4, padding=1.0)
+    sample = dataset[0]
+    target, weight = sample["target"].numpy(), sample["target_weight"].numpy()
+    assert target.shape == (16, 16, 16)
+    assert target[0, 15, 15] == pytest.approx(1.0) and target[1, 8, 8] == pytest.approx(1.0)
+    assert weight.tolist() == [1, 1] + [0] * 14
+    assert target[2:].max() == 0
+    # sigma 2 and +-3 sigma support: 6 pixels away is still drawn, 7 is not
+    assert target[1, 8, 14] == pytest.approx(np.exp(-36 / 8), rel=1e-4) and target[1, 8, 15] == 0
+
+
+def test_flip_back_twice_is_identity():
+    heatmaps = torch.rand(2, 16, 8, 6)
+    once = flip_heatmaps_back(heatmaps, LIP16.flip_index)
+    assert not torch.equal(once, heatmaps)
+    assert torch.equal(flip_heatmaps_back(once, LIP16.flip_index), heatmaps)
+
+
+LIP_ROWS = [
+    "img_a.jpg," + ",".join(f"{10 + j},{20 + j},{j % 2}" for j in range(16)),
+    "img_b.jpg," + ",".join("nan,nan,nan" if j in (0, 5) else f"{j},{2 * j},0" for j in range(16)),
+    "img_c.jpg," + ",".join(f"{j},{j},1" for j in range(16)),
+]
+
+
+def test_lip_csv_parser_on_hand_written_rows(tmp_path):
+    for name in ("img_a.jpg", "img_b.jpg", "img_c.jpg"):
+        write_image(tmp_path / name)
+    (tmp_path / "lip.csv").write_text("\n".join(LIP_ROWS) + "\n")
+    records, skipped = read_lip_csv(tmp_path / "lip.csv", tmp_path)
+    assert skipped == 0 and len(records) == 3
+    assert records[0]["joints"][3].tolist() == [13, 23, 1]   # v=1 and v=0 both mean "labelled"
+    assert records[0]["joints"][2].tolist() == [12, 22, 1]
+    assert records[1]["joints"][:, 2].tolist() == [0, 1, 1, 1, 1, 0] + [1] * 10
+    assert records[2]["head_size"] == pytest.approx(np.sqrt(2))  # neck (8,8) to head top (9,9)
+
+
+def test_lip_csv_bad_rows_are_warned_skipped_and_counted(tmp_path):
+    write_image(tmp_path / "img_a.jpg")
+    rows = [LIP_ROWS[0], "img_a.jpg,1,2,3", LIP_ROWS[1]]  # wrong column count; img_b.jpg missing
+    (tmp_path / "lip.csv").write_text("\n".join(rows) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records, skipped = read_lip_csv(tmp_path / "lip.csv", tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert len(records) == 1 and skipped == 2
+    assert any("row 2" in m and "columns" in m for m in messages)
+    assert any("row 3" in m and "img_b.jpg" in m for m in messages)
+    assert any("skipped 2" in m for m in messages)
+
+
+def test_lip_csv_parser_on_real_lip_rows(tmp_path):
+    source = SHARED_DATA / "lip_annotations" / "val_annotations.csv"
+    if not source.is_file():
+        pytest.skip("../shared/data is not available")
+    lines = source.read_text().splitlines()[:300]
+    (tmp_path / "sample.csv").write_text("\n".join(lines) + "\n")
+    records, skipped = read_lip_csv(tmp_path / "sample.csv", tmp_path, check_images=False)
+    assert skipped == 0 and len(records) == 300
+    cells = [line.split(",") for line in lines]
+    triples = np.array([c[1:] for c in cells], dtype=object).reshape(300, 16, 3)
+    missing = np.array([[t[0] == "nan" for t in row] for row in triples])
+    flags = {t[2] for row in triples for t in row if t[0] != "nan"}
+    assert flags <= {"0", "1"} and missing.any()
+    weights = np.stack([r["joints"][:, 2] for r in records])
+    assert np.array_equal(weights == 0, missing)
+    first_labelled = np.argwhere(~missing)[0]
+    x = float(triples[first_labelled[0], first_labelled[1], 0])
+    assert records[first_labelled[0]]["joints"][first_labelled[1], 0] == x
+
+
+def test_mpii_json_reader_on_the_shared_sample():
+    folder = SHARED_DATA / "mpii_sample"
+    if not folder.is_dir():
+        pytest.skip("../shared/data is not available")
+    records = read_mpii_json(folder / "test_mpii.json", folder)
+    assert len(records) == 5 and all(Path(r["image"]).is_file() for r in records)
+    dataset = TopDownDataset(records, LIP16.flip_index, input_size=(64, 64))
+    sample = dataset[0]
+    assert sample["image"].shape == (3, 64, 64) and sample["target_weight"].sum() > 8
