@@ -44,7 +44,6 @@ CAT_SIGMAS = {
     "left_knee": 0.087, "left_heel": 0.088, "rear_left_paw": 0.089,
     "right_knee": 0.087, "right_heel": 0.088, "rear_right_paw": 0.089,
 }
-KNOWN_SIGMAS = {**MPII_SIGMAS, **CAT_SIGMAS, **AP10K_SIGMAS, **CROWDPOSE_SIGMAS, **COCO_SIGMAS}
 
 
 def mirror_name(name: str) -> str:
@@ -164,15 +163,19 @@ def get_layout(name: str) -> KeypointLayout:
 def layout_from_coco_category(category: dict, sigmas=None) -> KeypointLayout:
     """A layout from a COCO `categories` entry (its 1-based skeleton becomes 0-based).
 
-    Sigmas: given, else looked up by name among the known layouts; when a name is unknown all
-    points get 0.05 and the layout says so in `sigmas_note`.
+    Sigmas: given, else looked up by name in the first known layout that has every one of the
+    names (names like 'neck' mean different body parts in different sets); when none has them all,
+    every point gets 0.05 and the layout says so in `sigmas_note`.
     """
     names = tuple(category["keypoints"])
     skeleton = tuple((a - 1, b - 1) for a, b in category.get("skeleton", []))
     note = ""
     if sigmas is None:
-        if all(n in KNOWN_SIGMAS for n in names):
-            sigmas = [KNOWN_SIGMAS[n] for n in names]
+        for known in (COCO17, AP10K17, MPII16, CAT16, CROWDPOSE14):
+            if set(names) <= set(known.names):
+                table = dict(zip(known.names, known.sigmas))
+                sigmas, note = [table[n] for n in names], known.sigmas_note
+                break
         else:
             sigmas = [0.05] * len(names)
             note = "uniform sigmas 0.05: keypoint names not found in any known layout"
