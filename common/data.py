@@ -190,3 +190,69 @@ def show_samples(images, out_path, ncols=4):
     out_path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out_path), cv2.cvtColor(make_grid(images, ncols=ncols), cv2.COLOR_RGB2BGR))
     return out_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference inputs: every infer.py takes an image, a folder of images or a video.
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+
+
+def iter_inputs(source):
+    """Yield (name, RGB uint8 image) for an image file, a folder of images (sorted) or a video's frames.
+
+    An unreadable image prints one error line naming the file and the others continue.
+    """
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif source.suffix.lower() in VIDEO_SUFFIXES:
+        capture = cv2.VideoCapture(str(source))
+        if not capture.isOpened():
+            raise BadImageError(f"{source}: cannot open video")
+        index = 0
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            yield f"{source.stem}_{index:06d}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            index += 1
+        capture.release()
+        return
+    else:
+        paths = [source]
+    for path in paths:
+        try:
+            image = read_image(path)
+        except BadImageError as error:
+            print(f"error: {error}", file=sys.stderr)
+            continue
+        yield path.stem, image
+
+
+def video_properties(source):
+    """(frames per second, frame count) of a video file, for writing an output of the same length."""
+    capture = cv2.VideoCapture(str(source))
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    capture.release()
+    return fps, count
+
+
+class VideoWriter:
+    """mp4 writer taking RGB frames; opened lazily at the first frame's size."""
+
+    def __init__(self, path, fps=25.0):
+        self.path, self.fps, self.writer = Path(path), fps, None
+
+    def write(self, rgb):
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
+                                          (rgb.shape[1], rgb.shape[0]))
+        self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.release()

@@ -339,3 +339,23 @@ def test_malformed_annotations_give_one_line_naming_file_and_id(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         exit_on_bad_input(main)
     assert str(exit_info.value).startswith("error: ") and "annotation 7" in str(exit_info.value)
+
+
+def test_iter_inputs_image_folder_and_video(tmp_path, capsys):
+    from common.data import VideoWriter, iter_inputs, video_properties
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((20, 30, 3), 40 * i, np.uint8))
+    (folder / "3.png").write_bytes(b"")  # bad: one error line, the others continue
+    names = [name for name, _ in iter_inputs(folder)]
+    assert names == ["0", "1", "2"]
+    assert capsys.readouterr().err.count("error: ") == 1
+    writer = VideoWriter(tmp_path / "clip.mp4", fps=10)
+    for i in range(10):
+        writer.write(np.full((32, 48, 3), 20 * i, np.uint8))
+    writer.close()
+    frames = list(iter_inputs(tmp_path / "clip.mp4"))
+    assert len(frames) == 10 and frames[0][1].shape == (32, 48, 3)
+    assert video_properties(tmp_path / "clip.mp4") == (10.0, 10)
