@@ -1,0 +1,230 @@
+"""Tests of the shared training loop (common/engine.py) and the pretrained-weights policy (common/pretrained.py):
+two-process DDP, exact mid-epoch resume, atomic checkpoints, non-finite losses, best-k, TensorBoard, --pretrained.
+All on CPU with a 64-sample data set and a ~300-parameter model.
+"""
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import engine, pretrained
+from common.engine import load_checkpoint, newest_checkpoint, output_dirs, save_checkpoint, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _ddp_worker as tiny  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_tiny(tmp_path, *flags, compute_loss=tiny.mse_loss, **train_kwargs):
+    args = tiny.make_parser().parse_args(["--out", str(tmp_path), "--device", "cpu", *flags])
+    model, optimizer, scheduler = tiny.build(args)
+    return train(args, model, tiny.NoisyRegression(), compute_loss, optimizer, scheduler=scheduler,
+                 scheduler_interval="step", model_name="tiny", **train_kwargs)
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_torchrun_two_ranks_end_with_equal_weights(tmp_path):
+    with socket.socket() as s:      # a free port, so parallel test runs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "POSE_OUTPUT_ROOT": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={port}", str(REPO / "tests" / "_ddp_worker.py"),
+           "--out", str(tmp_path), "--device", "cpu", "--max-steps", "5", "--sync-bn", "--workers", "0"]
+    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert_same_weights(rank0, rank1)
+    # The ranks really trained (SGD moved the weights away from the seeded init).
+    torch.manual_seed(0)
+    assert not torch.equal(tiny.tiny_model().state_dict()["0.weight"], rank0["0.weight"])
+
+
+def test_resume_mid_epoch_gives_identical_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
+
+    def evaluate(model):    # draws random numbers on purpose: validation must not move the training RNG
+        return {"score": float(torch.rand(1)) + float(torch.from_numpy(__import__("numpy").random.rand(1)))}
+
+    common = ["--workers", "2", "--val-every", "5", "--max-steps"]
+    straight, _ = run_tiny(tmp_path / "a", *common, "12", "--run-name", "straight", evaluate=evaluate,
+                           best_metric="score")
+    # 64 samples / batch 8 = 8 steps per epoch: stop at step 3 (mid-epoch 0), resume across the epoch end.
+    run_tiny(tmp_path / "b", *common, "3", "--run-name", "split", evaluate=evaluate, best_metric="score")
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoints" / "tiny" / "split" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]) == (0, 3, 3)
+    resumed, summary = run_tiny(tmp_path / "b", *common, "12", "--resume", "auto", evaluate=evaluate,
+                                best_metric="score")
+    assert summary["run_name"] == "split" and summary["steps"] == 12
+    assert_same_weights(straight.state_dict(), resumed.state_dict())
+    # and the comparison is not vacuous: a different seed trains to different weights
+    other, _ = run_tiny(tmp_path / "c", *common, "12", "--seed", "1", "--workers", "0")
+    assert not torch.equal(other.state_dict()["0.weight"], straight.state_dict()["0.weight"])
+
+
+def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    real_save = torch.save
+
+    def dies_halfway(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        size = os.path.getsize(f)
+        with open(f, "r+b") as fh:
+            fh.truncate(size // 2)
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(engine.torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]      # the half-written temp file is gone
+
+
+def test_nonfinite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
+    calls = []
+
+    def loss_goes_nan(model, batch):
+        calls.append(1)
+        loss, parts = tiny.mse_loss(model, batch)
+        if len(calls) == 5:
+            loss = loss * float("nan")
+            parts["mse"] = float("nan")
+        return loss, parts
+
+    with pytest.raises(SystemExit) as excinfo:
+        run_tiny(tmp_path, "--val-every", "2", "--run-name", "r", compute_loss=loss_goes_nan)
+    message = str(excinfo.value.code)
+    assert "non-finite loss at step 5" in message and "mse" in message and "\n" not in message
+    last = tmp_path / "checkpoints" / "tiny" / "r" / "last.pt"
+    assert str(last) in message
+    state = load_checkpoint(last)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_best_k_tensorboard_and_weights_only_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
+    scores = iter([0.1, 0.5, 0.3, 0.7, 0.2, 0.6])
+    images = []
+
+    def log_images(model, batch):
+        images.append(batch["x"].shape)
+        return {"pred": torch.zeros(4, 5, 3, dtype=torch.uint8).numpy()}
+
+    _, summary = run_tiny(tmp_path, "--val-every", "2", "--max-steps", "12", "--keep-best", "2",
+                          "--hist-every", "4", "--run-name", "r", evaluate=lambda m: {"ap": next(scores)},
+                          best_metric="ap", log_images=log_images)
+    ckpt_dir = tmp_path / "checkpoints" / "tiny" / "r"
+    # validations at steps 2, 4, ..., 12 scored .1 .5 .3 .7 .2 .6: the best two are steps 8 and 12
+    assert sorted(p.name for p in ckpt_dir.glob("best_step*.pt")) == ["best_step00000008.pt", "best_step00000012.pt"]
+    assert load_checkpoint(ckpt_dir / "best.pt")["step"] == 8
+    assert summary["best_checkpoint"] == ckpt_dir / "best_step00000008.pt"
+    assert newest_checkpoint("tiny") == ckpt_dir / "best.pt"
+    assert newest_checkpoint("tiny", kind="last") == ckpt_dir / "last.pt"
+    for path in ckpt_dir.glob("*.pt"):
+        state = torch.load(path, weights_only=True)     # numpy/python RNG states stored as tensors
+        assert state["config"]["batch_size"] == 8
+    engine.set_rng_state(load_checkpoint(ckpt_dir / "last.pt")["rng"][0])
+    assert len(images) == 6
+    events = list((tmp_path / "tensorboard_logs" / "tiny" / "r").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_init_from_loads_weights_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
+    first, _ = run_tiny(tmp_path, "--max-steps", "2", "--run-name", "a")
+    args = tiny.make_parser().parse_args(["--device", "cpu", "--max-steps", "0", "--run-name", "b",
+                                          "--init-from", str(tmp_path / "checkpoints/tiny/a/last.pt")])
+    model, optimizer, _ = tiny.build(args)
+    model, summary = train(args, model, tiny.NoisyRegression(), tiny.mse_loss, optimizer, model_name="tiny")
+    assert summary["steps"] == 0      # a fresh run (step 0), only the weights came from the checkpoint
+    assert_same_weights(first.state_dict(), model.state_dict())
+
+
+def test_cli_vocabulary_and_output_dirs(tmp_path, monkeypatch):
+    parser = tiny.make_parser()
+    for flag in ("--data", "--ann", "--checkpoint", "--out", "--device", "--epochs", "--max-steps", "--batch-size",
+                 "--lr", "--seed", "--workers", "--run-name", "--resume", "--init-from", "--pretrained", "--amp",
+                 "--sync-bn", "--clip-grad", "--accumulate", "--val-every", "--log-every", "--hist-every",
+                 "--keep-best"):
+        assert flag in parser.format_help()
+    args = parser.parse_args([])
+    assert args.pretrained == "none" and args.batch_size == 8       # per-model default wins
+    with pytest.raises(TypeError):
+        engine.add_common_args(__import__("argparse").ArgumentParser(), batchsize=3)
+    assert engine.parse_val_every("1e") == ("epoch", 1)
+    assert engine.parse_val_every("500") == ("step", 500)
+    assert engine.parse_val_every("0") == (None, 0)
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
+    dirs = output_dirs("m", "run1")
+    assert dirs["checkpoints"] == tmp_path / "checkpoints" / "m" / "run1"
+    assert dirs["tensorboard"] == tmp_path / "tensorboard_logs" / "m" / "run1"
+    assert output_dirs("m", "run1", out=tmp_path / "x")["outputs"] == tmp_path / "x" / "outputs" / "m" / "run1"
+    assert newest_checkpoint("m") is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --pretrained
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network: any download attempt raises; the torch hub cache is an empty temporary folder."""
+    def no_network(*a, **k):
+        raise urllib.error.URLError("network is unreachable (test)")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    return tmp_path
+
+
+def test_pretrained_none_never_touches_network(offline, monkeypatch):
+    def must_not_be_called(*a, **k):
+        raise AssertionError("network used with --pretrained none")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", must_not_be_called)
+    loaded = []
+    assert pretrained.resolve_pretrained("none", filename="w.pth", url="https://example.invalid/w.pth",
+                                         load_fn=loaded.append) is None
+    assert loaded == []
+
+
+def test_pretrained_imagenet_offline_stops_with_one_line(offline):
+    with pytest.raises(SystemExit) as excinfo:
+        pretrained.resolve_pretrained("imagenet", filename="resnet18-f37072fd.pth",
+                                      url="https://example.invalid/resnet18-f37072fd.pth", load_fn=print)
+    message = str(excinfo.value.code)
+    expected = offline / "torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert str(expected) in message and "--pretrained none" in message and "--pretrained PATH" in message
+    assert "\n" not in message
+
+
+def test_pretrained_imagenet_from_cache_and_from_path(offline):
+    weights = {"w": torch.arange(3.0)}
+    cached = offline / "torch_home" / "hub" / "checkpoints" / "tiny.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(weights, cached)
+    loaded = []
+    assert pretrained.resolve_pretrained("imagenet", filename="tiny.pth", url="https://example.invalid/tiny.pth",
+                                         load_fn=loaded.append) == cached
+    other = offline / "mine.pt"
+    torch.save({"model": weights, "step": 3}, other)    # one of our checkpoints works as --pretrained PATH
+    assert pretrained.resolve_pretrained(str(other), filename="tiny.pth", load_fn=loaded.append) == other
+    assert all(torch.equal(d["w"], weights["w"]) for d in loaded) and len(loaded) == 2
+    with pytest.raises(SystemExit, match="no such file"):
+        pretrained.resolve_pretrained(str(offline / "missing.pt"), filename="tiny.pth", load_fn=print)
