@@ -34,7 +34,7 @@ class CPMConfig:
     stage_kernel: int = 11
     stage_convs: int = 3            # large-kernel convs per later stage
     activation: str = "gelu"
-    norm: str = "layer"             # none | batch | group | layer
+    norm_layer: str = "layer"       # none | batch | group | layer
     group_norm_groups: int = 8
     drop_rate: float = 0.0
     dropout_on: str = "features"    # features (trunk outputs) | output (each stage's heatmaps, the seed)
@@ -43,8 +43,8 @@ class CPMConfig:
     background: bool = False        # one extra output channel: background = 1 - max |target|
 
     def __post_init__(self):
-        if self.norm not in NORMS:
-            raise ValueError(f"model.norm must be one of {NORMS}, got {self.norm!r}")
+        if self.norm_layer not in NORMS:
+            raise ValueError(f"model.norm_layer must be one of {NORMS}, got {self.norm_layer!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"model.activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
         if self.dropout_on not in DROPOUT_PLACES:
@@ -63,7 +63,7 @@ PRESETS = {
     # CPU preset: 128 px input, two pools (31x31 heatmaps), narrow trunk, smaller kernels, 3 stages.
     "small": CPMConfig(input_size=(128, 128), stages=3, trunk_channels=32, trunk_kernel=5, trunk_pools=2,
                        stage1_features=32, stage1_channels=64, stage1_kernel=5, stage_features=32,
-                       stage_channels=48, stage_kernel=7, norm="batch", activation="relu"),
+                       stage_channels=48, stage_kernel=7, norm_layer="batch", activation="relu"),
     # For tests: a few thousand parameters.
     "tiny": CPMConfig(input_size=(64, 64), stages=2, trunk_channels=8, trunk_kernel=3, trunk_pools=2,
                       stage1_features=8, stage1_channels=8, stage1_kernel=3, stage_features=8,
@@ -73,7 +73,7 @@ PRESETS = {
 
 def config_from_dict(options: dict) -> CPMConfig:
     """Builds a CPMConfig from the YAML `model` group: `preset` first, then any field overrides."""
-    options = dict(options)
+    options = {key: value for key, value in options.items() if value is not None}  # null: the preset's
     preset = options.pop("preset", "original")
     if preset not in PRESETS:
         raise ValueError(f"model.preset must be one of {tuple(PRESETS)}, got {preset!r}")
@@ -100,6 +100,25 @@ def heatmap_size(config: CPMConfig) -> tuple[int, int]:
     return pooled_size(width, config.trunk_pools), pooled_size(height, config.trunk_pools)
 
 
+def heatmap_stride(config: CPMConfig) -> tuple[int, float]:
+    """(stride, offset): heatmap pixel j is centred on input pixel stride * j + offset.
+
+    An unpadded 3x3/2 pool puts output j on input 2j + 1; stacking n of them gives 2^n j + 2^n - 1.
+    """
+    stride = 2 ** config.trunk_pools
+    return stride, float(stride - 1)
+
+
+def input_to_heatmap(xy, config: CPMConfig):
+    stride, offset = heatmap_stride(config)
+    return (xy - offset) / stride
+
+
+def heatmap_to_input(xy, config: CPMConfig):
+    stride, offset = heatmap_stride(config)
+    return xy * stride + offset
+
+
 def make_norm(kind: str, channels: int, size_hw: tuple[int, int], groups: int) -> nn.Module:
     if kind == "none":
         return nn.Identity()
@@ -120,7 +139,7 @@ class Trunk(nn.Sequential):
 
     def __init__(self, cfg: CPMConfig):
         width, height = cfg.input_size
-        layers = [make_norm(cfg.norm, 3, (height, width), cfg.group_norm_groups)]
+        layers = [make_norm(cfg.norm_layer, 3, (height, width), cfg.group_norm_groups)]
         in_ch = 3
         for block in range(cfg.trunk_blocks):
             layers += [conv(in_ch, cfg.trunk_channels, cfg.trunk_kernel), ACTIVATIONS[cfg.activation]()]
@@ -154,7 +173,7 @@ class LaterStage(nn.Module):
         self.features = nn.Sequential(conv(cfg.trunk_channels, cfg.stage_features, 5), act())
         in_ch = cfg.stage_features + cfg.out_channels + int(cfg.centre_map)
         map_w, map_h = heatmap_size(cfg)
-        self.norm = make_norm(cfg.norm, in_ch, (map_h, map_w), cfg.group_norm_groups)
+        self.norm = make_norm(cfg.norm_layer, in_ch, (map_h, map_w), cfg.group_norm_groups)
         layers = []
         for _ in range(cfg.stage_convs):
             layers += [conv(in_ch, cfg.stage_channels, cfg.stage_kernel), act()]
@@ -196,8 +215,8 @@ class CPM(nn.Module):
         return gauss.expand(batch, 1, height, width)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.config.norm == "layer" and tuple(images.shape[-2:]) != tuple(reversed(self.config.input_size)):
-            raise ValueError(f"norm=layer fixes the input to {self.config.input_size} (W, H); "
+        if self.config.norm_layer == "layer" and tuple(images.shape[-2:]) != tuple(reversed(self.config.input_size)):
+            raise ValueError(f"norm_layer=layer fixes the input to {self.config.input_size} (W, H); "
                              f"got {tuple(images.shape[-1:-3:-1])}")
         maps = self.stage1(self.stage1_trunk(images))
         outputs = [self.output_dropout(maps)]

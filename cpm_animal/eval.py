@@ -1,0 +1,257 @@
+"""Evaluate a CPM checkpoint: PCK@0.05/0.1/0.2 of the box diagonal in original pixels (per keypoint),
+visibility accuracy (signed targets), COCO AP with the layout's sigmas, parameters and GFLOPs, and the
+mean-shape baseline on the same images.
+
+    python cpm_animal/eval.py                                   # newest checkpoint, its validation split
+    python cpm_animal/eval.py --checkpoint CKPT --ann path/to/train_keypoints_annotations.json
+    python cpm_animal/eval.py --ann ann.json --data images/     # a COCO animal file
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from common.data import AnnotationError, collate_skip_bad, exit_on_bad_input
+from common.evaluation import (coco_keypoint_ap, count_flops, count_parameters, pck, print_pck_table,
+                               write_results_json)
+from common.heatmaps import decode_heatmaps
+from common.keypoints import KeypointLayout
+from cpm_animal.model import CPM, CPMConfig, heatmap_to_input
+
+MODEL_NAME = "cpm_animal"
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction and metrics, shared with train.py and infer.py.
+
+def decode_predictions(heatmaps: torch.Tensor, model_config: CPMConfig, inverse: torch.Tensor):
+    """Final-stage maps (B, K(+bg), h, w) -> original-pixel xy (B, K, 2), scores (B, K), visible (B, K).
+
+    Signed maps: the peak of |map| gives the position and its sign the visibility.
+    """
+    maps = heatmaps[:, :model_config.num_keypoints].float()
+    coords, _ = decode_heatmaps(maps.abs())
+    height, width = maps.shape[-2:]
+    xi = coords[..., 0].round().long().clamp(0, width - 1)
+    yi = coords[..., 1].round().long().clamp(0, height - 1)
+    values = maps.flatten(2).gather(2, (yi * width + xi).unsqueeze(2)).squeeze(2)
+    xy = heatmap_to_input(coords, model_config)
+    xy = torch.einsum("bij,bkj->bki", inverse[:, :, :2].float(), xy) + inverse[:, None, :, 2].float()
+    return xy, values.abs(), values > 0
+
+
+@torch.no_grad()
+def predict(model: CPM, dataset, device, batch_size=16, workers=0, compute_loss=None):
+    """Runs the model over a KeypointCrops set; returns dict of numpy arrays (and val_loss)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=collate_skip_bad)
+    was_training = model.training
+    model.eval()
+    out = {"index": [], "pred": [], "score": [], "visible_pred": []}
+    loss_sum, loss_count = 0.0, 0
+    for batch in loader:
+        batch.pop("num_skipped", None)
+        if not batch:
+            continue
+        images = batch["image"].to(device)
+        stages = model(images)
+        if compute_loss is not None and "heatmap" in batch:
+            loss, _ = compute_loss(lambda _: stages, {k: v.to(device) for k, v in batch.items()
+                                                      if isinstance(v, torch.Tensor)})
+            loss_sum += float(loss) * len(images)
+            loss_count += len(images)
+        xy, score, visible = decode_predictions(stages[-1], model.config, batch["inverse"].to(device))
+        out["index"].append(batch["index"].numpy())
+        out["pred"].append(xy.cpu().numpy())
+        out["score"].append(score.cpu().numpy())
+        out["visible_pred"].append(visible.cpu().numpy())
+    model.train(was_training)
+    result = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
+    if loss_count:
+        result["val_loss"] = loss_sum / loss_count
+    return result
+
+
+def ground_truth(dataset, indices):
+    """(gt (N, K, 3) original pixels, norm (N,)) for the given record indices."""
+    from cpm_animal.dataset import box_diagonal
+
+    gt = np.stack([dataset.records[i]["keypoints"] for i in indices]) if len(indices) else np.zeros((0, 0, 3))
+    norm = np.array([box_diagonal(dataset.records[i]) for i in indices])
+    return gt, norm
+
+
+def compute_metrics(pred, visible_pred, gt, norm, thresholds=(0.05, 0.1, 0.2)):
+    """PCK on labelled keypoints (occluded ones count) and visibility accuracy."""
+    labelled = gt[..., 2] > 0
+    table = pck(pred, gt[..., :2], labelled, norm, thresholds)
+    metrics = {f"pck@{t:g}": table[t][1] for t in thresholds}
+    if visible_pred is not None and labelled.any():
+        metrics["visibility_acc"] = float((visible_pred == (gt[..., 2] == 2))[labelled].mean())
+    return metrics, table
+
+
+def mean_shape(train_set) -> np.ndarray:
+    """Mean keypoint position (K, 2) in un-augmented input pixels over the training records."""
+    points = np.stack([train_set.input_keypoints(r) for r in train_set.records])
+    labelled = points[..., 2] > 0
+    total = (points[..., :2] * labelled[..., None]).sum(0)
+    count = np.maximum(labelled.sum(0), 1)[:, None]
+    return (total / count).astype(np.float32)
+
+
+def mean_shape_predictions(dataset, shape_xy) -> np.ndarray:
+    """The mean shape placed in each record's crop, mapped to original pixels: (N, K, 2)."""
+    from common.geometry import affine_points, invert_affine
+
+    preds = []
+    for record in dataset.records:
+        matrix, _, _ = dataset.crop_transform(record)
+        preds.append(affine_points(np.asarray(shape_xy, np.float32), invert_affine(matrix)))
+    return np.stack(preds) if preds else np.zeros((0, 0, 2))
+
+
+def records_to_coco(records, layout: KeypointLayout):
+    """A pycocotools COCO ground truth built from records (area = box w * h), for AP."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    from cpm_animal.dataset import record_box
+
+    images, annotations = [], []
+    for number, record in enumerate(records, start=1):
+        box = [float(v) for v in record_box(record)]
+        images.append({"id": number, "width": int(record["width"]), "height": int(record["height"]),
+                       "file_name": str(record["image"])})
+        annotations.append({"id": number, "image_id": number, "category_id": 1, "iscrowd": 0, "bbox": box,
+                            "area": box[2] * box[3], "keypoints": record["keypoints"].reshape(-1).tolist(),
+                            "num_keypoints": int((record["keypoints"][:, 2] > 0).sum())})
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations,
+                    "categories": [{"id": 1, "name": "animal", "keypoints": list(layout.names),
+                                    "skeleton": [[a + 1, b + 1] for a, b in layout.skeleton]}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def full_report(model, dataset, layout, device, batch_size, workers, thresholds, shape_xy=None, quiet=False):
+    """Predicts, prints the PCK/visibility/AP tables and the mean-shape baseline; returns (metrics, results)."""
+    predictions = predict(model, dataset, device, batch_size, workers)
+    indices = predictions["index"].astype(int)
+    gt, norm = ground_truth(dataset, indices)
+    metrics, table = compute_metrics(predictions["pred"], predictions["visible_pred"], gt, norm, thresholds)
+    results = []
+    for row, i in enumerate(indices):
+        keypoints = np.concatenate([predictions["pred"][row], predictions["score"][row][:, None]], 1)
+        results.append({"image_id": int(row) + 1, "category_id": 1, "keypoints": keypoints.reshape(-1).tolist(),
+                        "score": float(predictions["score"][row].mean()),
+                        "visible": predictions["visible_pred"][row].astype(int).tolist(),
+                        "record_id": dataset.records[i]["id"], "file_name": str(dataset.records[i]["image"])})
+    coco = records_to_coco([dataset.records[i] for i in indices], layout)
+    ap = coco_keypoint_ap(coco, [{k: r[k] for k in ("image_id", "category_id", "keypoints", "score")}
+                                 for r in results], layout.sigmas, print_table=False)
+    metrics["AP"] = ap["AP"]
+    if shape_xy is not None:
+        baseline_pred = mean_shape_predictions(dataset, shape_xy)[indices]
+        baseline, _ = compute_metrics(baseline_pred, None, gt, norm, thresholds)
+        metrics.update({f"baseline_{k}": v for k, v in baseline.items()})
+    if not quiet:
+        for t in thresholds:
+            print_pck_table(table[t][0], layout.names, title=f"PCK@{t:g} per keypoint (%)", mean=table[t][1])
+        print(f"images: {len(indices)}, labelled keypoints: {int((gt[..., 2] > 0).sum())}")
+        print("           " + "  ".join(f"PCK@{t:<5g}" for t in thresholds))
+        print("CPM        " + "  ".join(f"{100 * metrics[f'pck@{t:g}']:8.2f}" for t in thresholds))
+        if shape_xy is not None:
+            print("mean shape " + "  ".join(f"{100 * metrics[f'baseline_pck@{t:g}']:8.2f}" for t in thresholds))
+        if "visibility_acc" in metrics:
+            print(f"visibility accuracy (sign of the signed heatmap peak): {100 * metrics['visibility_acc']:.2f}%")
+        note = f" ({layout.sigmas_note})" if layout.sigmas_note else ""
+        print(f"COCO keypoint AP with {layout.name} sigmas{note}: {ap['AP']:.4f}")
+    return metrics, results
+
+
+def model_from_checkpoint(path, device="cpu"):
+    """(model, checkpoint config dict, step) from a train.py checkpoint."""
+    from common.engine import load_checkpoint
+    from cpm_animal.model import config_from_dict
+
+    state = load_checkpoint(path)
+    saved = state.get("config", {})
+    if "cpm_model" not in saved:
+        raise SystemExit(f"{path}: not a cpm_animal checkpoint (no cpm_model in its config)")
+    model_options = dict(saved["cpm_model"])
+    model_options["input_size"] = tuple(model_options["input_size"])
+    model = CPM(CPMConfig(**model_options))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), saved, state.get("step")
+
+
+def main(argv=None):
+    from common.engine import add_common_args, newest_checkpoint, output_dirs
+    from cpm_animal.config import apply_override
+    from cpm_animal.dataset import ImageCache, KeypointCrops, build_datasets, load_coco_records, load_seed_json
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, workers=0)
+    parser.add_argument("overrides", nargs="*", help="config overrides applied to the checkpoint's config, "
+                                                     "e.g. dataset.val_fraction=0.3")
+    args = parser.parse_args(argv)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(MODEL_NAME, args.out)
+    if checkpoint is None:
+        print("no cpm_animal checkpoint found: train one with `python cpm_animal/train.py` "
+              "(or pass --checkpoint PATH)")
+        sys.exit(1)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, saved, step = model_from_checkpoint(checkpoint, device)
+    config = saved["cpm_config"]
+    for override in args.overrides:
+        apply_override(config, override)
+    dirs = output_dirs(MODEL_NAME, "eval_" + checkpoint.parent.name, args.out)
+    thresholds = tuple(config["metric"]["pck_thresholds"])
+    if args.ann:
+        ann = Path(args.ann)
+        try:
+            is_seed_json = "keypoints" in json.loads(ann.read_text()) and "annotations" not in json.loads(ann.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise AnnotationError(f"{ann}: cannot read annotation file ({error})") from None
+        if is_seed_json:
+            from common.keypoints import CAT16 as layout
+            records = load_seed_json(ann, Path(args.data) if args.data else None)
+        else:
+            records, layout = load_coco_records(ann, args.data or ann.parent, config["dataset"]["layout"])
+        ds = config["dataset"]
+        cache = ImageCache(Path(dirs["data"]) / MODEL_NAME / "image_cache", ds["cache_max_side"])
+        dataset = KeypointCrops(cache.prepare(records), layout, model.config, config["test_augmentations"], cache,
+                                None, ds["sigma"], ds["target_mode"], True, ds["box_padding"])
+        source = str(ann)
+    else:
+        _, dataset, layout = build_datasets(config, model.config, Path(dirs["data"]) / MODEL_NAME)
+        source = f"the {config['dataset']['kind']} validation split"
+    print(f"checkpoint {checkpoint} (step {step}), evaluating on {source}: {len(dataset)} animals")
+    with torch.device("meta"):
+        meta_model = CPM(model.config)
+    params = count_parameters(meta_model)
+    width, height = model.config.input_size
+    flops = count_flops(model, torch.zeros(1, 3, height, width, device=device))
+    print(f"parameters: {params:,}  GFLOPs (multiply-add = 2) per {width}x{height} crop: {flops / 1e9:.2f}")
+    shape = np.asarray(saved["mean_shape"], np.float32) if saved.get("mean_shape") else None
+    metrics, results = full_report(model, dataset, layout, device, args.batch_size, args.workers, thresholds, shape)
+    out_dir = Path(dirs["outputs"])
+    write_results_json(results, out_dir / "keypoints_results.json")
+    (out_dir / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), "source": source,
+                                                       "parameters": params, "gflops": flops / 1e9, **metrics},
+                                                      indent=1))
+    print(f"metrics and per-image keypoints written to {out_dir}")
+
+
+if __name__ == "__main__":
+    exit_on_bad_input(main)
