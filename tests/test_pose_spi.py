@@ -1,9 +1,15 @@
 """Tests for pose_spi: parameter counts pinned from the issue, output shapes, measurement patterns,
 data loading (built-in and the seed's toy set), an overfit run, and the scripts end to end (tiny)."""
+import json
+from pathlib import Path
+
+import cv2
 import numpy as np
 import pytest
 import torch
 
+from common.keypoints import POSE_SPI13
+from pose_spi.dataset import PoseSPIDataset, ensure_synthetic, render_toy_style_person, synthetic_paths
 from pose_spi.model import PoseSPI, count_sign_changes, hadamard_patterns
 
 
@@ -79,3 +85,105 @@ def test_hadamard_patterns_orthogonal_and_sequency_ordered():
 def test_hadamard_refuses_non_power_of_two():
     with pytest.raises(ValueError, match="power-of-two"):
         PoseSPI(input_size=48, encoder="patterns", patterns="hadamard")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+TOY = Path(__file__).resolve().parents[2] / "shared" / "data" / "pose_spi_toy"
+
+
+@pytest.fixture
+def out_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def small_builtin(out_root):
+    """A tiny built-in set in place, so scripts that render it on first use find it already there."""
+    ensure_synthetic(out_root / "data", sizes={"train": 16, "val": 8})
+    return synthetic_paths(out_root / "data")
+
+
+def test_builtin_data_is_deterministic_toy_style_and_disjoint(tmp_path):
+    a = render_toy_style_person(np.random.default_rng(5))
+    b = render_toy_style_person(np.random.default_rng(5))
+    np.testing.assert_array_equal(a[0], b[0])
+    paths = ensure_synthetic(tmp_path, sizes={"train": 6, "val": 4})
+    train = PoseSPIDataset(paths["train"][1], paths["train"][0])
+    val = PoseSPIDataset(paths["val"][1], paths["val"][0])
+    assert len(train) == 6 and len(val) == 4 and train.layout.names == POSE_SPI13.names
+    assert train.layout.sigmas == POSE_SPI13.sigmas
+    train_images = {train[i]["image"].numpy().tobytes() for i in range(6)}
+    assert not train_images & {val[i]["image"].numpy().tobytes() for i in range(4)}
+    sample = train[0]
+    assert sample["image"].shape == (1, 64, 64) and sample["target"].shape == (13, 3)
+    # normalised targets inside the image, every keypoint labelled (toy style), on a drawn (non-dark) pixel
+    target = sample["target"].numpy()
+    assert (target[:, :2] >= 0).all() and (target[:, :2] < 1).all() and (target[:, 2] == 1).all()
+    xy = np.round(target[:, :2] * 64).astype(int).clip(0, 63)
+    assert (sample["image"][0].numpy()[xy[:, 1], xy[:, 0]] > 0.02).mean() > 0.8
+
+
+@pytest.mark.skipif(not TOY.is_dir(), reason="../shared/data/pose_spi_toy not present")
+def test_toy_set_loads_jpeg_in_png_grayscale():
+    ann = TOY / "annotations" / "annotations.json"
+    data = PoseSPIDataset(ann, TOY / "images" / "train2017")
+    assert len(data) > 90 and data.num_keypoints == 13 and data.category_id == 20
+    assert data.layout.sigmas == POSE_SPI13.sigmas  # by name, not the first 13 COCO sigmas
+    sample = data[0]
+    assert sample["image"].shape == (1, 64, 64) and 0 <= sample["image"].min() < sample["image"].max() <= 1
+    raw = PoseSPIDataset(ann, TOY / "images" / "train2017", normalize=False)
+    np.testing.assert_allclose(raw[0]["target"][:, :2].numpy() / 64, sample["target"][:, :2].numpy(), atol=1e-6)
+    assert set(raw[0]["target"][:, 2].tolist()) == {2.0}  # the seed's raw v
+
+
+def test_largest_person_is_the_target_and_bad_annotations_are_skipped(tmp_path):
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    cv2.imwrite(str(image_dir / "a.png"), np.zeros((32, 48), np.uint8))
+    kp = lambda x: [x, 10, 2] * 2  # noqa: E731
+    ann = {"images": [{"id": 1, "file_name": "a.png", "width": 48, "height": 32}],
+           "categories": [{"id": 3, "name": "p", "keypoints": ["left_hip", "right_hip"], "skeleton": [[1, 2]]}],
+           "annotations": [
+               {"id": 1, "image_id": 1, "category_id": 3, "keypoints": kp(5), "area": 50, "bbox": [0, 0, 5, 10]},
+               {"id": 2, "image_id": 1, "category_id": 3, "keypoints": kp(20), "area": 400, "bbox": [0, 0, 20, 20]},
+               {"id": 3, "image_id": 1, "category_id": 3, "keypoints": kp(30), "area": 0, "bbox": [0, 0, 0, 0]},
+               {"id": 4, "image_id": 1, "category_id": 3, "keypoints": [0] * 6, "area": 900, "bbox": [0, 0, 30, 30]}]}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(ann))
+    with pytest.warns(UserWarning, match="skipped 2 annotations"):
+        data = PoseSPIDataset(path, image_dir, input_size=16, normalize=False)
+    target = data[0]["target"].numpy()
+    assert target[0, 0] == pytest.approx((20 + 0.5) * 16 / 48 - 0.5)  # annotation 2, resized 48 -> 16
+    assert data.layout.flip_index == [1, 0]
+
+
+def test_augmentation_flip_swaps_left_and_right():
+    data = PoseSPIDataset.__new__(PoseSPIDataset)
+    data.input_size, data.layout = 64, POSE_SPI13
+    image = np.zeros((64, 64), np.float32)
+    keypoints = np.array([[10 + i, 20 + i, 2] for i in range(13)], np.float32)
+    image[20, 10] = 1
+    np.random.seed(1)  # first draw < 0.5: flipped
+    assert np.random.rand() < 0.5
+    np.random.seed(1)
+    out_image, out_kp = data.augment_sample(image, keypoints)
+    # left shoulder (1) now holds the mirrored right shoulder (2), up to the small shift/scale
+    assert abs(out_kp[1, 0] - (63 - 12)) < 64 / 16 * 1.2 + 6 and abs(out_kp[1, 1] - 22) < 10
+    assert out_kp[1, 0] > 32 > keypoints[2, 0]
+
+
+def test_seed_flag_names_are_aliases():
+    from pose_spi.train import PRESETS, parse_args
+
+    args = parse_args(PRESETS, "simple", "", ["--data_path", "imgs", "--annotation_path", "a.json", "--epochs", "3",
+                                              "--batch", "2", "--lr", "0.5", "--output_dir", "o", "--num_keypoints",
+                                              "17", "--subset", "8"])
+    assert (args.data, args.ann, args.epochs, args.batch_size, args.lr, args.out, args.num_keypoints, args.subset) == (
+        "imgs", "a.json", 3, 2, 0.5, "o", 17, 8)
+    seed = parse_args(PRESETS, "simple", "", ["--preset", "seed"])
+    assert (seed.optimizer, seed.lr, seed.batch_size, seed.epochs, seed.loss, seed.raw_targets) == (
+        "sgd", 1e-4, 4, 1000, "mse", True)
+    assert parse_args(PRESETS, "simple", "", ["--preset", "seed", "--lr", "0.01"]).lr == 0.01

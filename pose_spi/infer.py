@@ -1,0 +1,100 @@
+"""Run a Pose-SPI checkpoint on an image or a folder and draw the predicted keypoints.
+
+    python pose_spi/infer.py                          # newest checkpoint, the first 16 built-in val images
+    python pose_spi/infer.py IMAGE_OR_FOLDER [--checkpoint CKPT] [--limit N]
+Each image is read as grayscale, resized to the model's input size, and drawn 4x enlarged with its skeleton.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from common.data import BadImageError, read_image
+from pose_spi.dataset import synthetic_paths, to_gray, to_image_pixels
+from pose_spi.eval import MODEL_NAMES, decode_output, load_model, newest_pose_spi_checkpoint
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(source, limit=None):
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        files = [source]
+    return files[:limit] if limit else files
+
+
+@torch.no_grad()
+def predict_image(model, config, image_rgb, device="cpu"):
+    """Keypoints (K, 3) as (x, y, visibility) in the image's own pixels."""
+    s = config.input_size
+    h, w = image_rgb.shape[:2]
+    gray = cv2.resize(to_gray(image_rgb), (s, s), interpolation=cv2.INTER_AREA)
+    tensor = torch.from_numpy(gray)[None, None].to(device)
+    xy, vis = decode_output(model(tensor), s, config.num_keypoints, config.raw_targets)
+    xy = to_image_pixels(xy[0].cpu().numpy(), (w, h), s)
+    return np.concatenate([xy, vis[0].cpu().numpy()[:, None]], 1)
+
+
+def draw(image_rgb, keypoints, skeleton, scale=4):
+    from common.drawing import draw_keypoints
+
+    big = cv2.resize(image_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    points = keypoints.copy()
+    points[:, :2] = (points[:, :2] + 0.5) * scale - 0.5
+    return draw_keypoints(big, points, skeleton, threshold=-1)
+
+
+def main(argv=None):
+    from common.engine import output_dirs
+    from common.keypoints import POSE_SPI13, layout_from_coco_category
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", nargs="?", help="image file or folder (default: the built-in val images)")
+    parser.add_argument("--checkpoint", help="weights (default: the newest Pose-SPI checkpoint)")
+    parser.add_argument("--out", help="output root (default $POSE_OUTPUT_ROOT or .)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--limit", type=int, default=None, help="at most N images (default: all; 16 built-in)")
+    parser.add_argument("--scale", type=int, default=4, help="enlarge drawings by this factor (default 4)")
+    args = parser.parse_args(argv)
+    checkpoint = args.checkpoint or newest_pose_spi_checkpoint(args.out)
+    if checkpoint is None:
+        print(f"no checkpoint under {output_dirs(MODEL_NAMES[0], out=args.out)['root'] / 'checkpoints'}/"
+              f"{{{','.join(MODEL_NAMES)}}}; train one first: python pose_spi/train.py (or pass --checkpoint)")
+        sys.exit(1)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, config = load_model(checkpoint, device)
+    dirs = output_dirs(Path(checkpoint).parent.parent.name, Path(checkpoint).parent.name, args.out)
+    source, limit = args.source, args.limit
+    if source is None:
+        source = synthetic_paths(dirs["data"])["val"][0]
+        limit = limit or 16
+        if not source.is_dir():
+            sys.exit(f"error: no built-in val images at {source}; run python pose_spi/train.py first or pass an image")
+    skeleton = POSE_SPI13.skeleton if config.num_keypoints == 13 else layout_from_coco_category(
+        {"keypoints": [f"kp{i}" for i in range(config.num_keypoints)]}).skeleton
+    out_dir = Path(dirs["outputs"]) / "infer"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, failed = list_images(source, limit), 0
+    if not files:
+        sys.exit(f"error: {source}: no images found")
+    for path in files:
+        try:
+            image = read_image(path)
+        except BadImageError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        keypoints = predict_image(model, config, image, device)
+        drawn = draw(image, keypoints, skeleton, args.scale)
+        cv2.imwrite(str(out_dir / f"{path.stem}.png"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+    print(f"drew {len(files) - failed} of {len(files)} images ({failed} unreadable) into {out_dir}")
+    return 1 if failed == len(files) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

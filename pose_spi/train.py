@@ -1,0 +1,176 @@
+"""Train Pose-SPI (measurement encoder + FSRCNN + simple CNN head) with the shared loop.
+
+    python pose_spi/train.py                        # built-in 64x64 data, the default preset (~10 min on 2 CPU cores)
+    python pose_spi/train.py --preset seed          # the seed's recipe: SGD lr 1e-4, batch 4, 1000 epochs, MSE, raw pixels
+    python pose_spi/train.py --data_path IMAGES --annotation_path ANN.json --subset 8    # the seed's flag names
+    torchrun --nproc_per_node=2 pose_spi/train.py   # several processes (gloo on CPU, NCCL on GPU)
+Evaluation after every epoch prints the COCO AP table (sigmas by keypoint name) next to the mean-pose baseline.
+"""
+import argparse
+import math
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.engine import add_common_args, output_dirs, setup_device_and_distributed, train
+from pose_spi.dataset import add_data_args, build_datasets
+from pose_spi.eval import coco_ap, decode_output, mean_pose, mean_pose_ap, predict
+from pose_spi.model import PoseSPI, add_model_args, model_config
+
+MODEL_NAME = "pose_spi"
+
+# The default preset trains to AP >= 0.5 on the built-in val split in about 10 minutes on 2 CPU cores: AdamW with
+# a one-cycle schedule converges far faster than the seed's plain SGD at lr 1e-4, which barely moves this
+# 21M-parameter net in that time. The seed preset reproduces the original recipe for comparison.
+PRESETS = {
+    "default": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=12, batch_size=32, loss="l1",
+                    schedule="onecycle", workers=0),
+    "seed": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, epochs=1000, batch_size=4, loss="mse",
+                 schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0),
+}
+KEYPOINTRCNN_PRESETS = {
+    "default": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, epochs=10, batch_size=32, loss="l1",
+                    schedule="onecycle", workers=0),
+    "seed": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, epochs=1000, batch_size=4, loss="l1",
+                 schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0),
+}
+
+
+def keypoint_loss(output, target, kind="l1", raw_targets=False, vis_weight=0.1):
+    """(loss, parts). Normalised targets: coordinate loss on labelled points + BCE on the visibility logit.
+    Raw targets (the seed): one regression loss over all 3K raw numbers."""
+    regress = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}[kind]
+    out = output.float().view_as(target)
+    if raw_targets:
+        loss = regress(out, target)
+        return loss, {}
+    labelled = target[..., 2] > 0
+    coord = regress(out[..., :2][labelled], target[..., :2][labelled]) if labelled.any() else out.sum() * 0
+    vis = F.binary_cross_entropy_with_logits(out[..., 2], target[..., 2])
+    return coord + vis_weight * vis, {"coord": float(coord.detach()), "vis": float(vis.detach())}
+
+
+def make_optimizer(args, model, steps_per_epoch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    elif args.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    total = args.max_steps or args.epochs * steps_per_epoch
+    if args.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=max(total, 1),
+                                                        pct_start=0.15)
+    elif args.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+    else:
+        scheduler = None
+    return optimizer, scheduler
+
+
+def draw_predictions(model, batch, layout, input_size, raw_targets, count=8):
+    """Predicted (red) vs true (green) skeletons on the first images of a batch, 4x enlarged."""
+    import cv2
+
+    from common.drawing import GREEN, RED, draw_keypoints, make_grid
+
+    images, targets = batch["image"][:count], batch["target"][:count].float().cpu().numpy()
+    xy, vis = decode_output(model(images), input_size, targets.shape[1], raw_targets)
+    tiles = []
+    for image, target, p, v in zip(images.cpu().numpy(), targets, xy.cpu().numpy(), vis.cpu().numpy()):
+        tile = cv2.cvtColor(np.clip(image[0] * 255, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2RGB)
+        tile = cv2.resize(tile, None, fx=4, fy=4, interpolation=cv2.INTER_NEAREST)
+        true = target.copy()
+        if not raw_targets:
+            true[:, :2] *= input_size
+        true[:, :2] = (true[:, :2] + 0.5) * 4 - 0.5
+        tile = draw_keypoints(tile, true, layout.skeleton, GREEN, scores=False)
+        pred = np.concatenate([(p + 0.5) * 4 - 0.5, v[:, None]], 1)
+        tiles.append(draw_keypoints(tile, pred, layout.skeleton, RED, threshold=-1, scores=False))
+    return make_grid(tiles, ncols=4)
+
+
+def build_parser(presets, head, description):
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(presets), default="default",
+                        help="recipe whose values become the defaults (flags still override) (default: default)")
+    add_common_args(parser)
+    add_model_args(parser, head=head)
+    add_data_args(parser)
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), help="optimizer (preset)")
+    g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (the seed used none)")
+    g.add_argument("--weight-decay", type=float, help="weight decay (preset)")
+    g.add_argument("--schedule", choices=("onecycle", "cosine", "none"), help="LR schedule, stepped per step (preset)")
+    g.add_argument("--loss", choices=("l1", "mse", "smooth_l1"), help="coordinate loss (preset)")
+    g.add_argument("--vis-weight", type=float, default=0.1, help="weight of the visibility BCE (default 0.1)")
+    g.add_argument("--no-flip-test", dest="flip_test", action="store_false",
+                   help="evaluate without the mirrored second pass (its agreement is the detection score)")
+    return parser
+
+
+def parse_args(presets, head, description, argv=None):
+    parser = build_parser(presets, head, description)
+    preset = parser.parse_known_args(argv)[0].preset
+    parser.set_defaults(**presets[preset])
+    return parser.parse_args(argv)
+
+
+def main(args, model_name=MODEL_NAME):
+    setup_device_and_distributed(args)
+    dirs = output_dirs(model_name, args.run_name, args.out)
+    torch.manual_seed(args.seed)
+    train_set, val_set = build_datasets(args, dirs["data"])
+    args.num_keypoints = train_set.num_keypoints  # stored in the checkpoint's config for eval/infer
+    print(f"data: {len(train_set)} training / {len(val_set)} validation images, {train_set.num_keypoints} keypoints "
+          f"({', '.join(train_set.layout.names)})")
+    try:
+        model = PoseSPI(**model_config(args))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    if args.head == "efficientnet":
+        from pose_spi.train_keypointrcnn import load_pretrained_trunk
+        load_pretrained_trunk(model, args.pretrained)
+    elif args.pretrained not in (None, "", "none"):
+        sys.exit("error: --pretrained applies to the EfficientNet head (pose_spi/train_keypointrcnn.py)")
+    print(f"model: {args.head} head, {args.encoder} encoder{' + reduce' if args.reduce else ''}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+
+    steps_per_epoch = max(1, len(train_set) // (args.batch_size * getattr(args, "world_size", 1)))
+    optimizer, scheduler = make_optimizer(args, model, math.ceil(steps_per_epoch / args.accumulate))
+    baseline = mean_pose_ap(mean_pose(train_set), val_set)
+    print(f"mean-pose baseline AP on the validation split: {baseline:.4f}")
+    device = torch.device(args.device)
+
+    def compute_loss(net, batch):
+        return keypoint_loss(net(batch["image"]), batch["target"], args.loss, args.raw_targets, args.vis_weight)
+
+    def evaluate(net):
+        points, scores, val_loss = predict(
+            net, val_set, device, flip_test=args.flip_test, raw_targets=args.raw_targets,
+            loss_fn=lambda out, target: keypoint_loss(out, target, args.loss, args.raw_targets, args.vis_weight))
+        stats = coco_ap(val_set, points, scores, print_table=True)
+        return {"AP": stats["AP"], "AP50": stats["AP50"], "AR": stats["AR"], "val_loss": val_loss,
+                "baseline_AP": baseline}
+
+    def log_images(net, batch):
+        return {"val/predicted_red_vs_true_green": draw_predictions(
+            net, batch, train_set.layout, args.input_size, args.raw_targets)}
+
+    model, summary = train(args, model, train_set, compute_loss, optimizer, scheduler=scheduler,
+                           scheduler_interval="step", evaluate=evaluate, best_metric="AP", log_images=log_images,
+                           model_name=model_name)
+    if args.rank == 0:
+        ap = summary["metrics"].get("AP", float("nan"))
+        print(f"final validation AP {ap:.4f}  (mean-pose baseline AP {baseline:.4f})")
+        print(f"outputs: checkpoints in {summary['last_checkpoint'].parent}, TensorBoard logs in {summary['tensorboard']}")
+    return summary
+
+
+if __name__ == "__main__":
+    from common.data import exit_on_bad_input
+
+    exit_on_bad_input(main, parse_args(PRESETS, "simple", __doc__))
