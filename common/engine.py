@@ -53,7 +53,7 @@ def add_common_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Arg
     a("--pretrained", default="none", metavar="none|imagenet|PATH",
       help="backbone weights: none (default, no network), imagenet (torch cache or download), or a file")
     a("--amp", choices=("none", "bf16", "fp16"), default="none",
-      help="mixed precision on CUDA (fp16 adds a GradScaler; ignored on CPU) (default: %(default)s)")
+      help="mixed precision autocast (fp16 adds a GradScaler); meant for CUDA (default: %(default)s)")
     a("--sync-bn", action="store_true", help="use SyncBatchNorm across processes under torchrun")
     a("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this value; 0 = off (default: %(default)s)")
     a("--accumulate", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
@@ -326,10 +326,8 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
         raise SystemExit("give --epochs or --max-steps")
     accumulate = max(1, args.accumulate)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    if amp_dtype is not None and device.type != "cuda":
-        if is_main:
-            print(f"--amp {args.amp}: mixed precision is used on CUDA only; training in float32 on {device}")
-        amp_dtype = None
+    if amp_dtype is not None and device.type != "cuda" and is_main:
+        print(f"--amp {args.amp} on {device}: CPU autocast works but is rarely faster; it is there for tests")
 
     # Where to resume from decides the run folder: a resumed run keeps writing where it started.
     resume_path = None
@@ -349,7 +347,7 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif is_main:   # PyTorch's SyncBatchNorm runs on GPUs only
             print("--sync-bn: SyncBatchNorm needs CUDA; keeping per-process BatchNorm on CPU")
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     epoch = step = batch_in_epoch = 0
     best: list[dict] = []       # [{"file", "step", "value"}], best first
     metrics: dict = {}
@@ -383,7 +381,7 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
 
     loader = make_loader(train_set, batch_size=args.batch_size, shuffle=True, workers=args.workers,
                          seed=args.seed, collate_fn=collate_fn or collate_skip_bad,
-                         num_replicas=world, rank=rank, drop_last=False)
+                         num_replicas=world, rank=rank, drop_last=True)
     sampler = loader.sampler if hasattr(loader.sampler, "set_epoch") else loader.batch_sampler.sampler
     if rng_to_restore is not None:
         set_rng_state(rng_to_restore)

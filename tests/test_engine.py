@@ -21,6 +21,15 @@ import _ddp_worker as tiny  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A 16-wide model gains nothing from intra-op threads, and on a busy machine they only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_tiny(tmp_path, *flags, compute_loss=tiny.mse_loss, **train_kwargs):
     args = tiny.make_parser().parse_args(["--out", str(tmp_path), "--device", "cpu", *flags])
     model, optimizer, scheduler = tiny.build(args)
@@ -72,6 +81,21 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, monkeypatch):
     # and the comparison is not vacuous: a different seed trains to different weights
     other, _ = run_tiny(tmp_path / "c", *common, "12", "--seed", "1", "--workers", "0")
     assert not torch.equal(other.state_dict()["0.weight"], straight.state_dict()["0.weight"])
+
+
+def test_resume_with_accumulation_clipping_and_fp16_scaler(tmp_path, monkeypatch):
+    """Same exactness through gradient accumulation (7 micro-batches per epoch: a partial window at each
+    epoch end), gradient clipping and the fp16 GradScaler state; single process, workers=0 (main-process
+    loading must not move the training RNG either)."""
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
+    flags = ["--accumulate", "2", "--clip-grad", "0.5", "--amp", "fp16", "--batch-size", "9", "--max-steps"]
+    straight, _ = run_tiny(tmp_path, *flags, "7", "--run-name", "straight")
+    run_tiny(tmp_path, *flags, "2", "--run-name", "split")
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "tiny" / "split" / "last.pt")
+    assert ckpt["scaler"] is not None and ckpt["batch_in_epoch"] == 4
+    resumed, summary = run_tiny(tmp_path, *flags, "7", "--resume", str(tmp_path / "checkpoints/tiny/split/last.pt"))
+    assert summary["steps"] == 7 and summary["epochs"] == 1
+    assert_same_weights(straight.state_dict(), resumed.state_dict())
 
 
 def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path, monkeypatch):
