@@ -8,6 +8,7 @@ checkpoints that resume exactly (same weights as an uninterrupted run).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import math
 import os
@@ -27,9 +28,7 @@ from common.data import collate_skip_bad, make_loader
 CHECKPOINT_FORMAT = 1
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line and output folders
-# ----------------------------------------------------------------------------------------------------------
+# --- Command line and output folders ---------------------------------------------------------------------
 
 def add_common_args(parser: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
     """Add the flags every script shares; `defaults` (by dest name, e.g. batch_size=32) override ours."""
@@ -99,9 +98,7 @@ def output_dirs(model_name: str, run_name: str | None = None, out=None) -> dict[
             "tensorboard": root / "tensorboard_logs" / model_name / run}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Device, distributed, RNG
-# ----------------------------------------------------------------------------------------------------------
+# --- Device, distributed, RNG ----------------------------------------------------------------------------
 
 def setup_device_and_distributed(args) -> torch.device:
     """Pick the device, join the torchrun process group if there is one, seed. Sets on `args`:
@@ -122,6 +119,7 @@ def setup_device_and_distributed(args) -> torch.device:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     args.device, args.rank, args.world_size = str(device), rank, world
     args.local_rank, args.distributed = local_rank, world > 1
     if getattr(args, "seed", None) is not None:
@@ -197,9 +195,7 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------
+# --- Checkpoints -----------------------------------------------------------------------------------------
 
 def save_checkpoint(path, state: dict) -> Path:
     """Write atomically: a temporary file in the same folder, fsync, then os.replace over `path`.
@@ -270,22 +266,18 @@ def _plain(value):
     return str(value)
 
 
-def _state_dicts(extra):
-    if extra is None:
-        return None
-    if hasattr(extra, "state_dict"):
-        return extra.state_dict()
+def _extra_state_dict(extra):
+    if extra is None or hasattr(extra, "state_dict"):
+        return None if extra is None else extra.state_dict()
     return {name: obj.state_dict() for name, obj in extra.items()}
 
 
-def _load_state_dicts(extra, state) -> None:
+def _load_extra_state_dict(extra, state) -> None:
     if extra is None or state is None:
         return
-    if hasattr(extra, "load_state_dict"):
-        extra.load_state_dict(state)
-    else:
-        for name, obj in extra.items():
-            obj.load_state_dict(state[name])
+    pairs = [(extra, state)] if hasattr(extra, "load_state_dict") else [(o, state[n]) for n, o in extra.items()]
+    for obj, obj_state in pairs:
+        obj.load_state_dict(obj_state)
 
 
 def _to_device(batch, device):
@@ -298,9 +290,7 @@ def _to_device(batch, device):
     return batch
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------------------
+# --- The loop --------------------------------------------------------------------------------------------
 
 def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, scheduler=None,
           scheduler_interval: str = "epoch", evaluate=None, best_metric: str | None = None,
@@ -351,8 +341,10 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
     epoch = step = batch_in_epoch = 0
     best: list[dict] = []       # [{"file", "step", "value"}], best first
     metrics: dict = {}
-    if args.init_from and not resume_path:
+    if args.init_from and resume_path is None:
         load_weights(model, args.init_from)
+    elif args.init_from and is_main:
+        print(f"--init-from {args.init_from} ignored: resuming from {resume_path} instead")
     rng_to_restore = None
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
@@ -362,7 +354,7 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
             scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        _load_state_dicts(extra_state, ckpt.get("extra"))
+        _load_extra_state_dict(extra_state, ckpt.get("extra"))
         epoch, step, batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
         best, metrics = list(ckpt.get("best", [])), dict(ckpt.get("metrics", {}))
         if ckpt.get("world_size", world) != world or ckpt["config"].get("batch_size") != args.batch_size:
@@ -404,7 +396,7 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
                 "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "world_size": world,
                 "rng": _gather(get_rng_state(), world),     # collective: every rank calls this
                 "best": best, "metrics": metrics, "best_metric": best_metric,
-                "config": _plain(vars(args)), "extra": _state_dicts(extra_state)}
+                "config": _plain(vars(args)), "extra": _extra_state_dict(extra_state)}
 
     last_saved = None
 
