@@ -45,6 +45,17 @@ def _disk(image, center, radius, color):
                round(max(float(radius), 1.0) * scale), color, -1, cv2.LINE_8, SHIFT)
 
 
+def _capsule(image, p, q, thickness, color):
+    """A thick segment with round caps (radius at least 1 px, so both end pixels are always drawn)."""
+    scale = 1 << SHIFT
+    a = (round(float(p[0]) * scale), round(float(p[1]) * scale))
+    b = (round(float(q[0]) * scale), round(float(q[1]) * scale))
+    cv2.line(image, a, b, color, max(round(thickness), 1), cv2.LINE_8, SHIFT)
+    radius = round(max(thickness / 2, 1.0) * scale)
+    cv2.circle(image, a, radius, color, -1, cv2.LINE_8, SHIFT)
+    cv2.circle(image, b, radius, color, -1, cv2.LINE_8, SHIFT)
+
+
 def draw_figure(image, points, edges, thickness, colors, joint_radius=None, joint_colors=None):
     """Draw a skeleton in place: each edge (i, j) a capsule of `thickness` (scalar or one per edge).
 
@@ -59,15 +70,10 @@ def draw_figure(image, points, edges, thickness, colors, joint_radius=None, join
     per_edge = np.asarray(colors).ndim == (2 if image.ndim == 3 else 1)
     color_of = (lambda k: colors[k]) if per_edge else (lambda k: colors)
     finite = np.isfinite(pts).all(1).tolist()
-    fixed = _fixed(np.where(np.array(finite)[:, None], pts, 0)).tolist()
+    xy = pts.tolist()
     for k, (i, j) in enumerate(edges):
-        if not (finite[i] and finite[j]):
-            continue
-        color = _cv_color(color_of(k))
-        cv2.line(image, fixed[i], fixed[j], color, max(round(thick[k]), 1), cv2.LINE_8, SHIFT)
-        radius = round(max(thick[k] / 2, 1.0) * (1 << SHIFT))
-        cv2.circle(image, fixed[i], radius, color, -1, cv2.LINE_8, SHIFT)
-        cv2.circle(image, fixed[j], radius, color, -1, cv2.LINE_8, SHIFT)
+        if finite[i] and finite[j]:
+            _capsule(image, xy[i], xy[j], thick[k], _cv_color(color_of(k)))
     if joint_radius is not None:
         radius = np.broadcast_to(np.asarray(joint_radius, np.float64), (len(pts),))
         for p in np.flatnonzero(finite):
@@ -175,7 +181,7 @@ def random_human_figure(rng, height, center, angle_range="human"):
     colors["sleeve"] = shirt if rng.random() < 0.5 else colors["skin"]
     return HumanFigure(P + shift, float(yaw), H, head_c + shift, float(head_r),
                        float(max(H * rng.uniform(0.04, 0.07), 2.0)), float(H * rng.uniform(0.1, 0.13)),
-                       {k: np.clip(v, 0, 255).astype(np.uint8) for k, v in colors.items()})
+                       {k: np.array([min(max(int(c), 0), 255) for c in v], np.uint8) for k, v in colors.items()})
 
 
 def random_human_pose(rng, height, center, angle_range="human", with_extra=False):
@@ -244,10 +250,11 @@ def rasterize_human(fig, origin, shape):
     the RGB colour of each id (row 0 unused) and the joints each id draws."""
     labels = np.zeros(shape, np.uint8)
     P = fig.points - np.asarray(origin, np.float64)
+    xy = P.tolist()
     colors, draws = [np.zeros(3, np.uint8)], [set()]
     for part_id, (kind, geometry, size, color, joints) in enumerate(_human_parts(fig), start=1):
         if kind == "edge":
-            draw_figure(labels, P, [geometry], size, part_id)
+            _capsule(labels, xy[geometry[0]], xy[geometry[1]], size, part_id)
         elif kind == "disk":
             _disk(labels, geometry - origin, size, part_id)
         elif kind == "dots":
@@ -256,9 +263,9 @@ def rasterize_human(fig, origin, shape):
         else:  # torso: filled quadrilateral, rounded outline, and a spine as thick as the chest
             quad = _fixed(P[[L_SH, R_SH, R_HIP, L_HIP]]).astype(np.int32)
             cv2.fillPoly(labels, [quad], part_id, cv2.LINE_8, SHIFT)
-            draw_figure(labels, P, [(L_SH, R_SH), (R_SH, R_HIP), (R_HIP, L_HIP), (L_HIP, L_SH)],
-                        fig.limb_thickness, part_id)
-            draw_figure(labels, P, [(THORAX, PELVIS)], size, part_id)
+            for i, j in ((L_SH, R_SH), (R_SH, R_HIP), (R_HIP, L_HIP), (L_HIP, L_SH)):
+                _capsule(labels, xy[i], xy[j], fig.limb_thickness, part_id)
+            _capsule(labels, xy[THORAX], xy[PELVIS], size, part_id)
         colors.append(np.asarray(color, np.uint8))
         draws.append(joints)
     return labels, np.stack(colors), draws
@@ -459,7 +466,7 @@ def _render_crop(rng, size):
     fig = fig.moved(target * S / extent, shift).rounded()
     canvas = _Canvas(random_background(rng, (S, S)))
     canvas.add(fig)
-    for _ in range(rng.integers(1, 3) if rng.random() < 0.45 else 0):
+    for _ in range(rng.integers(1, 3) if rng.random() < 0.35 else 0):
         _draw_occluder(rng, canvas.image, canvas.owner, fig.points[rng.integers(21)], rng.uniform(0.1, 0.3) * S)
     v = canvas.visibility(0)
     return _camera_noise(rng, canvas.image), fig.points, v, canvas.owner == 1
@@ -491,7 +498,7 @@ def build_multi_person_scenes(root, split, num_images, image_size=256, seed=0, p
     for i in tqdm(range(num_images), desc=f"multi_person {split}", disable=not progress):
         image, anns = _render_scene(_image_rng(seed, split, i), image_size)
         image_id = i + 1
-        cv2.imwrite(str(image_dir / f"{image_id:06d}.jpg"), image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+        cv2.imwrite(str(image_dir / f"{image_id:06d}.jpg"), image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
         images.append({"id": image_id, "file_name": f"{image_id:06d}.jpg", "width": image_size, "height": image_size})
         for ann in anns:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
@@ -516,7 +523,7 @@ def build_single_person_crops(root, split, num_images, image_size=128, seed=0, p
     for i in tqdm(range(num_images), desc=f"single_person {split}", disable=not progress):
         image, points, v, mask = _render_crop(_image_rng(seed, split, i), image_size)
         image_id, name = i + 1, f"{i + 1:06d}.jpg"
-        cv2.imwrite(str(image_dir / name), image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+        cv2.imwrite(str(image_dir / name), image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
         images.append({"id": image_id, "file_name": name, "width": image_size, "height": image_size})
         kps = np.concatenate([points[:17], v[:17, None]], 1).astype(np.int64)
         kps[kps[:, 2] == 0] = 0
@@ -549,11 +556,8 @@ def ensure_dataset(kind, root=None, **params):
     if unknown:
         raise TypeError(f"ensure_dataset({kind!r}): unknown parameters {sorted(unknown)}")
     settings = {"kind": kind, "version": DATA_VERSION, **_DEFAULTS[kind], **params}
-    try:
-        from common.engine import output_dirs
-        base = Path(output_dirs(kind, "data", root)["data"])
-    except ImportError:  # the engine is optional for data generation
-        base = Path(root or os.environ.get("POSE_OUTPUT_ROOT") or os.getcwd()) / "data"
+    # the rule of common.engine.output_dirs, restated so that data generation does not import torch
+    base = Path(root or os.environ.get("POSE_OUTPUT_ROOT") or os.getcwd()) / "data"
     target = base / kind
     stamp = target / "params.json"
     if stamp.exists() and json.loads(stamp.read_text()) == settings:

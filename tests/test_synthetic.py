@@ -12,6 +12,8 @@ from pycocotools.coco import COCO
 from common import synthetic as syn
 from common.keypoints import COCO17, MPII16
 
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 LIP_SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lip_annotations" / "val_annotations.csv"
 
 
