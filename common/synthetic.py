@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,10 +34,6 @@ _SKIN = np.array([[255, 219, 172], [241, 194, 125], [224, 172, 105], [198, 134, 
                   [96, 60, 35]], np.float64)
 _DEFAULTS = {"multi_person": dict(num_images=1500, num_val=200, image_size=256, seed=0),
              "single_person": dict(num_images=3000, num_val=300, image_size=128, seed=0)}
-
-
-def _fixed(points):
-    return np.round(np.asarray(points, np.float64) * (1 << SHIFT)).astype(np.int64)
 
 
 def _disk(image, center, radius, color):
@@ -111,8 +108,8 @@ class HumanFigure:
     def moved(self, scale, shift):
         """The same figure scaled about the origin, then shifted (pixels)."""
         return replace(self, points=self.points * scale + shift, head_center=self.head_center * scale + shift,
-                       height=self.height * scale, head_radius=self.head_radius * scale, limb_thickness=self.limb_thickness * scale,
-                       chest_thickness=self.chest_thickness * scale)
+                       height=self.height * scale, head_radius=self.head_radius * scale,
+                       limb_thickness=self.limb_thickness * scale, chest_thickness=self.chest_thickness * scale)
 
     def rounded(self):
         """Joints on whole pixels (stored annotations are integers, as in COCO and LIP)."""
@@ -135,8 +132,8 @@ def random_human_figure(rng, height, center, angle_range="human"):
         np.array([0.062, 0.04, 0.28, 0.105, 0.07, 0.165, 0.15, 0.235, 0.24]) * H * rng.uniform(0.9, 1.1, 9))
     # facing: mostly frontal, as in COCO; profiles and back views common enough to matter
     u = rng.random()
-    yaw = (rng.normal(0, 0.35) if u < 0.7 else
-           rng.choice([-1.0, 1.0]) * rng.normal(math.pi / 2, 0.3) if u < 0.9 else math.pi + rng.normal(0, 0.45))
+    yaw = (rng.normal(0, 0.35) if u < 0.7 else rng.choice([-1.0, 1.0]) * rng.normal(math.pi / 2, 0.3)
+           if u < 0.9 else math.pi + rng.normal(0, 0.45))
     width = math.copysign(max(abs(math.cos(yaw)), 0.15), math.cos(yaw))  # foreshortened body width
     profile = 1 - abs(width)
     tilt = rng.normal(0, 0.2 * spread)
@@ -176,16 +173,16 @@ def random_human_figure(rng, height, center, angle_range="human"):
     box_center = (P.min(0) + P.max(0)) / 2
     shift = np.asarray(center, np.float64) - box_center
     shirt = rng.integers(15, 240, 3)
-    colors = {"skin": _SKIN[rng.integers(len(_SKIN))] * rng.uniform(0.85, 1.05), "hair": rng.integers(10, 120, 3),
-              "shirt": shirt, "pants": rng.integers(10, 230, 3)}
+    colors = {"skin": _SKIN[rng.integers(len(_SKIN))] * rng.uniform(0.85, 1.05),
+              "hair": rng.integers(10, 120, 3), "shirt": shirt, "pants": rng.integers(10, 230, 3)}
     colors["sleeve"] = shirt if rng.random() < 0.5 else colors["skin"]
+    colors = {k: np.array([min(max(int(c), 0), 255) for c in v], np.uint8) for k, v in colors.items()}
     return HumanFigure(P + shift, float(yaw), H, head_c + shift, float(head_r),
-                       float(max(H * rng.uniform(0.04, 0.07), 2.0)), float(H * rng.uniform(0.1, 0.13)),
-                       {k: np.array([min(max(int(c), 0), 255) for c in v], np.uint8) for k, v in colors.items()})
+                       float(max(H * rng.uniform(0.04, 0.07), 2.0)), float(H * rng.uniform(0.1, 0.13)), colors)
 
 
 def random_human_pose(rng, height, center, angle_range="human", with_extra=False):
-    """float32 (17, 2) COCO-17 positions of a random figure ((21, 2) with pelvis, thorax, upper neck, head top)."""
+    """float32 (17, 2) COCO-17 points of a random figure; (21, 2) adds pelvis, thorax, upper neck, head top."""
     points = random_human_figure(rng, height, center, angle_range).points
     return points[: 21 if with_extra else 17].astype(np.float32)
 
@@ -215,10 +212,11 @@ def _human_parts(fig):
     limb = {}
     for left, sh, el, wr, hip, kn, an in ((True, L_SH, L_EL, L_WR, L_HIP, L_KNEE, L_ANK),
                                           (False, R_SH, R_EL, R_WR, R_HIP, R_KNEE, R_ANK)):
+        # pelvis and thorax sit inside the body: a thigh or upper-arm root in front of them shows them
         limb[left] = (
-            [("edge", (hip, kn), 1.25 * t, shade(c["pants"], left), {hip, kn}),
+            [("edge", (hip, kn), 1.25 * t, shade(c["pants"], left), {hip, kn, PELVIS}),
              ("edge", (kn, an), 1.05 * t, shade(c["pants"], left), {kn, an})],
-            [("edge", (sh, el), t, shade(c["shirt"], left), {sh, el}),
+            [("edge", (sh, el), t, shade(c["shirt"], left), {sh, el, THORAX}),
              ("edge", (el, wr), 0.85 * t, shade(c["sleeve"], left), {el, wr})])
     far_legs, far_arms = limb[not left_near]
     near_legs, near_arms = limb[left_near]
@@ -232,16 +230,14 @@ def _human_parts(fig):
     hair = ("disk", fig.head_center + r * (0.25 * up + 0.3 * back), r, c["hair"], {NECK, HEAD_TOP})
     head = ("disk", fig.head_center, r, c["skin"], {NECK, HEAD_TOP})
     # the nose sticks out, so profiles show it; an eye needs to face us a little
-    face = [n for n, a, limit in ((NOSE, fig.yaw, -0.2), (L_EYE, fig.yaw + 0.5, 0.1), (R_EYE, fig.yaw - 0.5, 0.1))
-            if math.cos(a) > limit]
+    face = [n for n, a, limit in ((NOSE, fig.yaw, -0.2), (L_EYE, fig.yaw + 0.5, 0.1),
+                                  (R_EYE, fig.yaw - 0.5, 0.1)) if math.cos(a) > limit]
     face_part = [("dots", [P[n] for n in face], max(0.14 * r, 1.0), (40, 25, 20), {NOSE, L_EYE, R_EYE})]
     torso = ("torso", None, fig.chest_thickness, c["shirt"], {L_SH, R_SH, L_HIP, R_HIP, PELVIS, THORAX})
     neck = ("edge", (THORAX, NECK), max(r, 2.0), c["skin"], {THORAX, NECK})
-    for legs, arms in limb.values():  # pelvis and thorax sit inside the body: a thigh or arm root shows them
-        legs[0][4].add(PELVIS)
-        arms[0][4].add(THORAX)
     # facing us the hair is behind the face; facing away it covers the back of the head
-    head_parts = behind + ([hair, head] if math.cos(fig.yaw) >= 0 else [head, hair]) + front + (face_part if face else [])
+    head_parts = behind + ([hair, head] if math.cos(fig.yaw) >= 0 else [head, hair]) + front
+    head_parts += face_part if face else []
     return far_legs + far_arms + [torso] + near_legs + [neck] + head_parts + near_arms
 
 
@@ -261,7 +257,7 @@ def rasterize_human(fig, origin, shape):
             for point in geometry:
                 _disk(labels, point - origin, size, part_id)
         else:  # torso: filled quadrilateral, rounded outline, and a spine as thick as the chest
-            quad = _fixed(P[[L_SH, R_SH, R_HIP, L_HIP]]).astype(np.int32)
+            quad = np.round(P[[L_SH, R_SH, R_HIP, L_HIP]] * (1 << SHIFT)).astype(np.int32)
             cv2.fillPoly(labels, [quad], part_id, cv2.LINE_8, SHIFT)
             for i, j in ((L_SH, R_SH), (R_SH, R_HIP), (R_HIP, L_HIP), (L_HIP, L_SH)):
                 _capsule(labels, xy[i], xy[j], fig.limb_thickness, part_id)
@@ -292,14 +288,8 @@ def random_background(rng, size_wh):
     side = min(W, H)
     area = W * H / 256.0 ** 2
     for _ in range(rng.poisson(4 * area)):  # furniture-like boxes and ellipses
-        color = _cv_color(rng.integers(0, 256, 3))
-        center = (int(rng.integers(0, W)), int(rng.integers(0, H)))
-        axes = (int(rng.uniform(0.03, 0.25) * side), int(rng.uniform(0.03, 0.25) * side))
-        if rng.random() < 0.5:
-            cv2.ellipse(image, center, axes, float(rng.uniform(0, 180)), 0, 360, color, -1)
-        else:
-            cv2.rectangle(image, (center[0] - axes[0], center[1] - axes[1]), (center[0] + axes[0],
-                          center[1] + axes[1]), color, -1)
+        image[_shape_mask(rng, (H, W), rng.uniform(0, 1, 2) * (W, H), rng.uniform(0.06, 0.5) * side)] = \
+            rng.integers(0, 256, 3)
     for _ in range(rng.poisson(8 * area)):  # limb-like distractors: bent strokes in figure colours
         n = rng.integers(2, 4)
         length = rng.uniform(0.04, 0.15) * side
@@ -319,9 +309,9 @@ def _camera_noise(rng, image):
     return cv2.GaussianBlur(noisy, (3, 3), 0) if rng.random() < 0.3 else noisy
 
 
-def _draw_occluder(rng, image, owner, center, size):
-    """A textured box or ellipse over `center`; its pixels get owner 255 (they hide whatever is below)."""
-    mask = np.zeros(owner.shape, np.uint8)
+def _shape_mask(rng, shape, center, size):
+    """Boolean mask of a random ellipse or rotated box about `size` px across near `center`."""
+    mask = np.zeros(shape, np.uint8)
     axes = (max(int(size * rng.uniform(0.3, 0.7)), 2), max(int(size * rng.uniform(0.3, 0.7)), 2))
     c = (int(center[0] + rng.normal(0, 0.3) * axes[0]), int(center[1] + rng.normal(0, 0.3) * axes[1]))
     if rng.random() < 0.5:
@@ -329,9 +319,13 @@ def _draw_occluder(rng, image, owner, center, size):
     else:
         box = cv2.boxPoints((c, (2 * axes[0], 2 * axes[1]), float(rng.uniform(0, 90))))
         cv2.fillPoly(mask, [np.round(box).astype(np.int32)], 1)
-    m = mask > 0
-    texture = rng.integers(0, 256, 3) + rng.normal(0, 12, (int(m.sum()), 1))
-    image[m] = np.clip(texture, 0, 255).astype(np.uint8)
+    return mask > 0
+
+
+def _draw_occluder(rng, image, owner, center, size):
+    """A textured object over `center`; its pixels get owner 255 (they hide whatever is below)."""
+    m = _shape_mask(rng, owner.shape, center, size)
+    image[m] = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 12, (int(m.sum()), 1)), 0, 255).astype(np.uint8)
     owner[m] = 255
 
 
@@ -401,8 +395,8 @@ def _annotation(mask, keypoints, num_keypoints, iscrowd, offset=(0, 0)):
     labelled = keypoints[keypoints[:, 2] > 0, :2]
     if len(labelled):
         lo, hi = np.minimum(lo, labelled.min(0)), np.maximum(hi, labelled.max(0) + 1)
-    return {"category_id": 1, "keypoints": [int(v) for v in keypoints.ravel()], "num_keypoints": int(num_keypoints),
-            "bbox": [float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1])],
+    return {"category_id": 1, "keypoints": [int(v) for v in keypoints.ravel()],
+            "num_keypoints": int(num_keypoints), "bbox": [*map(float, lo), *map(float, hi - lo)],
             "area": float(mask.sum()), "segmentation": _rle(mask) if iscrowd else _polygons(mask, offset),
             "iscrowd": int(iscrowd)}
 
@@ -416,16 +410,17 @@ def _render_scene(rng, size):
         cx, cy, w = rng.uniform(0.2, 0.8) * S, rng.uniform(0.3, 0.8) * S, rng.uniform(0.2, 0.4) * S
         for _ in range(rng.integers(6, 15)):
             h = rng.uniform(0.06, 0.12) * S
-            canvas.add(random_human_figure(rng, h, (cx + rng.uniform(-w, w) / 2, cy + rng.normal(0, 0.1 * h)))
-                       .rounded(), owner_id=254)
-    unlabelled = [canvas.add(random_human_figure(rng, rng.uniform(0.04, 0.09) * S, rng.uniform(0, S, 2)).rounded())
-                  for _ in range(rng.integers(1, 4) if rng.random() < 0.2 else 0)]
+            center = (cx + rng.uniform(-w, w) / 2, cy + rng.normal(0, 0.1 * h))
+            canvas.add(random_human_figure(rng, h, center).rounded(), owner_id=254)
+    # far-away people too small to label: COCO's zero-keypoint annotations
+    unlabelled = [canvas.add(random_human_figure(rng, rng.uniform(0.04, 0.09) * S, rng.uniform(0, S, 2))
+                             .rounded()) for _ in range(rng.integers(1, 4) if rng.random() < 0.2 else 0)]
     u = rng.random()
     count = 0 if u < 0.07 else 1 if u < 0.25 else 2 if u < 0.45 else int(rng.integers(3, 7))
     scale = math.exp(rng.uniform(math.log(0.1), math.log(0.9)))
     heights = np.clip(scale * rng.uniform(0.8, 1.2, count), 0.1, 0.9) * S
     if count >= 3:  # a group side by side, neighbours overlapping, the ends maybe cut by the border
-        spacing = rng.uniform(0.25, 0.6, count) * heights
+        spacing = rng.uniform(0.3, 0.65, count) * heights
         xs = np.cumsum(spacing) - spacing.sum() / 2 + rng.uniform(0.25, 0.75) * S
         centers = np.stack([xs, rng.uniform(0.35, 0.65) * S + rng.normal(0, 0.08, count) * heights], 1)
     else:
@@ -434,9 +429,10 @@ def _render_scene(rng, size):
     for k in np.argsort(heights + rng.normal(0, 0.1 * S, count)):  # taller people are usually nearer
         labelled.append(canvas.add(random_human_figure(rng, heights[k], centers[k]).rounded()))
     drawn = [index for index in labelled if index is not None]
-    if drawn and rng.random() < 0.25:  # an object in front of someone's joint
+    if drawn and rng.random() < 0.2:  # an object in front of someone's joint
         fig = canvas.people[drawn[rng.integers(len(drawn))]]["fig"]
-        _draw_occluder(rng, canvas.image, canvas.owner, fig.points[rng.integers(17)], rng.uniform(0.1, 0.25) * fig.height)
+        size = rng.uniform(0.1, 0.25) * fig.height
+        _draw_occluder(rng, canvas.image, canvas.owner, fig.points[rng.integers(17)], size)
     annotations = []
     for index in unlabelled + labelled:
         if index is None:
@@ -477,15 +473,23 @@ def _image_rng(seed, split, index):
     return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
 
-def _coco_categories():
-    return [{"id": 1, "name": "person", "supercategory": "person", "keypoints": list(COCO17.names),
-             "skeleton": [[a + 1, b + 1] for a, b in COCO17.skeleton]}]
-
-
 def _write_json(path, data):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f)
+
+
+def _write_coco(path, description, images, annotations):
+    person = {"id": 1, "name": "person", "supercategory": "person", "keypoints": list(COCO17.names),
+              "skeleton": [[a + 1, b + 1] for a, b in COCO17.skeleton]}  # COCO's skeleton is 1-based
+    _write_json(path, {"info": {"description": description, "version": DATA_VERSION}, "licenses": [],
+                       "images": images, "annotations": annotations, "categories": [person]})
+
+
+def _write_image(image_dir, image_id, image, size):
+    name = f"{image_id:06d}.jpg"
+    cv2.imwrite(str(image_dir / name), image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return {"id": image_id, "file_name": name, "width": size, "height": size}
 
 
 def build_multi_person_scenes(root, split, num_images, image_size=256, seed=0, progress=False):
@@ -497,15 +501,11 @@ def build_multi_person_scenes(root, split, num_images, image_size=256, seed=0, p
     images, annotations = [], []
     for i in tqdm(range(num_images), desc=f"multi_person {split}", disable=not progress):
         image, anns = _render_scene(_image_rng(seed, split, i), image_size)
-        image_id = i + 1
-        cv2.imwrite(str(image_dir / f"{image_id:06d}.jpg"), image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
-        images.append({"id": image_id, "file_name": f"{image_id:06d}.jpg", "width": image_size, "height": image_size})
-        for ann in anns:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
+        images.append(_write_image(image_dir, i + 1, image, image_size))
+        # ids from 1: pycocotools' COCOeval treats annotation id 0 as "unmatched"
+        annotations += [{"id": len(annotations) + k, "image_id": i + 1, **ann} for k, ann in enumerate(anns, 1)]
     path = root / "annotations" / f"person_keypoints_{split}.json"
-    _write_json(path, {"info": {"description": f"posezoo synthetic multi-person scenes, seed {seed}",
-                                "version": DATA_VERSION}, "licenses": [], "images": images,
-                       "annotations": annotations, "categories": _coco_categories()})
+    _write_coco(path, f"posezoo synthetic multi-person scenes, seed {seed}", images, annotations)
     return path
 
 
@@ -522,22 +522,17 @@ def build_single_person_crops(root, split, num_images, image_size=128, seed=0, p
     images, annotations, rows = [], [], []
     for i in tqdm(range(num_images), desc=f"single_person {split}", disable=not progress):
         image, points, v, mask = _render_crop(_image_rng(seed, split, i), image_size)
-        image_id, name = i + 1, f"{i + 1:06d}.jpg"
-        cv2.imwrite(str(image_dir / name), image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
-        images.append({"id": image_id, "file_name": name, "width": image_size, "height": image_size})
+        images.append(_write_image(image_dir, i + 1, image, image_size))
         kps = np.concatenate([points[:17], v[:17, None]], 1).astype(np.int64)
         kps[kps[:, 2] == 0] = 0
-        annotations.append({"id": image_id, "image_id": image_id,
-                            **_annotation(mask, kps, (kps[:, 2] > 0).sum(), 0)})
-        fields = [name]
+        annotations.append({"id": i + 1, "image_id": i + 1, **_annotation(mask, kps, (kps[:, 2] > 0).sum(), 0)})
+        fields = [images[-1]["file_name"]]
         for k in LIP_FROM_HUMAN:
             fields += (["nan"] * 3 if v[k] == 0 else [str(int(points[k, 0])), str(int(points[k, 1])),
                                                       "1" if v[k] == 1 else "0"])
         rows.append(",".join(fields))
     coco = root / "annotations" / f"person_keypoints_{split}.json"
-    _write_json(coco, {"info": {"description": f"posezoo synthetic single-person crops, seed {seed}",
-                                "version": DATA_VERSION}, "licenses": [], "images": images,
-                       "annotations": annotations, "categories": _coco_categories()})
+    _write_coco(coco, f"posezoo synthetic single-person crops, seed {seed}", images, annotations)
     lip = root / "annotations" / f"lip_{split}.csv"
     lip.write_text("\n".join(rows) + "\n")
     return {"images": image_dir, "coco": coco, "lip": lip}
@@ -563,18 +558,17 @@ def ensure_dataset(kind, root=None, **params):
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
         return target
     build = build_multi_person_scenes if kind == "multi_person" else build_single_person_crops
-    tmp = base / f".{kind}.tmp-{os.getpid()}"
-    for split, count in (("train", settings["num_images"]), ("val", settings["num_val"])):
-        build(tmp, split, count, settings["image_size"], settings["seed"], progress=True)
-    _write_json(tmp / "params.json", settings)
-    if target.exists():  # stale parameters (or another process got here first): replace it
-        _remove_tree(target)
-    os.replace(tmp, target)
+    tmp = base / f".{kind}.tmp-{os.getpid()}"  # a half-written set is never mistaken for a finished one
+    try:
+        for split, count in (("train", settings["num_images"]), ("val", settings["num_val"])):
+            build(tmp, split, count, settings["image_size"], settings["seed"], progress=True)
+        _write_json(tmp / "params.json", settings)
+        if stamp.exists() and json.loads(stamp.read_text()) == settings:  # another process finished first
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"generated built-in {kind} data ({settings['num_images']} train / {settings['num_val']} val images, "
           f"{settings['image_size']} px, seed {settings['seed']}) in {target}")
     return target
-
-
-def _remove_tree(path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)

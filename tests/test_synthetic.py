@@ -14,7 +14,7 @@ from common.keypoints import COCO17, MPII16
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-LIP_SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lip_annotations" / "val_annotations.csv"
+LIP_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "lip_annotations" / "val_annotations.csv"
 
 
 def test_draw_figure_puts_every_point_on_its_own_joint():
