@@ -1,8 +1,9 @@
 """Built-in data: a deterministic figure renderer and the two shared synthetic pose data sets.
 
 Nothing can be downloaded, so models train out of the box on scenes rendered here from a seed:
-multi-person COCO-17 scenes and single-person crops (COCO-17 JSON + LIP-style CSV). Pixel (col, row)
-has its centre at (x, y) = (col, row); every keypoint lies on a pixel drawn for its own joint.
+multi-person COCO-17 scenes and single-person crops (COCO-17 JSON + LIP-style CSV). Keypoints are
+pixel indices (x, y) = (col, row), each on a pixel drawn for its own joint; boxes and polygons use
+COCO's pixel-corner coordinates (pixel (col, row) covers [col, col + 1) x [row, row + 1)).
 """
 from __future__ import annotations
 
@@ -365,16 +366,15 @@ class _Canvas:
 
 
 def _polygons(mask, offset):
-    """COCO polygons (lists of x, y) of a binary mask's outer contours; degenerate ones become boxes."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    polygons = []
-    for contour in contours:
-        pts = contour.reshape(-1, 2).astype(float) + offset
-        if len(pts) < 3:
-            (ax, ay), (bx, by) = pts.min(0) - 0.5, pts.max(0) + 0.5
-            pts = np.array([[ax, ay], [bx, ay], [bx, by], [ax, by]])
-        polygons.append([round(float(c), 1) for c in pts.ravel()])
-    return polygons
+    """COCO polygons (lists of x, y in pixel-corner coordinates) of a binary mask's outer contours.
+
+    Traced on the mask upsampled 2x, so a polygon runs a quarter pixel inside the silhouette's edge
+    (not half a pixel, as contours through pixel centres do) and one-pixel parts stay polygons.
+    """
+    big = np.repeat(np.repeat(mask.astype(np.uint8), 2, 0), 2, 1)
+    contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [[round(float(c), 2) for c in ((contour.reshape(-1, 2) + 0.5) / 2 + offset).ravel()]
+            for contour in contours if len(contour) >= 3]
 
 
 def _rle(mask):

@@ -130,6 +130,18 @@ def test_multi_person_coco_json_is_valid(scenes):
     assert mask_utils.area(rle) == crowd[0]["area"]
 
 
+def test_polygons_and_rle_reproduce_the_mask():
+    mask = np.zeros((60, 80), bool)
+    mask[10:30, 5:25] = True
+    mask[40:41, 50:70] = True  # a one-pixel-thin part
+    mask[20:50, 60:62] = True
+    polygons = syn._polygons(mask, (0, 0))
+    back = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, 60, 80))).astype(bool)
+    assert (back & mask).sum() / (back | mask).sum() > 0.95
+    rle = mask_utils.frPyObjects(syn._rle(mask), 60, 80)
+    assert (mask_utils.decode(rle).astype(bool) == mask).all()
+
+
 def _overlaps(a, b):
     return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
