@@ -292,6 +292,66 @@ def _to_device(batch, device):
 
 # --- The loop --------------------------------------------------------------------------------------------
 
+def _resume_path(args, model_name: str, is_main: bool) -> Path | None:
+    if not args.resume:
+        return None
+    if args.resume != "auto":
+        return Path(args.resume)
+    path = newest_checkpoint(model_name, args.out, kind="last")
+    if path is None and is_main:
+        print(f"--resume auto: no last.pt under {output_root(args.out) / 'checkpoints' / model_name}; starting fresh")
+    return path
+
+
+def _rank_best(best: list[dict], step: int, value: float, keep: int, higher_is_better: bool):
+    """Best-k bookkeeping: returns (new list, file name to write or None, entries that fell out)."""
+    entry = {"file": f"best_step{step:08d}.pt", "step": step, "value": float(value)}
+    # sorted() is stable, so on a tie the older checkpoint stays ahead
+    ranked = sorted(best + [entry], key=lambda e: -e["value"] if higher_is_better else e["value"])
+    if entry not in ranked[:keep]:
+        return best, None, []
+    return ranked[:keep], entry["file"], ranked[keep:]
+
+
+def _stop_if_not_finite(loss, parts: dict, *, step: int, epoch: int, last_checkpoint: Path, world: int) -> None:
+    """Every rank calls this before backward; all stop together when any rank's loss is inf/nan."""
+    local_bad = not bool(torch.isfinite(loss.detach()).all())
+    bad = torch.tensor(float(local_bad), device=loss.device)
+    if world > 1:
+        dist.all_reduce(bad)
+    if bad.item() == 0:
+        return
+    names = [n for n, v in parts.items() if not math.isfinite(float(v))] or ["loss"]
+    what = f"{', '.join(names)} = {float(loss.detach().float().sum()):g}" if local_bad else "on another rank"
+    where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint.is_file()
+             else "no checkpoint was written yet")
+    raise SystemExit(f"non-finite loss at step {step} (epoch {epoch}): {what}; stopping, {where}")
+
+
+def _log_training(writer, sums: dict, count: int, optimizer, grad_norm, step: int, world: int, device) -> None:
+    """Mean losses over the last `count` micro-batches and all ranks, plus LR; collective on every rank."""
+    names = sorted(sums)
+    means = torch.tensor([sums[n] / count for n in names], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(means)
+        means /= world
+    if writer is None:
+        return
+    for name, value in zip(names, means.tolist()):
+        writer.add_scalar("loss/train" if name == "loss" else f"loss/{name}", value, step)
+    for i, group in enumerate(optimizer.param_groups):
+        writer.add_scalar("lr" if i == 0 else f"lr/group{i}", group["lr"], step)
+    if grad_norm is not None:
+        writer.add_scalar("grad_norm", float(grad_norm), step)
+
+
+def _write_histograms(writer, model: nn.Module, step: int) -> None:
+    for name, p in model.named_parameters():
+        writer.add_histogram(f"params/{name}", p.detach().float().cpu(), step)
+        if p.grad is not None:
+            writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), step)
+
+
 def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, scheduler=None,
           scheduler_interval: str = "epoch", evaluate=None, best_metric: str | None = None,
           higher_is_better: bool = True, collate_fn=None, extra_state=None, log_images=None,
@@ -310,21 +370,16 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
         setup_device_and_distributed(args)
     device, rank, world = torch.device(args.device), args.rank, args.world_size
     is_main = rank == 0
-    val_unit, val_n = parse_val_every(args.val_every)
-    max_steps, max_epochs = args.max_steps, args.epochs
-    if max_steps is None and max_epochs is None:
+    if args.max_steps is None and args.epochs is None:
         raise SystemExit("give --epochs or --max-steps")
+    val_unit, val_every = parse_val_every(args.val_every)
     accumulate = max(1, args.accumulate)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     if amp_dtype is not None and device.type != "cuda" and is_main:
         print(f"--amp {args.amp} on {device}: CPU autocast works but is rarely faster; it is there for tests")
 
-    # Where to resume from decides the run folder: a resumed run keeps writing where it started.
-    resume_path = None
-    if args.resume:
-        resume_path = newest_checkpoint(model_name, args.out, kind="last") if args.resume == "auto" else Path(args.resume)
-        if resume_path is None and is_main:
-            print(f"--resume auto: no last.pt under {output_root(args.out) / 'checkpoints' / model_name}; starting fresh")
+    # A resumed run keeps writing into the run folder it started in.
+    resume_path = _resume_path(args, model_name, is_main)
     run_name = args.run_name
     if run_name is None and resume_path is not None and resume_path.parent.parent.name == model_name:
         run_name = resume_path.parent.name
@@ -338,33 +393,31 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
         elif is_main:   # PyTorch's SyncBatchNorm runs on GPUs only
             print("--sync-bn: SyncBatchNorm needs CUDA; keeping per-process BatchNorm on CPU")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    epoch = step = batch_in_epoch = 0
-    best: list[dict] = []       # [{"file", "step", "value"}], best first
+    epoch = step = batch_in_epoch = 0     # batch_in_epoch: micro-batches of this epoch already trained on
+    best: list[dict] = []                 # [{"file", "step", "value"}], best first
     metrics: dict = {}
-    if args.init_from and resume_path is None:
-        load_weights(model, args.init_from)
-    elif args.init_from and is_main:
-        print(f"--init-from {args.init_from} ignored: resuming from {resume_path} instead")
-    rng_to_restore = None
+    rng_state = None
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
         unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler") is not None:
+        if scheduler is not None and ckpt["scheduler"] is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
+        if ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
-        _load_extra_state_dict(extra_state, ckpt.get("extra"))
+        _load_extra_state_dict(extra_state, ckpt["extra"])
         epoch, step, batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
-        best, metrics = list(ckpt.get("best", [])), dict(ckpt.get("metrics", {}))
-        if ckpt.get("world_size", world) != world or ckpt["config"].get("batch_size") != args.batch_size:
-            if is_main:
-                print("warning: resuming with a different number of processes or batch size; "
-                      "data order will not match the interrupted run exactly")
-        rngs = ckpt["rng"]
-        rng_to_restore = rngs[rank] if rank < len(rngs) else rngs[0]
+        best, metrics = ckpt["best"], ckpt["metrics"]
+        rng_state = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
         if is_main:
+            if ckpt["world_size"] != world or ckpt["config"].get("batch_size") != args.batch_size:
+                print("warning: resuming with another number of processes or batch size; "
+                      "the data order will differ from the interrupted run's")
+            if args.init_from:
+                print(f"--init-from {args.init_from} ignored: resuming from {resume_path}")
             print(f"resumed {resume_path} at epoch {epoch}, step {step}")
+    elif args.init_from:
+        load_weights(model, args.init_from)
     ddp_model = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
@@ -374,61 +427,46 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
     loader = make_loader(train_set, batch_size=args.batch_size, shuffle=True, workers=args.workers,
                          seed=args.seed, collate_fn=collate_fn or collate_skip_bad,
                          num_replicas=world, rank=rank, drop_last=True)
-    sampler = loader.sampler if hasattr(loader.sampler, "set_epoch") else loader.batch_sampler.sampler
-    if rng_to_restore is not None:
-        set_rng_state(rng_to_restore)
+    if rng_state is not None:
+        set_rng_state(rng_state)
     else:
-        # Ranks draw different dropout masks; everything stays a function of (seed, rank).
-        seed_everything(args.seed + rank)
+        seed_everything(args.seed + rank)   # ranks draw different dropout masks, all from (seed, rank)
 
     writer = None
     if is_main:
         from torch.utils.tensorboard import SummaryWriter  # slow import, rank 0 only
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step drops events a crashed run wrote after its last checkpoint.
+        # purge_step drops the events a crashed run logged after its last checkpoint
         writer = SummaryWriter(str(dirs["tensorboard"]), purge_step=step if resume_path else None)
 
-    def checkpoint_state() -> dict:
-        return {"format": CHECKPOINT_FORMAT, "model_name": model_name, "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "world_size": world,
-                "rng": _gather(get_rng_state(), world),     # collective: every rank calls this
-                "best": best, "metrics": metrics, "best_metric": best_metric,
-                "config": _plain(vars(args)), "extra": _extra_state_dict(extra_state)}
+    last_saved = last_validated = last_batch = None
 
-    last_saved = None
-
-    def save(new_metrics: dict | None) -> None:
-        """Write last.pt (and a best-k file when `new_metrics` makes the cut). Called on every rank."""
+    def save(new_metrics: dict | None = None) -> None:
+        """last.pt, plus a best-k file when `new_metrics` makes the cut. Every rank calls it (RNG gather)."""
         nonlocal best, last_saved
         if last_saved == (epoch, batch_in_epoch, step) and new_metrics is None:
             return
         last_saved = (epoch, batch_in_epoch, step)
         value = (new_metrics or {}).get(best_metric) if best_metric else None
-        new_file = None
+        new_file, dropped = None, []
         if value is not None and math.isfinite(value) and args.keep_best > 0:
-            key = lambda e: -e["value"] if higher_is_better else e["value"]
-            entry = {"file": f"best_step{step:08d}.pt", "step": step, "value": float(value)}
-            ranked = sorted(best + [entry], key=key)     # stable: on ties the older checkpoint stays ahead
-            if entry in ranked[:args.keep_best]:
-                new_file, dropped, best = entry["file"], ranked[args.keep_best:], ranked[:args.keep_best]
-        state = checkpoint_state()
+            best, new_file, dropped = _rank_best(best, step, value, args.keep_best, higher_is_better)
+        state = {"format": CHECKPOINT_FORMAT, "model_name": model_name, "model": unwrap(model).state_dict(),
+                 "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                 "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "world_size": world,
+                 "rng": _gather(get_rng_state(), world), "best": best, "metrics": metrics,
+                 "best_metric": best_metric, "config": _plain(vars(args)), "extra": _extra_state_dict(extra_state)}
         if not is_main:
             return
         if new_file:
             save_checkpoint(ckpt_dir / new_file, state)
-            for old in dropped:
-                with contextlib.suppress(FileNotFoundError):
-                    (ckpt_dir / old["file"]).unlink()
+            for entry in dropped:
+                (ckpt_dir / entry["file"]).unlink(missing_ok=True)
             if best[0]["file"] == new_file:
                 save_checkpoint(ckpt_dir / "best.pt", state)
         save_checkpoint(ckpt_dir / "last.pt", state)
-
-    last_batch = None
-
-    last_validated = None
 
     def validate() -> None:
         nonlocal metrics, last_validated
@@ -437,7 +475,7 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
         if is_main and evaluate is not None:
             model.eval()
             with preserved_rng():
-                new = {k: float(v) for k, v in evaluate(unwrap(model)).items()}
+                new = {name: float(value) for name, value in evaluate(unwrap(model)).items()}
                 if log_images is not None and last_batch is not None:
                     with torch.no_grad():
                         for name, image in log_images(unwrap(model), last_batch).items():
@@ -451,130 +489,93 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
             metrics = new
         save(new)
 
-    running: dict[str, float] = {}
-    running_count = 0
-    num_skipped = 0
-    micro_in_step = 0
-    last_loss = float("nan")
-
-    def optimizer_step() -> None:
-        nonlocal step, micro_in_step, running, running_count
-        grad_norm = None
-        if args.clip_grad and args.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-        micro_in_step = 0
-        if is_main and args.hist_every and step % args.hist_every == 0:
-            for name, p in unwrap(model).named_parameters():
-                writer.add_histogram(f"params/{name}", p.detach().float().cpu(), step)
-                if p.grad is not None:
-                    writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), step)
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None and scheduler_interval == "step":
-            scheduler.step()
-        if args.log_every and step % args.log_every == 0 and running_count:
-            names = sorted(running)
-            means = torch.tensor([running[n] / running_count for n in names], dtype=torch.float64)
-            if world > 1:
-                means = means.to(device)
-                dist.all_reduce(means)
-                means = means.cpu() / world
-            if is_main:
-                for n, v in zip(names, means.tolist()):
-                    writer.add_scalar("loss/train" if n == "loss" else f"loss/{n}", v, step)
-                for i, group in enumerate(optimizer.param_groups):
-                    writer.add_scalar("lr" if i == 0 else f"lr/group{i}", group["lr"], step)
-                if grad_norm is not None:
-                    writer.add_scalar("grad_norm", float(grad_norm), step)
-            running, running_count = {}, 0
-
-    def stop_on_nonfinite(loss: torch.Tensor, parts: dict) -> None:
-        local_bad = not bool(torch.isfinite(loss.detach()).all())
-        bad = torch.tensor(float(local_bad), device=device)
-        if world > 1:
-            dist.all_reduce(bad)
-        if bad.item() == 0:
-            return
-        names = [n for n, v in parts.items() if not math.isfinite(float(v))] or ["loss"]
-        last = ckpt_dir / "last.pt"
-        where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
-        here = f"{', '.join(names)} = {float(loss.detach().float().sum()):g}" if local_bad else "on another rank"
-        raise SystemExit(f"non-finite loss at step {step + 1} (epoch {epoch}): {here}; stopping, {where}")
-
-    model.train()
+    # With workers=0 the dataset's per-sample seeding runs in this process: keep it off the training RNG.
+    loading_rng = preserved_rng if args.workers == 0 else contextlib.nullcontext
+    sums, count, num_skipped, micro_in_step, last_loss = {}, 0, 0, 0, float("nan")
     pbar = None
+    model.train()
     try:
-        while (max_epochs is None or epoch < max_epochs) and (max_steps is None or step < max_steps):
-            sampler.set_epoch(epoch, start_index=batch_in_epoch * args.batch_size)
-            with preserved_rng():       # DataLoader start-up draws a base seed from the global RNG
+        while (args.epochs is None or epoch < args.epochs) and (args.max_steps is None or step < args.max_steps):
+            loader.sampler.set_epoch(epoch, start_index=batch_in_epoch * args.batch_size)
+            with preserved_rng():       # starting the workers draws a base seed from the global RNG
                 batches = iter(loader)
             pbar = tqdm(total=len(loader) + batch_in_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}",
                         disable=not is_main, dynamic_ncols=True, leave=False)
-            # One batch of look-ahead tells us which batch ends the epoch (a partial accumulation
-            # window there still gets its optimizer step, with gradients synced across ranks).
-            with preserved_rng() if args.workers == 0 else contextlib.nullcontext():
+            # One batch of look-ahead tells which batch ends the epoch: a partial accumulation window
+            # there still gets its optimizer step (with gradients synced across ranks).
+            with loading_rng():
                 upcoming = next(batches, None)
             if upcoming is None and batch_in_epoch == 0:
-                raise SystemExit(f"the training set yields no batches (len {len(train_set)}, "
+                raise SystemExit(f"the training set yields no batches ({len(train_set)} samples, "
                                  f"batch size {args.batch_size} x {world} processes)")
-            stopped_early = False
+            stopped_mid_epoch = False
             while upcoming is not None:
                 batch = upcoming
-                with preserved_rng() if args.workers == 0 else contextlib.nullcontext():
+                with loading_rng():
                     upcoming = next(batches, None)
                 num_skipped += int(batch.pop("num_skipped", 0))
                 batch_in_epoch += 1
                 pbar.update(1)
-                if not batch:       # every sample of this batch was unreadable (warned about already)
-                    if world > 1:
-                        raise SystemExit(f"rank {rank}: a whole batch of unreadable samples at step {step + 1}; "
-                                         "fix or remove the files named in the warnings above")
-                    if not (micro_in_step and upcoming is None):
-                        continue
-                else:
+                if batch:
                     batch = _to_device(batch, device)
                     micro_in_step += 1
                     take_step = micro_in_step == accumulate or upcoming is None
-                    sync = ddp_model.no_sync() if world > 1 and not take_step else contextlib.nullcontext()
-                    with sync:
+                    no_sync = ddp_model.no_sync if world > 1 and not take_step else contextlib.nullcontext
+                    with no_sync():
                         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                             out = compute_loss(ddp_model, batch)
                         loss, parts = out if isinstance(out, tuple) else (out, {})
-                        stop_on_nonfinite(loss, parts)
+                        _stop_if_not_finite(loss, parts, step=step + 1, epoch=epoch,
+                                            last_checkpoint=ckpt_dir / "last.pt", world=world)
                         scaler.scale(loss / accumulate).backward()
-                    last_loss = float(loss.detach())
+                    last_loss, last_batch = float(loss.detach()), batch
                     for name, value in {"loss": last_loss, **parts}.items():
-                        running[name] = running.get(name, 0.0) + float(value)
-                    running_count += 1
-                    last_batch = batch
-                    if not take_step:
-                        continue
-                optimizer_step()
-                if is_main:
-                    pbar.set_postfix(step=step, loss=f"{last_loss:.4g}")
-                if max_steps is not None and step >= max_steps:
-                    stopped_early = upcoming is not None
+                        sums[name] = sums.get(name, 0.0) + float(value)
+                    count += 1
+                elif world > 1:     # the ranks would fall out of step
+                    raise SystemExit(f"rank {rank}: a whole batch of unreadable samples at step {step + 1}; "
+                                     "fix or remove the files named in the warnings above")
+                else:               # all samples unreadable (warned about): nothing to learn from
+                    take_step = micro_in_step > 0 and upcoming is None
+                if not take_step:
+                    continue
+
+                grad_norm = None
+                if args.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                step, micro_in_step = step + 1, 0
+                if is_main and args.hist_every and step % args.hist_every == 0:
+                    _write_histograms(writer, unwrap(model), step)
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None and scheduler_interval == "step":
+                    scheduler.step()
+                if args.log_every and step % args.log_every == 0 and count:
+                    _log_training(writer, sums, count, optimizer, grad_norm, step, world, device)
+                    sums, count = {}, 0
+                pbar.set_postfix(step=step, loss=f"{last_loss:.4g}")
+                if args.max_steps is not None and step >= args.max_steps:
+                    stopped_mid_epoch = upcoming is not None
                     break
-                if val_unit == "step" and step % val_n == 0:
+                if val_unit == "step" and step % val_every == 0:
                     validate()
             pbar.close()
-            if stopped_early:
+            if stopped_mid_epoch:
                 break
             epoch, batch_in_epoch = epoch + 1, 0
             if scheduler is not None and scheduler_interval == "epoch":
                 scheduler.step()
-            if val_unit == "epoch" and epoch % val_n == 0:
+            if val_unit == "epoch" and epoch % val_every == 0:
                 validate()
             else:
-                save(None)
-        # Final validation unless this very state was just validated; always leave last.pt at the end state.
+                save()
+        # A last validation unless this very state was just validated; last.pt always ends at the final state.
         if evaluate is not None and last_validated != (epoch, batch_in_epoch, step):
             validate()
         else:
-            save(None)
+            save()
     finally:
         if pbar is not None:
             pbar.close()
@@ -582,13 +583,13 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
             writer.close()
 
     if world > 1:
-        # Each rank's last forward updated its own BatchNorm statistics; end with rank 0's (the ones
-        # its checkpoint holds) everywhere, as DDP itself would at the next forward.
+        # Each rank's last forward updated its own BatchNorm statistics; end with rank 0's (the ones its
+        # checkpoint holds) everywhere, as DDP itself would at the next forward.
         for buffer in unwrap(model).buffers():
             dist.broadcast(buffer.data, src=0)
-        skipped_t = torch.tensor(num_skipped, device=device)
-        dist.all_reduce(skipped_t)
-        num_skipped = int(skipped_t.item())
+        skipped = torch.tensor(num_skipped, device=device)
+        dist.all_reduce(skipped)
+        num_skipped = int(skipped.item())
         dist.barrier()
     summary = {"steps": step, "epochs": epoch, "metrics": metrics, "num_skipped": num_skipped,
                "last_checkpoint": ckpt_dir / "last.pt",

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from common import engine, pretrained
+from common.data import BadImageError, make_loader
 from common.engine import load_checkpoint, newest_checkpoint, output_dirs, save_checkpoint, train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,8 +34,10 @@ def one_thread():
 def run_tiny(tmp_path, *flags, compute_loss=tiny.mse_loss, **train_kwargs):
     args = tiny.make_parser().parse_args(["--out", str(tmp_path), "--device", "cpu", *flags])
     model, optimizer, scheduler = tiny.build(args)
-    return train(args, model, tiny.NoisyRegression(), compute_loss, optimizer, scheduler=scheduler,
-                 scheduler_interval="step", model_name="tiny", **train_kwargs)
+    train_kwargs.setdefault("scheduler_interval", "step")
+    dataset = train_kwargs.pop("dataset", None) or tiny.NoisyRegression()
+    return train(args, model, dataset, compute_loss, optimizer, scheduler=scheduler, model_name="tiny",
+                 **train_kwargs)
 
 
 def assert_same_weights(a, b):
@@ -85,15 +88,18 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, monkeypatch):
 
 def test_resume_with_accumulation_clipping_and_fp16_scaler(tmp_path, monkeypatch):
     """Same exactness through gradient accumulation (7 micro-batches per epoch: a partial window at each
-    epoch end), gradient clipping and the fp16 GradScaler state; single process, workers=0 (main-process
-    loading must not move the training RNG either)."""
+    epoch end), gradient clipping, the fp16 GradScaler state, a per-epoch schedule and per-epoch validation;
+    single process, workers=0 (main-process loading must not move the training RNG either)."""
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
-    flags = ["--accumulate", "2", "--clip-grad", "0.5", "--amp", "fp16", "--batch-size", "9", "--max-steps"]
-    straight, _ = run_tiny(tmp_path, *flags, "7", "--run-name", "straight")
-    run_tiny(tmp_path, *flags, "2", "--run-name", "split")
+    flags = ["--accumulate", "2", "--clip-grad", "0.5", "--amp", "fp16", "--batch-size", "9", "--val-every", "1e",
+             "--max-steps"]
+    kwargs = dict(scheduler_interval="epoch", evaluate=lambda m: {"r": float(torch.rand(1))}, best_metric="r")
+    straight, _ = run_tiny(tmp_path, *flags, "7", "--run-name", "straight", **kwargs)
+    run_tiny(tmp_path, *flags, "2", "--run-name", "split", **kwargs)
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "tiny" / "split" / "last.pt")
     assert ckpt["scaler"] is not None and ckpt["batch_in_epoch"] == 4
-    resumed, summary = run_tiny(tmp_path, *flags, "7", "--resume", str(tmp_path / "checkpoints/tiny/split/last.pt"))
+    resumed, summary = run_tiny(tmp_path, *flags, "7", "--resume", str(tmp_path / "checkpoints/tiny/split/last.pt"),
+                                **kwargs)
     assert summary["steps"] == 7 and summary["epochs"] == 1
     assert_same_weights(straight.state_dict(), resumed.state_dict())
 
@@ -168,6 +174,25 @@ def test_best_k_tensorboard_and_weights_only_checkpoints(tmp_path, monkeypatch):
     assert len(images) == 6
     events = list((tmp_path / "tensorboard_logs" / "tiny" / "r").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+class SomeUnreadable(tiny.NoisyRegression):
+    """Samples 3, 4 and 5 are 'unreadable images'; with batch 3 and no shuffling one batch is all bad."""
+
+    def __getitem__(self, i):
+        if i in (3, 4, 5):
+            raise BadImageError(f"img{i}.png: empty file (0 bytes)")
+        return super().__getitem__(i)
+
+
+def test_bad_samples_are_skipped_counted_and_reported(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
+    monkeypatch.setattr(engine, "make_loader", lambda *a, **k: make_loader(*a, **{**k, "shuffle": False}))
+    with pytest.warns(UserWarning) as caught:
+        _, summary = run_tiny(tmp_path, "--epochs", "1", "--batch-size", "3", dataset=SomeUnreadable(size=12))
+    assert sorted(str(w.message).split(": ")[1] for w in caught) == ["img3.png", "img4.png", "img5.png"]
+    assert summary["num_skipped"] == 3 and summary["steps"] == 3     # 4 batches, the all-bad one skipped
+    assert "skipped 3 bad samples" in capsys.readouterr().out
 
 
 def test_init_from_loads_weights_only(tmp_path, monkeypatch):
