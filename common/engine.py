@@ -292,15 +292,34 @@ def _to_device(batch, device):
 
 # --- The loop --------------------------------------------------------------------------------------------
 
-def _resume_path(args, model_name: str, is_main: bool) -> Path | None:
+def _resume_path(args, model_name: str, verbose: bool = True) -> Path | None:
+    """--resume PATH, or for 'auto' the newest last.pt of this model (of --run-name's run when given)."""
     if not args.resume:
         return None
     if args.resume != "auto":
         return Path(args.resume)
-    path = newest_checkpoint(model_name, args.out, kind="last")
-    if path is None and is_main:
-        print(f"--resume auto: no last.pt under {output_root(args.out) / 'checkpoints' / model_name}; starting fresh")
+    if args.run_name:
+        path = output_dirs(model_name, args.run_name, args.out)["checkpoints"] / "last.pt"
+        path = path if path.is_file() else None
+    else:
+        path = newest_checkpoint(model_name, args.out, kind="last")
+    if path is None and verbose:
+        print(f"--resume auto: no last.pt under {output_root(args.out) / 'checkpoints' / model_name}"
+              f"{'/' + args.run_name if args.run_name else ''}; starting fresh")
     return path
+
+
+def run_dirs(args, model_name: str) -> dict[str, Path]:
+    """output_dirs() of the run train() will write: --run-name, else the run being resumed, else a timestamp
+    (rank 0's under torchrun). Sets args.run_name, so a script can put its own outputs beside the run's."""
+    if not hasattr(args, "world_size"):
+        setup_device_and_distributed(args)
+    if args.run_name is None:
+        resume_path = _resume_path(args, model_name, verbose=False)
+        resumed_here = resume_path is not None and resume_path.parent.parent.name == model_name
+        name = resume_path.parent.name if resumed_here else time.strftime("%Y%m%d-%H%M%S")
+        args.run_name = _broadcast(name, args.rank, args.world_size)
+    return output_dirs(model_name, args.run_name, args.out)
 
 
 def _rank_best(best: list[dict], step: int, value: float, keep: int, higher_is_better: bool):
@@ -378,12 +397,8 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
     if amp_dtype is not None and device.type != "cuda" and is_main:
         print(f"--amp {args.amp} on {device}: CPU autocast works but is rarely faster; it is there for tests")
 
-    # A resumed run keeps writing into the run folder it started in.
-    resume_path = _resume_path(args, model_name, is_main)
-    run_name = args.run_name
-    if run_name is None and resume_path is not None and resume_path.parent.parent.name == model_name:
-        run_name = resume_path.parent.name
-    dirs = output_dirs(model_name, _broadcast(run_name or time.strftime("%Y%m%d-%H%M%S"), rank, world), args.out)
+    resume_path = _resume_path(args, model_name, verbose=is_main)
+    dirs = run_dirs(args, model_name)     # a resumed run keeps writing into its own run folder
     ckpt_dir = dirs["checkpoints"]
 
     model.to(device)

@@ -204,6 +204,13 @@ def test_init_from_loads_weights_only(tmp_path, monkeypatch):
     model, summary = train(args, model, tiny.NoisyRegression(), tiny.mse_loss, optimizer, model_name="tiny")
     assert summary["steps"] == 0      # a fresh run (step 0), only the weights came from the checkpoint
     assert_same_weights(first.state_dict(), model.state_dict())
+    # run_dirs names the folder a run will write: the resumed run's, else --run-name, else a timestamp
+    parse = tiny.make_parser().parse_args
+    assert engine.run_dirs(parse(["--device", "cpu", "--resume", "auto"]), "tiny")["run_name"] == "b"   # the newest
+    args = parse(["--device", "cpu", "--resume", "auto", "--run-name", "c"])
+    assert engine.run_dirs(args, "tiny")["run_name"] == "c" and engine._resume_path(args, "tiny") is None
+    args = parse(["--device", "cpu", "--resume", "auto", "--run-name", "a"])
+    assert engine._resume_path(args, "tiny") == tmp_path / "checkpoints/tiny/a/last.pt"
 
 
 def test_cli_vocabulary_and_output_dirs(tmp_path, monkeypatch):
