@@ -107,7 +107,8 @@ def load_student(path):
     config = state.get("config", {})
     model = RealtimePoseStudent(config.get("preset", "light"), config.get("colour", "lab"),
                                 config.get("num_joints", 17))
-    model.load_state_dict(state["model"])
+    # the stem stage's 1x1 adapter only exists for training
+    model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith("stem_adapter.")})
     return model.eval()
 
 

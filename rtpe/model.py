@@ -258,7 +258,8 @@ class RealtimePoseStudent(nn.Module):
         summed = (high + F.interpolate(mid, size=size, mode="nearest")
                   + F.interpolate(low, size=size, mode="nearest"))
         segmentation = self.attention_head(summed)
-        attention = torch.sigmoid(segmentation / self.attention_divisor)
+        # a copy: the training loss advances the divisor in place before backward
+        attention = torch.sigmoid(segmentation / self.attention_divisor.clone())
 
         detector_in = features * attention
         if self.colour != "none":
