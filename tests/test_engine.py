@@ -105,7 +105,7 @@ def test_resume_with_accumulation_clipping_and_fp16_scaler(tmp_path, monkeypatch
 
 
 def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
+    path = tmp_path / "checkpoints" / "m" / "run" / "last.pt"
     save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
     real_save = torch.save
 
@@ -119,10 +119,16 @@ def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path, monke
     monkeypatch.setattr(engine.torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]      # the half-written temp file is gone
+    # A SIGKILL gets no clean-up: the half-written temp file stays, and nothing reads it.
+    monkeypatch.setattr(engine.os, "unlink", lambda p: None)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 3, "w": torch.zeros(3)})
     monkeypatch.undo()
+    assert len(list(path.parent.glob(".last.pt.*.tmp"))) == 1
     state = load_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]      # the half-written temp file is gone
+    assert newest_checkpoint("m", out=tmp_path) == path
 
 
 def test_nonfinite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
