@@ -453,19 +453,21 @@ def _render_scene(rng, size):
 
 
 def _render_crop(rng, size):
-    """One single-person crop: RGB image, its 21 figure points and their COCO visibility."""
+    """One single-person crop (like a detector's): RGB image, the 21 figure points, their COCO
+    visibility and the person's visible mask. About 1 in 7 crops cuts the person at the border."""
     S = size
-    fig = random_human_figure(rng, S, (0, 0))
-    extent = (fig.points.max(0) - fig.points.min(0)).max() + fig.head_radius
-    target = rng.uniform(1.0, 1.2) if rng.random() < 0.15 else rng.uniform(0.7, 0.92)  # some truncated
-    shift = S / 2 + rng.normal(0, 0.05 * S, 2)
-    fig = fig.moved(target * S / extent, shift).rounded()
-    canvas = _Canvas(random_background(rng, (S, S)))
-    canvas.add(fig)
-    for _ in range(rng.integers(1, 3) if rng.random() < 0.35 else 0):
-        _draw_occluder(rng, canvas.image, canvas.owner, fig.points[rng.integers(21)], rng.uniform(0.1, 0.3) * S)
-    v = canvas.visibility(0)
-    return _camera_noise(rng, canvas.image), fig.points, v, canvas.owner == 1
+    while True:  # redrawn (from the same stream) in the rare case occluders hide most of the person
+        fig = random_human_figure(rng, S, (0, 0))
+        extent = (fig.points.max(0) - fig.points.min(0)).max() + fig.head_radius
+        target = rng.uniform(1.0, 1.2) if rng.random() < 0.15 else rng.uniform(0.7, 0.92)
+        fig = fig.moved(target * S / extent, S / 2 + rng.normal(0, 0.05 * S, 2)).rounded()
+        canvas = _Canvas(random_background(rng, (S, S)))
+        canvas.add(fig)
+        drawn_area = (canvas.owner == 1).sum()
+        for _ in range(rng.integers(1, 3) if rng.random() < 0.35 else 0):
+            _draw_occluder(rng, canvas.image, canvas.owner, fig.points[rng.integers(21)], rng.uniform(0.1, 0.3) * S)
+        if (canvas.owner == 1).sum() >= 0.3 * drawn_area > 0:
+            return _camera_noise(rng, canvas.image), fig.points, canvas.visibility(0), canvas.owner == 1
 
 
 def _image_rng(seed, split, index):

@@ -41,6 +41,11 @@ def test_draw_figure_puts_every_point_on_its_own_joint():
         assert labels[mid[1], mid[0]] > 0
     assert labels[px[:, 1], px[:, 0]].all()
 
+    missing = points.copy()
+    missing[5] = np.nan  # an unlabelled point: its edges are skipped, the rest still drawn
+    blank = syn.draw_figure(np.zeros((180, 180), np.uint8), missing, edges, 2, 1)
+    assert blank[px[0, 1], px[0, 0]] == 1 and blank[px[5, 1], px[5, 0]] == 0
+
 
 def test_human_keypoints_lie_on_their_drawn_parts():
     for seed in range(40):
