@@ -139,6 +139,42 @@ def read_coco_topdown(ann_file, image_dir, detections=None, num_keypoints=17, mi
     return records, coco
 
 
+def load_split(data_format, data, ann, split, data_root=None, head_boxes=None, detections=None,
+               quiet=False, missing_ok=False, builtin_sizes=None):
+    """Records of one split. With `data` and `ann` unset: the built-in single-person crops
+    (common.synthetic, rendered under <data_root>/data on first use) as a LIP CSV or COCO JSON.
+    Returns {"records", "coco" (COCO only), "official_head_boxes"} or None (missing_ok, files absent)."""
+    if data is None and ann is None:
+        if data_format == "mpii":
+            raise SystemExit("--format mpii: there is no built-in MPII data; give --data IMAGES --ann FILE.json")
+        from common.synthetic import ensure_dataset
+        root = Path(ensure_dataset("single_person", root=data_root, **(builtin_sizes or {})))
+        data = root / "images" / split
+        ann = root / "annotations" / (f"lip_{split}.csv" if data_format == "lip" else f"person_keypoints_{split}.json")
+    if ann is None or data is None:
+        raise SystemExit(f"give both --data (image folder) and --ann (annotation file) for the {split} split")
+    if not Path(ann).is_file():
+        if missing_ok:
+            return None
+        raise SystemExit(f"{ann}: annotation file not found")
+    if data_format == "lip":
+        records, _ = read_lip_csv(ann, data)
+        result = {"records": records}
+    elif data_format == "mpii":
+        boxes = load_mpii_head_boxes(head_boxes) if head_boxes else None
+        result = {"records": read_mpii_json(ann, data, boxes), "official_head_boxes": boxes is not None}
+    elif data_format == "coco":
+        records, coco = read_coco_topdown(ann, data, detections)
+        result = {"records": records, "coco": coco}
+    else:
+        raise SystemExit(f"unknown --format {data_format!r}; choose lip, mpii or coco")
+    if not result["records"]:
+        raise SystemExit(f"{ann}: no usable people in the {split} split")
+    if not quiet:
+        print(f"{split}: {len(result['records'])} people from {ann}")
+    return result
+
+
 # ----------------------------------------------------------------------------------------------
 # The dataset
 
@@ -242,7 +278,6 @@ def main():
     from common.drawing import draw_heatmap_overlay
     from common.engine import output_dirs
     from common.keypoints import LIP16
-    from common.synthetic import ensure_dataset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--show", type=int, default=8, help="how many augmented training samples to draw")
@@ -252,8 +287,7 @@ def main():
     args = parser.parse_args()
     np.random.seed(args.seed)
     dirs = output_dirs("simple_baseline", "show", args.out)
-    data = ensure_dataset("single_person", root=dirs["data"])
-    records, _ = read_lip_csv(data["lip_train_csv"], data["lip_image_dir"])
+    records = load_split("lip", None, None, "train", dirs["root"])["records"]
     dataset = TopDownDataset(records, LIP16.flip_index, args.input_size, train=True)
     tiles = []
     for i in range(min(args.show, len(dataset))):

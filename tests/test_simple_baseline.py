@@ -176,3 +176,124 @@ def test_mpii_json_reader_on_the_shared_sample():
     dataset = TopDownDataset(records, LIP16.flip_index, input_size=(64, 64))
     sample = dataset[0]
     assert sample["image"].shape == (3, 64, 64) and sample["target_weight"].sum() > 8
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def test_pckh_on_hand_made_cases():
+    from simple_baseline.eval import pckh_table
+    gt = np.zeros((2, 16, 3), np.float32)
+    gt[..., 0] = np.arange(16) * 10.0
+    gt[..., 1] = 50.0
+    gt[..., 2] = 1
+    head = np.array([10.0, 10.0])
+    assert pckh_table(gt[..., :2], gt, head)["Mean"] == 1.0
+    near = gt[..., :2] + np.array([0.0, 4.0])   # 0.4 x head size away: inside @0.5, outside @0.1
+    rows = pckh_table(near, gt, head)
+    assert rows["Mean"] == 1.0 and rows["Mean@0.1"] == 0.0 and rows["Head"] == 1.0
+    far = gt[..., :2] + np.array([6.0, 0.0])    # 0.6 x head size away
+    assert all(v == 0.0 for v in pckh_table(far, gt, head).values())
+    # missing joints and samples without a head size do not count
+    gt[0, 0, 2] = 0
+    far[1] = gt[1, :, :2]
+    head[0] = np.nan
+    assert pckh_table(far, gt, head)["Mean"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- scripts
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One tiny `train.py --max-steps 2` run on a tiny built-in set, shared by the script tests.
+    compute_loss is wrapped to record whether every BatchNorm is in train mode at each step."""
+    import simple_baseline.train as train_script
+    root = tmp_path_factory.mktemp("simple_baseline")
+    modes = []
+    original = train_script.compute_loss
+
+    def recording_loss(model, batch):
+        modes.append(all(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)))
+        return original(model, batch)
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("POSE_OUTPUT_ROOT", str(root))
+    mp.setattr(train_script, "compute_loss", recording_loss)
+    args = train_script.parse_args([
+        "--max-steps", "2", "--val-every", "1", "--batch-size", "4", "--workers", "0", "--input-size", "64", "64",
+        "--deconv-filters", "8", "8", "8", "--builtin-train", "16", "--builtin-val", "6", "--run-name", "tiny"])
+    summary = train_script.main(args)
+    mp.undo()
+    return root, summary, modes
+
+
+def test_train_max_steps_2_writes_checkpoints_and_keeps_bn_training_after_validation(trained_run):
+    root, summary, modes = trained_run
+    assert summary["steps"] == 2
+    # validation ran after step 1; step 2 must still train BatchNorm (the seed froze it there)
+    assert modes == [True, True]
+    assert (root / "checkpoints" / "simple_baseline" / "tiny" / "last.pt").is_file()
+    metrics = json.loads((root / "outputs" / "simple_baseline" / "tiny" / "metrics.json").read_text())
+    assert 0.0 <= metrics["PCKh@0.5"] <= 1.0 and "baseline_PCKh@0.5" in metrics
+
+
+def test_eval_defaults_to_newest_checkpoint_and_visualizes(trained_run, monkeypatch, capsys):
+    import simple_baseline.eval as eval_script
+    root, _, _ = trained_run
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(root))
+    metrics = eval_script.main(eval_script.parse_args(["--visualize", "2", "--batch-size", "4"]))
+    out = capsys.readouterr().out
+    assert "NOT the official MPII PCKh" in out and "mean-pose baseline" in out
+    assert 0.0 <= metrics["PCKh@0.5"] <= 1.0
+    assert len(list((root / "outputs" / "simple_baseline" / "eval-tiny" / "vis").glob("*.jpg"))) == 2
+    assert out.strip().splitlines()[-1].startswith("metrics written to")
+
+
+def test_eval_refuses_a_checkpoint_of_another_architecture(trained_run, monkeypatch, tmp_path):
+    import simple_baseline.eval as eval_script
+    root, summary, _ = trained_run
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(root))
+    with pytest.raises(SystemExit, match="another architecture: backbone: checkpoint 'resnet18' vs requested 'resnet34'"):
+        eval_script.main(eval_script.parse_args(["--backbone", "resnet34"]))
+    other = torch.load(summary["last_checkpoint"], weights_only=True)
+    other["model_name"] = "higher_hrnet"
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not a simple_baseline checkpoint.*higher_hrnet"):
+        eval_script.main(eval_script.parse_args(["--checkpoint", str(tmp_path / "other.pt")]))
+
+
+def test_eval_without_any_checkpoint_says_how_to_get_one(monkeypatch, tmp_path, capsys):
+    import simple_baseline.eval as eval_script
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
+    with pytest.raises(SystemExit) as info:
+        eval_script.main(eval_script.parse_args([]))
+    assert info.value.code == 1 and "simple_baseline/train.py" in capsys.readouterr().err
+
+
+def test_infer_on_an_image_a_folder_and_a_10_frame_video(trained_run, monkeypatch, tmp_path):
+    import simple_baseline.infer as infer_script
+    root, _, _ = trained_run
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(root))
+    images = sorted((root / "data" / "single_person" / "images" / "val").glob("*.jpg"))[:3]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"")  # one error line, the others continue
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (128, 128))
+    for i in range(10):
+        writer.write(cv2.imread(str(images[i % 3])))
+    writer.release()
+
+    for name, source in (("one", images[0]), ("folder", folder), ("video", video)):
+        assert infer_script.main(infer_script.parse_args(["--input", str(source), "--run-name", name])) == 0
+    out = root / "outputs" / "simple_baseline"
+    assert len(list((out / "one").glob("*_pose.jpg"))) == 1
+    assert len(list((out / "folder").glob("*_pose.jpg"))) == 3
+    predictions = json.loads((out / "video" / "keypoints.json").read_text())["predictions"]
+    assert len(predictions) == 10 and len(predictions[0]["keypoints"]) == 16
+    capture = cv2.VideoCapture(str(out / "video" / "clip_pose.mp4"))
+    frames = 0
+    while capture.read()[0]:
+        frames += 1
+    assert frames == 10

@@ -1,0 +1,338 @@
+"""Evaluate a Simple Baselines checkpoint: PCKh table (LIP/MPII) or COCO AP, next to the mean-pose baseline.
+
+    python simple_baseline/eval.py                         # newest checkpoint, built-in val split
+    python simple_baseline/eval.py --checkpoint C.pt --data IMAGES --ann val.csv --format lip
+    python simple_baseline/eval.py --visualize 8           # + 8 images: prediction red, ground truth blue
+Test time: flip test (flip back, swap left/right channels, shift one pixel) and quarter-pixel refinement,
+mapped back to original image pixels. Also holds the prediction/metric functions train.py uses.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from common.data import make_loader, read_image, BadImageError
+from common.drawing import BLUE, RED, draw_keypoints
+from common.engine import load_checkpoint, newest_checkpoint, output_dirs
+from common.evaluation import (coco_keypoint_ap, count_flops, count_parameters, pck, print_pck_table,
+                               write_results_json)
+from common.geometry import affine_points, get_affine_transform
+from common.heatmaps import decode_heatmaps, flip_heatmaps_back
+from common.keypoints import COCO17, LIP16
+from simple_baseline.model import architecture_mismatch, model_from_arch
+
+MODEL_NAME = "simple_baseline"
+
+# PCKh rows over MPII/LIP joint indices, as in the official MPII evaluation (left and right pooled).
+PCKH_GROUPS = {"Head": (9,), "Shoulder": (12, 13), "Elbow": (11, 14), "Wrist": (10, 15),
+               "Hip": (2, 3), "Knee": (1, 4), "Ankle": (0, 5)}
+PELVIS, THORAX = 6, 7  # left out of the official mean
+
+
+# ------------------------------------------------------------------------------------------ prediction
+
+@torch.no_grad()
+def predict_heatmaps(model, images, flip_index, flip_test=True, flip_shift=True):
+    """Heatmaps for a batch of crops; with flip test, averaged with those of the mirrored crops.
+
+    Our heatmap grid is the input grid divided by the stride (x_hm = x_in / 4), so mirroring the
+    input and flipping the output back lands 3/4 of a heatmap pixel to the left: the paper's
+    one-pixel shift (flip_shift) brings it back to within a quarter pixel.
+    """
+    heatmaps = model(images)
+    if flip_test:
+        flipped = model(torch.flip(images, dims=[3]))
+        heatmaps = 0.5 * (heatmaps + flip_heatmaps_back(flipped, flip_index, shift=flip_shift))
+    return heatmaps
+
+
+def heatmaps_to_image_coords(heatmaps, centers, sizes):
+    """Decode (argmax + quarter pixel) and map to original image pixels through the crop's inverse
+    affine. Returns coords (B, K, 2) and scores (B, K) as numpy."""
+    coords, maxvals = decode_heatmaps(heatmaps.float())
+    coords, maxvals = coords.cpu().numpy(), maxvals.cpu().numpy()
+    heatmap_size = (heatmaps.shape[3], heatmaps.shape[2])
+    out = np.empty_like(coords)
+    for i in range(len(coords)):
+        inverse = get_affine_transform(centers[i], sizes[i], 0.0, heatmap_size, inverse=True)
+        out[i] = affine_points(coords[i], inverse)
+    return out, maxvals
+
+
+def run_predictions(model, dataset, flip_index, batch_size=32, workers=0, flip_test=True, flip_shift=True,
+                    device=None):
+    """Predict every sample of a (train=False) TopDownDataset. Returns a dict of numpy arrays:
+    index (N,), pred (N, K, 2), scores (N, K), gt (N, K, 3), head_size (N,), center, size."""
+    device = device or next(model.parameters()).device
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
+    parts = {k: [] for k in ("index", "pred", "scores", "gt", "head_size", "center", "size")}
+    was_training = model.training
+    model.eval()
+    for batch in loader:
+        if "image" not in batch:  # every sample of this batch was unreadable (already warned)
+            continue
+        heatmaps = predict_heatmaps(model, batch["image"].to(device), flip_index, flip_test, flip_shift)
+        coords, scores = heatmaps_to_image_coords(heatmaps, batch["center"].numpy(), batch["size"].numpy())
+        parts["pred"].append(coords)
+        parts["scores"].append(scores)
+        for key, name in (("index", "index"), ("gt", "joints"), ("head_size", "head_size"),
+                          ("center", "center"), ("size", "size")):
+            parts[key].append(batch[name].numpy())
+    model.train(was_training)
+    if not parts["pred"]:
+        raise SystemExit("no readable validation images (see the warnings above)")
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+def pckh_table(pred, gt, head_size):
+    """PCKh rows (Head .. Ankle, Mean, Mean@0.1), in [0, 1]. gt: (N, K, 3) with labelled flag in column 2;
+    samples without a head size are left out."""
+    visible = (gt[..., 2] > 0) & np.isfinite(head_size)[:, None]
+    norm = np.nan_to_num(head_size, nan=1.0)
+    table = pck(pred, gt[..., :2], visible, norm, thresholds=(0.5, 0.1))
+    per_joint = table[0.5][0]
+    counts = visible.sum(0)
+    rows = {}
+    for name, joints in PCKH_GROUPS.items():
+        joints = list(joints)
+        hits = np.nansum(per_joint[joints] * counts[joints])
+        rows[name] = float(hits / max(counts[joints].sum(), 1))
+    # The official mean leaves out pelvis and thorax.
+    mean_visible = visible.copy()
+    mean_visible[:, [PELVIS, THORAX]] = False
+    mean_table = pck(pred, gt[..., :2], mean_visible, norm, thresholds=(0.5, 0.1))
+    rows["Mean"] = mean_table[0.5][1]
+    rows["Mean@0.1"] = mean_table[0.1][1]
+    return rows
+
+
+def print_pckh(rows, title):
+    print_pck_table([rows[name] for name in rows], list(rows), title=title)
+
+
+def mean_pose_in_crop(records, dataset):
+    """Mean position of each joint over the training records, in the crop's heatmap coordinates
+    (the 'mean pose' baseline: every validation person gets this pose, placed in its own crop)."""
+    total = np.zeros((len(dataset.flip_index), 2))
+    count = np.zeros(len(dataset.flip_index))
+    for record in records:
+        if record.get("box") is None and "center" not in record and (record["joints"][:, 2] > 0).sum() < 2:
+            continue  # its crop would need the image size; the mean does not need every record
+        center, size = dataset.crop_box(record, 1, 1)
+        matrix = get_affine_transform(center, size, 0.0, dataset.heatmap_size)
+        joints = affine_points(record["joints"], matrix)
+        labelled = joints[:, 2] > 0
+        total[labelled] += joints[labelled, :2]
+        count[labelled] += 1
+    return (total / np.maximum(count, 1)[:, None]).astype(np.float32)
+
+
+def mean_pose_predictions(mean_pose, predictions, heatmap_size):
+    out = np.empty_like(predictions["pred"])
+    for i, (center, size) in enumerate(zip(predictions["center"], predictions["size"])):
+        out[i] = affine_points(mean_pose, get_affine_transform(center, size, 0.0, heatmap_size, inverse=True))
+    return out
+
+
+def coco_results(predictions, records, score_threshold=0.2):
+    """COCO results: keypoints [x, y, heatmap max] and, as in the paper, the box score times the mean
+    of the joint scores above a threshold."""
+    results = []
+    for index, coords, scores in zip(predictions["index"], predictions["pred"], predictions["scores"]):
+        record = records[int(index)]
+        confident = scores[scores > score_threshold]
+        keypoints = np.concatenate([coords, scores[:, None]], 1).reshape(-1)
+        results.append({"image_id": int(record["image_id"]), "category_id": 1,
+                        "keypoints": keypoints.tolist(),
+                        "score": float(record.get("score", 1.0)) * float(confident.mean() if confident.size else 0.0)})
+    return results
+
+
+def evaluate_split(model, dataset, records, data_format, mean_pose=None, coco_gt=None, batch_size=32,
+                   workers=0, flip_test=True, flip_shift=True, json_path=None, quiet=False):
+    """Predict the split, print the metric table(s) and return flat metrics for TensorBoard."""
+    flip_index = dataset.flip_index
+    predictions = run_predictions(model, dataset, flip_index, batch_size, workers, flip_test, flip_shift)
+    if data_format == "coco":
+        metrics = coco_keypoint_ap(coco_gt, coco_results(predictions, records), COCO17.sigmas,
+                                   print_table=not quiet)
+        if mean_pose is not None:
+            baseline = dict(predictions, pred=mean_pose_predictions(mean_pose, predictions, dataset.heatmap_size))
+            base = coco_keypoint_ap(coco_gt, coco_results(baseline, records, -1.0), COCO17.sigmas, print_table=False)
+            metrics["baseline_AP"] = base["AP"]
+            if not quiet:
+                print(f"mean-pose baseline on the same boxes: AP {base['AP']:.4f}")
+    else:
+        official = data_format == "mpii" and getattr(dataset, "official_head_boxes", False)
+        label = "PCKh (head box x 0.6)" if official else "PCKh (neck-to-head-top normalised, NOT the official MPII PCKh)"
+        rows = pckh_table(predictions["pred"], predictions["gt"], predictions["head_size"])
+        metrics = {f"PCKh@0.5/{k}" if k != "Mean@0.1" else "PCKh@0.1/Mean": v for k, v in rows.items()}
+        metrics["PCKh@0.5"] = rows["Mean"]
+        if not quiet:
+            print_pckh(rows, f"{label} @0.5, {len(predictions['pred'])} people")
+        if mean_pose is not None:
+            base_rows = pckh_table(mean_pose_predictions(mean_pose, predictions, dataset.heatmap_size),
+                                   predictions["gt"], predictions["head_size"])
+            metrics["baseline_PCKh@0.5"] = base_rows["Mean"]
+            if not quiet:
+                print(f"  mean-pose baseline on the same split: Mean {100 * base_rows['Mean']:.2f}  "
+                      f"Mean@0.1 {100 * base_rows['Mean@0.1']:.2f}")
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(metrics, indent=2))
+    return metrics, predictions
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def load_model(checkpoint_path, device="cpu", requested_arch=None):
+    """Rebuild the model a checkpoint was trained with; one clear error when it is another model's
+    checkpoint or does not fit the requested architecture. Returns (model, config)."""
+    ckpt = load_checkpoint(checkpoint_path)
+    owner = ckpt.get("model_name") if isinstance(ckpt, dict) else None
+    if owner != MODEL_NAME or "config" not in ckpt:
+        raise SystemExit(f"{checkpoint_path}: not a {MODEL_NAME} checkpoint (it belongs to {owner or 'an unknown model'})")
+    config = ckpt["config"]
+    arch = config.get("arch")
+    if not arch:
+        raise SystemExit(f"{checkpoint_path}: the checkpoint does not record its architecture")
+    if requested_arch:
+        mismatch = architecture_mismatch(arch, {**arch, **requested_arch})
+        if mismatch:
+            raise SystemExit(f"{checkpoint_path}: checkpoint of another architecture: {mismatch}")
+    model = model_from_arch(arch)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise SystemExit(f"{checkpoint_path}: weights do not fit {arch['backbone']} + "
+                         f"{arch['deconv_filters']} ({first})")
+    return model.to(device).eval(), config
+
+
+def resolve_checkpoint(path, out):
+    if path:
+        return Path(path)
+    found = newest_checkpoint(MODEL_NAME, out)
+    if found is None:
+        print(f"no {MODEL_NAME} checkpoint found; train one first: python simple_baseline/train.py", file=sys.stderr)
+        sys.exit(1)
+    return found
+
+
+# ------------------------------------------------------------------------------------------ drawing
+
+def draw_prediction(image, pred, scores, gt=None, skeleton=True, threshold=0.2, layout=LIP16):
+    """Prediction in red (joints under the score threshold hidden), ground truth in blue."""
+    edges = layout.skeleton if skeleton else ()
+    if gt is not None:
+        image = draw_keypoints(image, gt, edges, color=BLUE, threshold=0.0, scores=False)
+    keypoints = np.concatenate([pred, scores[:, None]], 1)
+    return draw_keypoints(image, keypoints, edges, color=RED, threshold=threshold, scores=False)
+
+
+def write_visualizations(predictions, records, count, out_dir, skeleton, threshold, show_gt, layout):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for index, pred, scores, gt in zip(predictions["index"], predictions["pred"], predictions["scores"],
+                                       predictions["gt"]):
+        if written >= count:
+            break
+        record = records[int(index)]
+        try:
+            image = read_image(record["image"])
+        except BadImageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        drawn = draw_prediction(image, pred, scores, gt if show_gt else None, skeleton, threshold, layout)
+        cv2.imwrite(str(out_dir / f"{written:04d}_{Path(record['image']).stem}.jpg"),
+                    cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+        written += 1
+    return written
+
+
+def main(args):
+    from simple_baseline.dataset import TopDownDataset, load_split
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint = resolve_checkpoint(args.checkpoint, args.out)
+    requested = {k: v for k, v in (("backbone", args.backbone),
+                                   ("deconv_filters", args.deconv_filters)) if v is not None}
+    model, config = load_model(checkpoint, device, requested)
+    data_format = args.format or config.get("format", "lip")
+    input_size = tuple(config.get("input_size", (256, 256)))
+    dirs = output_dirs(MODEL_NAME, f"eval-{checkpoint.parent.name}", args.out)
+
+    builtin = config.get("builtin_sizes") if args.data is None and args.ann is None else None
+    split = load_split(data_format, args.data, args.ann, "val", data_root=dirs["root"],
+                       head_boxes=args.head_boxes, detections=args.detections, builtin_sizes=builtin)
+    layout = COCO17 if data_format == "coco" else LIP16
+    dataset = TopDownDataset(split["records"], layout.flip_index, input_size, stride=model.stride,
+                             sigma=config.get("sigma", 2.0))
+    dataset.official_head_boxes = split.get("official_head_boxes", False)
+    mean_pose = None
+    if not args.no_baseline and config.get("format", "lip") == data_format:
+        # The mean pose comes from the split the checkpoint was trained on (when it is still there).
+        train_split = load_split(data_format, config.get("data"), config.get("ann"), "train",
+                                 data_root=dirs["root"], quiet=True, missing_ok=True,
+                                 builtin_sizes=config.get("builtin_sizes"))
+        if train_split is not None:
+            mean_pose = mean_pose_in_crop(train_split["records"], dataset)
+
+    print(f"checkpoint {checkpoint}: {config['arch']['backbone']} + deconv {config['arch']['deconv_filters']}, "
+          f"input {input_size[0]}x{input_size[1]}")
+    with torch.device("meta"):
+        meta_model = model_from_arch(config["arch"])
+    params = count_parameters(meta_model)
+    flops = count_flops(model, torch.zeros(1, 3, input_size[1], input_size[0], device=device))
+    print(f"parameters {params:,}  GFLOPs {flops / 1e9:.3f} (one {input_size[0]}x{input_size[1]} crop, "
+          f"multiply-add = 2)")
+    metrics, predictions = evaluate_split(
+        model, dataset, split["records"], data_format, mean_pose, split.get("coco"), args.batch_size,
+        args.workers, not args.no_flip_test, not args.no_flip_shift, json_path=dirs["outputs"] / "metrics.json")
+    if data_format == "coco":
+        coco_results_path = write_results_json(coco_results(predictions, split["records"]),
+                                               dirs["outputs"] / "keypoints_results.json")
+        print(f"COCO results: {coco_results_path}")
+    if args.visualize:
+        written = write_visualizations(predictions, split["records"], args.visualize, dirs["outputs"] / "vis",
+                                       not args.no_skeleton, args.score_threshold, not args.no_gt, layout)
+        print(f"wrote {written} images (prediction red, ground truth blue) to {dirs['outputs'] / 'vis'}")
+    print(f"metrics written to {dirs['outputs'] / 'metrics.json'}")
+    return metrics
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (default: newest of this model)")
+    parser.add_argument("--data", default=None, help="image folder (default: the built-in val split)")
+    parser.add_argument("--ann", default=None, help="annotation file: LIP CSV, MPII JSON or COCO JSON")
+    parser.add_argument("--format", choices=("lip", "mpii", "coco"), default=None,
+                        help="annotation format (default: the one the checkpoint was trained on)")
+    parser.add_argument("--head-boxes", default=None, help="MPII gt_valid.mat for the official PCKh head sizes")
+    parser.add_argument("--detections", default=None, help="COCO: person boxes as a results JSON (default: GT boxes)")
+    parser.add_argument("--out", default=None, help="output root (default: $POSE_OUTPUT_ROOT, else .)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=32, help="crops per forward pass (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")
+    parser.add_argument("--backbone", default=None, help="expected backbone; an error if the checkpoint differs")
+    parser.add_argument("--deconv-filters", type=int, nargs="+", default=None, help="expected deconv widths")
+    parser.add_argument("--no-flip-test", action="store_true", help="one forward pass instead of two")
+    parser.add_argument("--no-flip-shift", action="store_true", help="flip test without the one-pixel shift")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the mean-pose baseline")
+    parser.add_argument("--visualize", type=int, default=0, metavar="N", help="write N validation images")
+    parser.add_argument("--no-skeleton", action="store_true", help="joints only in --visualize images")
+    parser.add_argument("--no-gt", action="store_true", help="leave ground truth out of --visualize images")
+    parser.add_argument("--score-threshold", type=float, default=0.2, help="hide joints scoring below this")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

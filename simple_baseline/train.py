@@ -1,0 +1,172 @@
+"""Train Simple Baselines (Xiao et al. 2018): ResNet + 3 deconvolutions, one heatmap per joint, MSE loss.
+
+    python simple_baseline/train.py                       # 'cpu' preset on the built-in LIP-style data
+    python simple_baseline/train.py --preset paper --data LIP/train_images --ann LIP/train.csv \\
+        --val-data LIP/val_images --val-ann LIP/val.csv   # paper recipe (needs --pretrained imagenet weights)
+    torchrun --nproc_per_node=4 simple_baseline/train.py --preset paper ...   # --batch-size is per process
+
+Presets (plain dicts below; every flag overrides them):
+  cpu   - tuned to finish on 2 CPU cores in under 15 minutes on the built-in data (see PRESETS).
+  paper - the paper's recipe: ResNet-50, 256x256, Adam 1e-3, no weight decay, batch 32, LR x0.1 at
+          epochs 90 and 120 of 140, ImageNet-initialised backbone.
+The seed's head is `--deconv-filters 512 512 512 --sigmoid-output`; its `--weights-path` is `--init-from`.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common.drawing import BLUE, RED, draw_keypoints, make_grid
+from common.engine import add_common_args, newest_checkpoint, output_dirs, setup_device_and_distributed, train
+from common.heatmaps import decode_heatmaps
+from common.keypoints import COCO17, LIP16
+from simple_baseline.dataset import TopDownDataset, denormalize, load_split
+from simple_baseline.eval import MODEL_NAME, evaluate_split, mean_pose_in_crop
+from simple_baseline.model import build_model
+
+PRESETS = {
+    # CPU: a small input and a narrow head keep a step cheap; resnet18 as in the seed.
+    "cpu": dict(backbone="resnet18", deconv_filters=[128, 128, 128], input_size=[128, 128], epochs=6,
+                milestones=[4, 5], batch_size=32, lr=1e-3, workers=1, val_every="2e", pretrained="none",
+                scale_factor=0.25, rotation_factor=30.0),
+    "paper": dict(backbone="resnet50", deconv_filters=[256, 256, 256], input_size=[256, 256], epochs=140,
+                  milestones=[90, 120], batch_size=32, lr=1e-3, workers=4, val_every="1e",
+                  pretrained="imagenet"),
+}
+# Augmentation as in the official configs: MPII/LIP scale 0.25, rotation 30; COCO 0.35 and 45.
+AUGMENTATION = {"lip": (0.25, 30.0), "mpii": (0.25, 30.0), "coco": (0.35, 45.0)}
+
+
+def compute_loss(model, batch):
+    """MSE between predicted and target heatmaps, each joint weighted by its target weight (0 for
+    missing joints). The 0.5 factor is the official JointsMSELoss's."""
+    heatmaps = model(batch["image"])
+    weight = batch["target_weight"][:, :, None, None]
+    loss = 0.5 * ((heatmaps - batch["target"]) * weight).pow(2).mean()
+    return loss, {}
+
+
+def draw_batch_predictions(model, batch, flip_index, layout, count=4):
+    """Predictions (red) and targets' peaks (blue) on the first crops of a batch, for TensorBoard."""
+    images = batch["image"][:count]
+    heatmaps = model(images)
+    stride = images.shape[-1] / heatmaps.shape[-1]
+    pred, scores = decode_heatmaps(heatmaps.float())
+    target, _ = decode_heatmaps(batch["target"][:count].float())
+    tiles = []
+    for i in range(len(images)):
+        tile = denormalize(images[i])
+        gt = np.concatenate([target[i].cpu().numpy() * stride,
+                             batch["target_weight"][i, :, None].cpu().numpy()], 1)
+        tile = draw_keypoints(tile, gt, layout.skeleton, color=BLUE, threshold=0.5, scores=False)
+        keypoints = np.concatenate([pred[i].cpu().numpy() * stride, scores[i, :, None].cpu().numpy()], 1)
+        tiles.append(draw_keypoints(tile, keypoints, layout.skeleton, color=RED, threshold=0.2, scores=False))
+    return {"predictions": make_grid(tiles, ncols=count)}
+
+
+def main(args):
+    start = time.time()
+    setup_device_and_distributed(args)
+    is_main = args.rank == 0
+    if args.run_name is None:
+        resumed = newest_checkpoint(MODEL_NAME, args.out, kind="last") if args.resume == "auto" else None
+        resumed = resumed or (Path(args.resume) if args.resume and args.resume != "auto" else None)
+        args.run_name = resumed.parent.name if resumed else time.strftime("%Y%m%d-%H%M%S")
+    dirs = output_dirs(MODEL_NAME, args.run_name, args.out)
+
+    # Data (the built-in set is rendered once, by rank 0, before the other ranks read it).
+    builtin = args.data is None and args.ann is None
+    args.builtin_sizes = {"num_images": args.builtin_train, "num_val": args.builtin_val} if builtin else None
+    if args.distributed and not is_main:
+        dist.barrier()
+    train_split = load_split(args.format, args.data, args.ann, "train", dirs["root"], args.head_boxes,
+                             builtin_sizes=args.builtin_sizes, quiet=not is_main)
+    val_split = load_split(args.format, args.val_data if not builtin else None,
+                           args.val_ann if not builtin else None, "val", dirs["root"], args.head_boxes,
+                           builtin_sizes=args.builtin_sizes, quiet=not is_main)
+    if args.distributed and is_main:
+        dist.barrier()
+    layout = COCO17 if args.format == "coco" else LIP16
+    scale_factor, rotation_factor = AUGMENTATION[args.format]
+    scale_factor = args.scale_factor if args.scale_factor is not None else scale_factor
+    rotation_factor = args.rotation_factor if args.rotation_factor is not None else rotation_factor
+    stride = 32 // 2 ** len(args.deconv_filters)
+    train_set = TopDownDataset(train_split["records"], layout.flip_index, args.input_size, stride, args.sigma,
+                               train=True, scale_factor=scale_factor, rotation_factor=rotation_factor)
+    val_set = TopDownDataset(val_split["records"], layout.flip_index, args.input_size, stride, args.sigma)
+    val_set.official_head_boxes = val_split.get("official_head_boxes", False)
+
+    # Model, optimizer, schedule: Adam without weight decay, LR x0.1 at the milestones (stepped per epoch).
+    # Under torchrun only rank 0 fetches ImageNet weights; DDP copies rank 0's weights to the others.
+    model = build_model(args.backbone, layout.num_keypoints, args.deconv_filters, 4, args.sigmoid_output,
+                        args.pretrained if is_main or args.pretrained != "imagenet" else "none")
+    args.arch = model.arch  # saved in every checkpoint's config: eval/infer rebuild the model from it
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_factor)
+
+    mean_pose = mean_pose_in_crop(train_split["records"], val_set)
+    metrics_path = dirs["outputs"] / "metrics.json"
+
+    def evaluate(plain_model):
+        # The engine puts the model back in train mode afterwards (the seed left BN frozen after
+        # its first validation; tests/test_simple_baseline.py guards against that).
+        metrics, _ = evaluate_split(plain_model, val_set, val_split["records"], args.format, mean_pose,
+                                    val_split.get("coco"), args.batch_size, 0, not args.no_flip_test,
+                                    not args.no_flip_shift, json_path=metrics_path)
+        return metrics
+
+    def log_images(plain_model, batch):
+        return draw_batch_predictions(plain_model, batch, layout.flip_index, layout)
+
+    metric = "AP" if args.format == "coco" else "PCKh@0.5"
+    model, summary = train(args, model, train_set, compute_loss, optimizer, scheduler=scheduler,
+                           scheduler_interval="epoch", evaluate=evaluate, best_metric=metric,
+                           log_images=log_images, model_name=MODEL_NAME)
+    if is_main:
+        final = summary["metrics"]
+        if metric in final:
+            baseline = final.get(f"baseline_{metric}", float("nan"))
+            print(f"final {metric} {100 * final[metric]:.2f} (mean-pose baseline {100 * baseline:.2f}) "
+                  f"after {summary['steps']} steps, {time.time() - start:.0f} s in all")
+        print(f"outputs: checkpoints in {dirs['checkpoints']}, metrics in {metrics_path}, "
+              f"TensorBoard logs in {dirs['tensorboard']}")
+    return summary
+
+
+def parse_args(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    preset = pre.parse_known_args(argv)[0].preset
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                        help="defaults to start from: cpu (built-in data, 2 cores) or paper (default: %(default)s)")
+    parser.add_argument("--format", choices=("lip", "mpii", "coco"), default="lip",
+                        help="annotation format of --ann / --val-ann; built-in data: lip or coco (default: %(default)s)")
+    parser.add_argument("--val-data", default=None, help="validation image folder")
+    parser.add_argument("--val-ann", default=None, help="validation annotation file")
+    parser.add_argument("--head-boxes", default=None, help="MPII gt_valid.mat: official PCKh head sizes for validation")
+    parser.add_argument("--backbone", choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
+                        help="torchvision ResNet without avgpool/fc")
+    parser.add_argument("--deconv-filters", type=int, nargs="+", help="channels of each stride-2 deconvolution")
+    parser.add_argument("--sigmoid-output", action="store_true", help="squash heatmaps with a sigmoid (the seed)")
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("W", "H"), help="network input size")
+    parser.add_argument("--sigma", type=float, default=2.0, help="Gaussian target sigma in heatmap pixels")
+    parser.add_argument("--milestones", type=int, nargs="*", help="epochs after which the LR is multiplied by --lr-factor")
+    parser.add_argument("--lr-factor", type=float, default=0.1, help="LR decay factor (default: %(default)s)")
+    parser.add_argument("--scale-factor", type=float, default=None, help="scale augmentation (default: by format)")
+    parser.add_argument("--rotation-factor", type=float, default=None, help="rotation augmentation in degrees")
+    parser.add_argument("--no-flip-test", action="store_true", help="validate without the flip test")
+    parser.add_argument("--no-flip-shift", action="store_true", help="flip test without the one-pixel shift")
+    parser.add_argument("--builtin-train", type=int, default=3000, help="built-in data: training images")
+    parser.add_argument("--builtin-val", type=int, default=300, help="built-in data: validation images")
+    add_common_args(parser)
+    parser.set_defaults(**PRESETS[preset])
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
