@@ -80,7 +80,7 @@ class PoseSPIDataset(Dataset):
     """
 
     def __init__(self, ann_file, image_dir, input_size=64, num_keypoints=None, image_ids=None, augment=False,
-                 normalize=True, subset=None, coco=None):
+                 normalize=True, subset=None, coco=None, repeat=1):
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
         self.coco = coco or load_coco_keypoints(ann_file, num_keypoints)
         self.input_size, self.augment, self.normalize = input_size, augment, normalize
@@ -98,12 +98,14 @@ class PoseSPIDataset(Dataset):
             self.layout = layout_from_coco_category({"name": "custom", "keypoints": [f"kp{i}" for i in range(k)]})
             self.category_id = self.people[0]["category_id"]
         self.num_keypoints = k
+        self.repeat = max(1, int(repeat))  # one epoch = `repeat` passes (tiny sets: fewer epoch ends, saves)
 
     def __len__(self):
-        return len(self.people)
+        return len(self.people) * self.repeat
 
     def load(self, index):
         """The resized grayscale image (S,S) and keypoints (K,3) in its pixels, before augmentation."""
+        index %= len(self.people)
         info = self.coco.loadImgs([self.image_ids[index]])[0]
         image = read_image(self.image_dir / info["file_name"])
         h, w = image.shape[:2]
@@ -135,7 +137,7 @@ class PoseSPIDataset(Dataset):
             target[:, :2] /= self.input_size
             target[:, 2] = keypoints[:, 2] > 0
         return {"image": torch.from_numpy(np.ascontiguousarray(gray, np.float32))[None],
-                "target": torch.from_numpy(target), "image_id": self.image_ids[index],
+                "target": torch.from_numpy(target), "image_id": self.image_ids[index % len(self.people)],
                 "size": torch.tensor([w, h], dtype=torch.float32)}
 
 
@@ -233,6 +235,8 @@ def add_data_args(parser):
     g.add_argument("--val-ann", help="validation annotations (default: a fixed 20%% split of --ann)")
     g.add_argument("--val-fraction", type=float, default=0.2, help="share of --ann held out when no --val-ann")
     g.add_argument("--subset", type=int, default=None, help="train on the first N images only (overfit check)")
+    g.add_argument("--repeat", type=int, default=1,
+                   help="passes over the training images per epoch (tiny sets: fewer per-epoch saves)")
     g.add_argument("--no-augment", dest="augment", action="store_false", help="turn flip/shift/scale off")
     g.add_argument("--raw-targets", action="store_true",
                    help="the seed's targets: raw pixel x,y and v regressed as a float (no BCE on visibility)")
@@ -247,18 +251,20 @@ def build_datasets(args, data_root):
             raise SystemExit("error: --data needs --ann (the COCO keypoint JSON of those images)")
         paths = ensure_synthetic(data_root, size=args.input_size)
         (train_dir, train_ann), (val_dir, val_ann) = paths["train"], paths["val"]
-        train = PoseSPIDataset(train_ann, train_dir, augment=args.augment, subset=args.subset, **common)
+        train = PoseSPIDataset(train_ann, train_dir, augment=args.augment, subset=args.subset,
+                               repeat=args.repeat, **common)
         val = PoseSPIDataset(val_ann, val_dir, **common)
         return train, val
     image_dir = Path(args.data) if args.data else Path(args.ann).parent
     if args.val_ann:
-        train = PoseSPIDataset(args.ann, image_dir, augment=args.augment, subset=args.subset, **common)
+        train = PoseSPIDataset(args.ann, image_dir, augment=args.augment, subset=args.subset,
+                               repeat=args.repeat, **common)
         val = PoseSPIDataset(args.val_ann, Path(args.val_data or image_dir), **common)
         return train, val
     coco = load_coco_keypoints(args.ann, args.num_keypoints)
     train_ids, val_ids = split_image_ids(coco, args.val_fraction)
     train = PoseSPIDataset(args.ann, image_dir, image_ids=train_ids, augment=args.augment, subset=args.subset,
-                           coco=coco, **common)
+                           coco=coco, repeat=args.repeat, **common)
     val = PoseSPIDataset(args.ann, image_dir, image_ids=val_ids, coco=coco, **common)
     return train, val
 

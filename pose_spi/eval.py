@@ -91,7 +91,7 @@ def coco_ap(dataset, points, scores, print_table=True):
 def mean_pose(train_set):
     """Mean keypoint position over the training set (input pixels, (K, 2)), labelled points only."""
     total, count = np.zeros((train_set.num_keypoints, 2)), np.zeros((train_set.num_keypoints, 1))
-    for index in range(len(train_set)):
+    for index in range(len(train_set.people)):
         _, keypoints, _ = train_set.load(index)
         labelled = keypoints[:, 2:3] > 0
         total += keypoints[:, :2] * labelled
@@ -142,7 +142,7 @@ def main(argv=None):
     data_args = argparse.Namespace(
         data=args.data, ann=args.ann, val_ann=args.val_ann, val_data=args.data, val_fraction=args.val_fraction,
         input_size=config.input_size, num_keypoints=config.num_keypoints, raw_targets=config.raw_targets,
-        augment=False, subset=None)
+        augment=False, subset=None, repeat=1)
     if args.ann and not args.val_ann and getattr(config, "ann", None) != args.ann:
         # a file train.py never saw: evaluate all of it
         data_args.val_ann = args.ann

@@ -125,7 +125,7 @@ def main(args, model_name=MODEL_NAME):
     torch.manual_seed(args.seed)
     train_set, val_set = build_datasets(args, dirs["data"])
     args.num_keypoints = train_set.num_keypoints  # stored in the checkpoint's config for eval/infer
-    print(f"data: {len(train_set)} training / {len(val_set)} validation images, {train_set.num_keypoints} keypoints "
+    print(f"data: {len(train_set.people)} training / {len(val_set)} validation images, {train_set.num_keypoints} keypoints "
           f"({', '.join(train_set.layout.names)})")
     try:
         model = PoseSPI(**model_config(args))
