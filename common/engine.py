@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import math
 import os
+import pickle
 import random
 import tempfile
 import time
@@ -220,7 +221,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"{path}: no such checkpoint")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise SystemExit(f"{path}: cannot load checkpoint: not a torch.save file, or it holds objects other "
+                         "than tensors and plain types (refused by weights_only=True)") from None
+    except Exception as error:   # truncated or corrupted zip archive, ...
+        first_sentence = str(error).strip().split(". ")[0] or type(error).__name__
+        raise SystemExit(f"{path}: cannot load checkpoint ({first_sentence})") from None
 
 
 def newest_checkpoint(model_name: str, out=None, kind: str = "best") -> Path | None:
@@ -414,6 +422,9 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
     rng_state = None
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
+        if ckpt.get("model_name") != model_name or "optimizer" not in ckpt:
+            raise SystemExit(f"--resume {resume_path}: not a {model_name} training checkpoint "
+                             f"(model_name {ckpt.get('model_name')!r}); use --init-from for weights only")
         unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt["scheduler"] is not None:

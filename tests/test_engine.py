@@ -129,6 +129,8 @@ def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path, monke
     state = load_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
     assert newest_checkpoint("m", out=tmp_path) == path
+    with pytest.raises(SystemExit, match="cannot load checkpoint"):     # one line, not a traceback
+        load_checkpoint(next(path.parent.glob(".last.pt.*.tmp")))
 
 
 def test_nonfinite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
