@@ -129,6 +129,12 @@ def checkpoint_width(state_dict):
     return None if weight is None else int(weight.shape[0])
 
 
+def _on_meta(model):
+    # A model built on the meta device takes the file's tensors as its own (a fast way to
+    # materialise a big model); otherwise the values are copied into the existing tensors.
+    return any(t.is_meta for t in model.state_dict().values())
+
+
 def _check_shapes(model, state_dict, source, names):
     own = model.state_dict()
     mismatched = [n for n in names if tuple(own[n].shape) != tuple(state_dict[n].shape)]
@@ -169,7 +175,7 @@ def load_official_checkpoint(model, path_or_state_dict):
         raise CheckpointError(f"{_describe(source)}: does not match {type(model).__name__}: "
                               + ", ".join(detail))
     _check_shapes(model, state_dict, source, list(state_dict))
-    model.load_state_dict(state_dict, strict=False)
+    model.load_state_dict(state_dict, strict=False, assign=_on_meta(model))
     return model
 
 
@@ -197,5 +203,5 @@ def load_imagenet_backbone(model, path_or_state_dict):
                               f"weights missing (first '{missing[0]}')")
     present = [n for n in wanted if n in state_dict]
     _check_shapes(model, state_dict, source, present)
-    model.load_state_dict({n: state_dict[n] for n in present}, strict=False)
+    model.load_state_dict({n: state_dict[n] for n in present}, strict=False, assign=_on_meta(model))
     return len(present)

@@ -249,6 +249,8 @@ class HigherHRNet(HRNetBackbone):
 
     def init_weights(self):
         # Official pose init: N(0, 0.001) convolutions, zero biases, BN at identity.
+        if self.conv1.weight.is_meta:  # nothing to fill (and meta normal_ imports torch._dynamo: slow)
+            return
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.normal_(m.weight, std=0.001)
@@ -294,6 +296,8 @@ class ClassificationHRNet(HRNetBackbone):
 
     def init_weights(self):
         # Official classification init: Kaiming (fan_out) convolutions, BN at identity.
+        if self.conv1.weight.is_meta:
+            return
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -311,8 +315,8 @@ class ClassificationHRNet(HRNetBackbone):
 
 
 def build_higher_hrnet(width=32, num_joints=17, tag_per_joint=True):
-    """HigherHRNet-W32 / W48 (official), or a tiny width (8 or 16) for tests and CPU training."""
+    """HigherHRNet-W32 / W48 (official), or a tiny width (4 for tests, 8 or 16 for CPU training)."""
     if width < 4 or width % 4:
-        raise ValueError(f"HigherHRNet width must be a positive multiple of 4 (32, 48, or tiny 8/16), "
+        raise ValueError(f"HigherHRNet width must be a positive multiple of 4 (32, 48, or tiny 4/8/16), "
                          f"got {width}")
     return HigherHRNet(width, num_joints, tag_per_joint)
