@@ -48,7 +48,7 @@ def add_common_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Arg
     a("--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
     a("--run-name", default=None, help="run folder name under checkpoints/<model>/ etc. (default: a timestamp)")
     a("--resume", default=None, metavar="PATH|auto",
-      help="continue a run exactly from a checkpoint; 'auto' = newest last.pt of this model")
+      help="continue a run exactly from a checkpoint; 'auto' = newest last.pt of this model (of --run-name's run)")
     a("--init-from", default=None, metavar="CKPT", help="start from a checkpoint's weights only (fine-tuning)")
     a("--pretrained", default="none", metavar="none|imagenet|PATH",
       help="backbone weights: none (default, no network), imagenet (torch cache or download), or a file")
@@ -139,9 +139,13 @@ def seed_everything(seed: int) -> None:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside a DistributedDataParallel (or torch.compile) wrapper."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule":     # torch.compile; no torch._dynamo import needed
+            model = model._orig_mod
+        else:
+            return model
 
 
 def get_rng_state() -> dict:
