@@ -44,14 +44,16 @@ def _strip_prefix(state_dict, prefix):
     return state_dict, False
 
 
-def read_state_dict(path_or_state_dict):
-    """Any supported checkpoint -> plain {name: float32 tensor} with wrappers and prefixes removed.
+def read_state_dict(path_or_state_dict, name=None):
+    """Any supported checkpoint -> plain {official name: float32 tensor}.
 
-    `module.` comes from DataParallel/DDP saves; `1.` from the official fp16 releases, which wrap
-    the model as nn.Sequential(to_fp16, model) and so store every name under index 1.
+    Wrappers and prefixes are removed: `module.` comes from DataParallel/DDP saves, `1.` from the
+    official fp16 releases, which wrap the model as nn.Sequential(to_fp16, model) and so store
+    every name under index 1. The seed's names are translated to the official ones. `name` is
+    what error messages call an in-memory checkpoint (e.g. the file it was read from).
     """
-    source = path_or_state_dict
-    if isinstance(source, (str, Path)):
+    source = path_or_state_dict if name is None else name
+    if isinstance(path_or_state_dict, (str, Path)):
         if not Path(source).is_file():
             raise CheckpointError(f"{source}: checkpoint file not found")
         try:
@@ -61,14 +63,20 @@ def read_state_dict(path_or_state_dict):
             raise CheckpointError(f"{source}: cannot be read with weights_only=True ({first_line})") \
                 from None
     else:
-        obj = source
+        obj = path_or_state_dict
     state_dict = dict(_unwrap(obj, source))
     stripped = True
     while stripped:
         state_dict, stripped_module = _strip_prefix(state_dict, "module.")
         state_dict, stripped_fp16 = _strip_prefix(state_dict, "1.")
         stripped = stripped_module or stripped_fp16
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
+    state_dict = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
+    if is_seed_state_dict(state_dict):
+        try:
+            state_dict = convert_seed_state_dict(state_dict)
+        except CheckpointError as error:
+            raise CheckpointError(f"{_describe(source)}: {error}") from None
+    return state_dict
 
 
 def is_seed_state_dict(state_dict):
@@ -157,8 +165,6 @@ def load_official_checkpoint(model, path_or_state_dict):
     """
     source = path_or_state_dict
     state_dict = read_state_dict(source)
-    if is_seed_state_dict(state_dict):
-        state_dict = convert_seed_state_dict(state_dict)
     own = model.state_dict()
     missing = [n for n in own if n not in state_dict and not n.endswith("num_batches_tracked")]
     unexpected = [n for n in state_dict if n not in own]
@@ -189,8 +195,6 @@ def load_imagenet_backbone(model, path_or_state_dict):
     """
     source = path_or_state_dict
     state_dict = read_state_dict(source)
-    if is_seed_state_dict(state_dict):
-        state_dict = convert_seed_state_dict(state_dict)
     own = model.state_dict()
     wanted = [n for n in own if not n.startswith(POSE_HEAD_PREFIXES)]
     missing = [n for n in wanted if n not in state_dict and not n.endswith("num_batches_tracked")]
@@ -205,3 +209,29 @@ def load_imagenet_backbone(model, path_or_state_dict):
     _check_shapes(model, state_dict, source, present)
     model.load_state_dict({n: state_dict[n] for n in present}, strict=False, assign=_on_meta(model))
     return len(present)
+
+
+def higher_hrnet_config(state_dict):
+    """(width, num_joints, tag_per_joint) of a HigherHRNet state dict with official names."""
+    try:
+        num_joints = state_dict["final_layers.1.weight"].shape[0]
+        quarter_channels = state_dict["final_layers.0.weight"].shape[0]
+        width = checkpoint_width(state_dict)
+    except KeyError as missing:
+        raise CheckpointError(f"not a HigherHRNet state dict (no {missing})") from None
+    if width is None:
+        raise CheckpointError("not a HigherHRNet state dict (no transition1.0.0.weight)")
+    return width, num_joints, quarter_channels == 2 * num_joints
+
+
+def load_higher_hrnet(path_or_state_dict):
+    """A HigherHRNet built to fit the checkpoint (width, joints, tag channels) with its weights loaded:
+    our checkpoints, official releases in any form, or the seed's."""
+    from higher_hrnet.model import build_higher_hrnet
+
+    state_dict = read_state_dict(path_or_state_dict)
+    try:
+        width, num_joints, tag_per_joint = higher_hrnet_config(state_dict)
+    except CheckpointError as error:
+        raise CheckpointError(f"{_describe(path_or_state_dict)}: {error}") from None
+    return load_official_checkpoint(build_higher_hrnet(width, num_joints, tag_per_joint), state_dict)

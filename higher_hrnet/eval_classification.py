@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from common.data import BadImageError, read_image
 from common.engine import add_common_args, newest_checkpoint, output_dirs
-from higher_hrnet.checkpoints import (CheckpointError, checkpoint_width, convert_seed_state_dict,
-                                      is_seed_state_dict, load_official_checkpoint, read_state_dict)
+from higher_hrnet.checkpoints import CheckpointError, checkpoint_width, load_official_checkpoint, read_state_dict
 from higher_hrnet.model import ClassificationHRNet
 from higher_hrnet.train_classification import (MODEL_NAME, PRESETS, ImageFolderSamples,
                                                draw_predictions, ensure_builtin_imagefolder,
@@ -39,9 +38,7 @@ def load_classifier(path):
     except Exception as exc:  # unpickling errors come in many types
         raise CheckpointError(f"{path}: cannot be read with weights_only=True ({type(exc).__name__})") from None
     config = raw.get("config", {}) if isinstance(raw, dict) else {}
-    state = read_state_dict(raw)
-    if is_seed_state_dict(state):
-        state = convert_seed_state_dict(state)
+    state = read_state_dict(raw, name=path)
     if "classifier.weight" not in state:
         raise CheckpointError(f"{path}: not a ClassificationHRNet checkpoint (no classifier weights)")
     width = checkpoint_width(state)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from higher_hrnet.checkpoints import (CheckpointError, convert_seed_state_dict, load_imagenet_backbone,
-                                      load_official_checkpoint)
+from higher_hrnet.checkpoints import (CheckpointError, convert_seed_state_dict, higher_hrnet_config,
+                                      load_higher_hrnet, load_imagenet_backbone, load_official_checkpoint)
 from higher_hrnet.model import ClassificationHRNet, HigherHRNet, build_higher_hrnet
 
 REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
@@ -84,6 +84,8 @@ def test_output_shapes_on_tiny_width():
         one_tag = HigherHRNet(4, num_joints=14, tag_per_joint=False)
         quarter, half = one_tag(torch.zeros(2, 3, 256, 192))
     assert quarter.shape == (2, 15, 64, 48) and half.shape == (2, 14, 128, 96)
+    assert higher_hrnet_config(one_tag.state_dict()) == (4, 14, False)
+    assert higher_hrnet_config(model.state_dict()) == (4, 17, True)
     with pytest.raises(ValueError, match="multiple of 4"):
         build_higher_hrnet(30)
 
@@ -199,7 +201,7 @@ def test_seed_checkpoint_file_loads_and_reproduces_outputs(tmp_path):
     assert len(seed_state) == len(official)
     path = tmp_path / "higher_hrnet_32.pt"
     torch.save({"module": {"model": seed_state}, "epoch": 3}, path)
-    target = load_official_checkpoint(tiny_model(seed=2), path)
+    target = load_higher_hrnet(path).eval()  # width, joints and tag channels read from the weights
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         for a, b in zip(source(x), target(x)):
