@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.engine import add_common_args, setup_device_and_distributed, train
+from common.engine import add_common_args, output_root, setup_device_and_distributed, train
 
 
 class NoisyRegression(torch.utils.data.Dataset):
@@ -60,7 +60,7 @@ def main(argv=None):
     model, optimizer, scheduler = build(args)
     model, summary = train(args, model, NoisyRegression(), mse_loss, optimizer, scheduler=scheduler,
                            scheduler_interval="step", model_name="tiny")
-    torch.save(model.state_dict(), f"{args.out}/rank{args.rank}.pt")
+    torch.save(model.state_dict(), output_root(args.out) / f"rank{args.rank}.pt")
     print(f"rank {args.rank}: {summary['steps']} steps")
 
 
