@@ -33,7 +33,7 @@ RECIPES = {
                  period_scale=1.01, momentum=0.9, weight_decay=3e-4, batch_size=16, crop_size=448,
                  max_steps=None, epochs=100),
     "cpu": dict(preset="light", optimizer="adam", lr=2e-3, min_lr=2e-5, warmup=100, weight_decay=0.0,
-                batch_size=8, crop_size=256, max_steps=2400, epochs=None),
+                batch_size=8, crop_size=256, max_steps=1200, epochs=None),
 }
 
 
@@ -229,6 +229,26 @@ def evaluate_student(model, coco, image_dir, image_ids, input_size=256, print_ta
     return metrics, results
 
 
+def oracle_ap(coco, image_ids, scale=1.0):
+    """AP of the oracle teacher (ground truth rendered at stride 4 and grouped) on these images: the
+    ceiling a stride-4 student can reach on them."""
+    from common.evaluation import coco_keypoint_ap
+    from common.keypoints import COCO17
+    from higher_hrnet.grouping import GroupingParams
+    from rtpe.infer import SEED_GROUPING, maps_to_people, people_to_results
+    from rtpe.teacher_inference import people_keypoints, render_oracle
+
+    results = []
+    for image_id in image_ids:
+        info = coco.loadImgs(image_id)[0]
+        heatmaps, tags, affine = render_oracle(people_keypoints(coco, image_id), (info["width"], info["height"]),
+                                               scale)
+        to_image = np.linalg.inv(np.vstack([affine, [0, 0, 1]]))[:2]
+        keypoints, scores = maps_to_people(heatmaps, tags, to_image, GroupingParams(num_joints=17, **SEED_GROUPING))
+        results += people_to_results(keypoints, scores, image_id)
+    return coco_keypoint_ap(coco, results, COCO17.sigmas, print_table=False, image_ids=image_ids)["AP"]
+
+
 # ------------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------------
@@ -288,6 +308,9 @@ def main(args):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     setup_device_and_distributed(args)
+    if args.threads:
+        # on a small shared CPU one compute thread (plus the DataLoader workers) beats OpenMP's barriers
+        torch.set_num_threads(args.threads)
     train_images, train_ann, val_images, val_ann, cache, teacher = resolve_data(args)
     print(f"teacher: {teacher}; stage {args.stage}; recipe {args.recipe} ({args.preset} student, {args.colour})")
 
@@ -347,6 +370,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, epochs=None, batch_size=None, lr=None, max_steps=None, val_every="400", workers=2,
                     log_every=20)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads for the training process; 0 = torch's default (default: %(default)s)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu",
                    help="defaults for everything below not given explicitly (default: %(default)s)")
     p.add_argument("--preset", choices=("seed", "light"), default=None, help="student preset (recipe's)")
