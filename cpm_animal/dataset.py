@@ -183,11 +183,20 @@ class ImageCache:
             good.append(record)
         return good
 
+    @staticmethod
+    def check_size(source, image, record):
+        """Keypoints are fractions of the annotated size: a differently shaped image would misplace them."""
+        height, width = image.shape[:2]
+        if abs(width / height - record["width"] / record["height"]) > 0.02:
+            raise BadImageError(f"{source}: decoded {width}x{height} but annotated "
+                                f"{int(record['width'])}x{int(record['height'])}")
+
     def load(self, record) -> tuple[np.ndarray, float]:
         """(RGB image, scale) where scale = cached pixels per original pixel."""
         source = Path(record["image"])
         if max(record["width"], record["height"]) <= self.max_side:
             image = read_image(source)
+            self.check_size(source, image, record)
             return image, image.shape[1] / record["width"]
         cached = self.cached_path(source) if source.is_file() else None
         if cached is not None and cached.is_file():
@@ -195,10 +204,8 @@ class ImageCache:
             if image is not None:
                 return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), image.shape[1] / record["width"]
         image = read_image(source)
+        self.check_size(source, image, record)
         height, width = image.shape[:2]
-        if abs(width / height - record["width"] / record["height"]) > 0.02:
-            raise BadImageError(f"{source}: decoded {width}x{height} but annotated "
-                                f"{int(record['width'])}x{int(record['height'])}")
         scale = self.max_side / max(width, height)
         if scale < 1:
             image = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)

@@ -18,8 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.data import AnnotationError, collate_skip_bad, exit_on_bad_input
-from common.evaluation import (coco_keypoint_ap, count_flops, count_parameters, pck, print_pck_table,
-                               write_results_json)
+from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, pck, write_results_json
 from common.heatmaps import decode_heatmaps
 from common.keypoints import KeypointLayout
 from cpm_animal.model import CPM, CPMConfig, heatmap_to_input
@@ -143,6 +142,16 @@ def records_to_coco(records, layout: KeypointLayout):
     return coco
 
 
+def print_pck_columns(table, names, thresholds):
+    """One row per keypoint, one column per threshold (percent)."""
+    width = max(len(n) for n in names)
+    print("PCK per keypoint (%)")
+    print(f"  {'keypoint':<{width}}  " + "  ".join(f"{'@' + format(t, 'g'):>7}" for t in thresholds))
+    for k, name in enumerate(names):
+        print(f"  {name:<{width}}  " + "  ".join(f"{100 * table[t][0][k]:7.2f}" for t in thresholds))
+    print(f"  {'mean':<{width}}  " + "  ".join(f"{100 * table[t][1]:7.2f}" for t in thresholds))
+
+
 def full_report(model, dataset, layout, device, batch_size, workers, thresholds, shape_xy=None, quiet=False):
     """Predicts, prints the PCK/visibility/AP tables and the mean-shape baseline; returns (metrics, results)."""
     predictions = predict(model, dataset, device, batch_size, workers)
@@ -165,8 +174,7 @@ def full_report(model, dataset, layout, device, batch_size, workers, thresholds,
         baseline, _ = compute_metrics(baseline_pred, None, gt, norm, thresholds)
         metrics.update({f"baseline_{k}": v for k, v in baseline.items()})
     if not quiet:
-        for t in thresholds:
-            print_pck_table(table[t][0], layout.names, title=f"PCK@{t:g} per keypoint (%)", mean=table[t][1])
+        print_pck_columns(table, layout.names, thresholds)
         print(f"images: {len(indices)}, labelled keypoints: {int((gt[..., 2] > 0).sum())}")
         print("           " + "  ".join(f"PCK@{t:<5g}" for t in thresholds))
         print("CPM        " + "  ".join(f"{100 * metrics[f'pck@{t:g}']:8.2f}" for t in thresholds))

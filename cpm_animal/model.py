@@ -26,6 +26,7 @@ class CPMConfig:
     trunk_kernel: int = 9
     trunk_blocks: int = 3           # conv + activation (+ pool) blocks per trunk
     trunk_pools: int = 3            # the first `trunk_pools` blocks end in a 3x3/2 max-pool
+    stage1_own_trunk: bool = True   # the seed: stage 1 has its own trunk; False: it reads the shared one
     stage1_features: int = 32       # stage 1: conv 5x5 trunk -> 32, conv 9x9 -> 512, 1x1 512 -> 512
     stage1_channels: int = 512
     stage1_kernel: int = 9
@@ -60,10 +61,11 @@ class CPMConfig:
 PRESETS = {
     # The seed's network: GELU, LayerNorm on the input and in every later stage, 7 stages.
     "original": CPMConfig(),
-    # CPU preset: 128 px input, two pools (31x31 heatmaps), narrow trunk, smaller kernels, 3 stages.
-    "small": CPMConfig(input_size=(128, 128), stages=3, trunk_channels=32, trunk_kernel=5, trunk_pools=2,
-                       stage1_features=32, stage1_channels=64, stage1_kernel=5, stage_features=32,
-                       stage_channels=48, stage_kernel=7, norm_layer="batch", activation="relu"),
+    # CPU preset: 96 px input, two pools (23x23 heatmaps), one trunk shared by all 3 stages, 5x5 kernels.
+    "small": CPMConfig(input_size=(96, 96), stages=3, trunk_channels=32, trunk_kernel=5, trunk_pools=2,
+                       stage1_own_trunk=False, stage1_features=32, stage1_channels=64, stage1_kernel=5,
+                       stage_features=32, stage_channels=32, stage_kernel=5, norm_layer="batch",
+                       activation="relu"),
     # For tests: a few thousand parameters.
     "tiny": CPMConfig(input_size=(64, 64), stages=2, trunk_channels=8, trunk_kernel=3, trunk_pools=2,
                       stage1_features=8, stage1_channels=8, stage1_kernel=3, stage_features=8,
@@ -192,10 +194,9 @@ class CPM(nn.Module):
     def __init__(self, config: CPMConfig | None = None):
         super().__init__()
         self.config = cfg = config or PRESETS["original"]
-        self.stage1_trunk = Trunk(cfg)
+        self.stage1_trunk = Trunk(cfg) if cfg.stage1_own_trunk else None
+        self.shared_trunk = Trunk(cfg) if cfg.stages > 1 or not cfg.stage1_own_trunk else None
         self.stage1 = FirstStage(cfg)
-        if cfg.stages > 1:
-            self.shared_trunk = Trunk(cfg)
         self.later_stages = nn.ModuleList(LaterStage(cfg) for _ in range(cfg.stages - 1))
         self.output_dropout = (nn.Dropout(cfg.drop_rate) if cfg.dropout_on == "output" and cfg.drop_rate > 0
                                else nn.Identity())
@@ -218,10 +219,10 @@ class CPM(nn.Module):
         if self.config.norm_layer == "layer" and tuple(images.shape[-2:]) != tuple(reversed(self.config.input_size)):
             raise ValueError(f"norm_layer=layer fixes the input to {self.config.input_size} (W, H); "
                              f"got {tuple(images.shape[-1:-3:-1])}")
-        maps = self.stage1(self.stage1_trunk(images))
+        shared = self.shared_trunk(images) if self.shared_trunk is not None else None
+        maps = self.stage1(self.stage1_trunk(images) if self.stage1_trunk is not None else shared)
         outputs = [self.output_dropout(maps)]
         if self.config.stages > 1:
-            shared = self.shared_trunk(images)
             centre = (self.make_centre_map(images.shape[0], shared.shape[2], shared.shape[3], shared)
                       if self.config.centre_map else None)
             for stage in self.later_stages:

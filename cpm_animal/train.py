@@ -143,6 +143,8 @@ def main(argv=None):
     start = time.time()
     config = load_config(args.config, args.overrides)
     apply_cli(args, config)
+    if config["trainer"].get("num_threads"):
+        torch.set_num_threads(int(config["trainer"]["num_threads"]))
     device = setup_device_and_distributed(args)
     is_main = args.rank == 0
 
@@ -165,6 +167,9 @@ def main(argv=None):
     scheduler, interval = build_scheduler(config, optimizer, total_steps)
     thresholds = tuple(config["metric"]["pck_thresholds"])
     stage_weights = config["loss"]["stage_weights"]
+    if config["callbacks"].get("early_stopping_patience") is not None:
+        raise SystemExit("error: callbacks.early_stopping_patience: the shared loop (common.engine.train) has no "
+                         "early-stopping hook yet; set it to null")
     if config["loss"]["name"] != "mse":
         raise SystemExit(f"error: loss.name must be mse, got {config['loss']['name']!r}")
 
