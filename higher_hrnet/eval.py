@@ -1,0 +1,155 @@
+"""Evaluate a HigherHRNet checkpoint (ours, official or the seed's) on COCO-format keypoint data.
+
+    python higher_hrnet/eval.py                         # newest built-in checkpoint, built-in val scenes
+    python higher_hrnet/eval.py --checkpoint pose_higher_hrnet_w32_512.pth --data coco/images/val2017 \
+        --ann coco/annotations/person_keypoints_val2017.json --preset official [--scales 2 1 0.5]
+Every image of the annotation file is evaluated, people or not. Writes outputs/higher_hrnet/<run>/
+results.json, coco_output.txt (the pycocotools table) and config.yaml; for an image_info file (COCO
+test-dev, no annotations) only results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from common.data import BadImageError, exit_on_bad_input, load_coco_keypoints, read_image
+from common.engine import add_common_args, newest_checkpoint, output_dirs
+from common.evaluation import coco_keypoint_ap, count_parameters, write_results_json
+from common.keypoints import COCO17, get_layout
+from higher_hrnet.inference import PRESETS, people_to_coco_results, predict_people, preset
+
+MODEL_NAME = "higher_hrnet"
+
+
+def evaluate_model(model, image_dir, ann_file, config, layout=COCO17, device=None, out_dir=None,
+                   progress=True, max_images=None, print_table=True):
+    """Run the test pipeline on every image of `ann_file`; returns (metrics or None, results).
+    With out_dir: results.json, and for annotated files coco_output.txt + the metrics."""
+    coco = load_coco_keypoints(ann_file, layout.num_keypoints)
+    has_annotations = "annotations" in coco.dataset and bool(coco.dataset.get("categories"))
+    image_ids = sorted(coco.getImgIds())[:max_images]
+    model.eval()
+    results, failed = [], 0
+    for image_id in tqdm(image_ids, desc="eval", disable=not progress, dynamic_ncols=True, leave=False):
+        info = coco.loadImgs(image_id)[0]
+        try:
+            image = read_image(Path(image_dir) / info["file_name"])
+        except BadImageError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        people, scores = predict_people(model, image, config, layout, device)
+        results += people_to_coco_results(people, scores, image_id)
+    if failed:
+        print(f"{failed} image(s) could not be read and count as having no detections")
+    metrics = None
+    table = ""
+    if has_annotations:
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            metrics = coco_keypoint_ap(coco, results, layout.sigmas, print_table=True, image_ids=image_ids)
+        table = buffer.getvalue()
+        if print_table:
+            print(table, end="")
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        write_results_json(results, out_dir / "results.json")
+        if has_annotations:
+            (out_dir / "coco_output.txt").write_text(table)
+    return metrics, results
+
+
+def load_model_from_checkpoint(path, device="cpu"):
+    """Build the right width and load any supported file (ours, official, seed); returns (model, info)."""
+    from higher_hrnet.checkpoints import CheckpointError, higher_hrnet_config, load_higher_hrnet, read_state_dict
+
+    try:
+        state = read_state_dict(path)
+        width, num_joints, tag_per_joint = higher_hrnet_config(state)
+        model = load_higher_hrnet(state)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {path}: {error}") from None
+    config = {}
+    with contextlib.suppress(Exception):
+        config = torch.load(path, map_location="cpu", weights_only=True).get("config", {}) or {}
+    return model.to(device).eval(), {"width": width, "num_joints": num_joints, "tag_per_joint": tag_per_joint,
+                                     "train_config": config}
+
+
+def default_data(args):
+    """(image_dir, ann_file): --data/--ann, else the built-in validation scenes."""
+    if args.data:
+        if not args.ann:
+            raise SystemExit("--data needs --ann (the COCO keypoint JSON or image_info file)")
+        return Path(args.data), Path(args.ann)
+    from common.synthetic import ensure_dataset
+
+    root = ensure_dataset("multi_person", args.out)
+    return root / "images" / "val", root / "annotations" / "person_keypoints_val.json"
+
+
+def main(args):
+    checkpoint = args.checkpoint or newest_checkpoint(MODEL_NAME, args.out)
+    if checkpoint is None:
+        print("no higher_hrnet checkpoint found: train one with `python higher_hrnet/train.py` "
+              "or pass --checkpoint FILE (ours, official or the seed's)")
+        return 1
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, info = load_model_from_checkpoint(checkpoint, device)
+    layout = get_layout(args.layout)
+    trained_size = info["train_config"].get("input_size") if isinstance(info["train_config"], dict) else None
+    config = preset(args.preset, input_size=args.input_size or trained_size,
+                    scales=tuple(args.scales) if args.scales else None,
+                    detection_threshold=args.detection_threshold, tag_threshold=args.tag_threshold,
+                    flip=False if args.no_flip else None)
+    image_dir, ann_file = default_data(args)
+    run = args.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = output_dirs(MODEL_NAME, run, args.out)["outputs"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"checkpoint {checkpoint}: width {info['width']}, {count_parameters(model):,} parameters; "
+          f"preset {args.preset}, input {config.input_size}, flip {config.flip}, scales {list(config.scales)}")
+    start = time.perf_counter()
+    metrics, results = evaluate_model(model, image_dir, ann_file, config, layout, device, out_dir,
+                                      max_images=args.max_images)
+    seconds = time.perf_counter() - start
+    settings = {"checkpoint": str(checkpoint), "data": str(image_dir), "ann": str(ann_file), "layout": layout.name,
+                "preset": args.preset, "inference": config.as_dict(), "model": {k: v for k, v in info.items()
+                                                                               if k != "train_config"},
+                "seconds": round(seconds, 1), "num_results": len(results), "metrics": metrics}
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    if metrics is None:
+        (out_dir / "config.yaml").unlink()   # image_info files: results.json only
+        print(f"{len(results)} detections (no annotations to score)")
+    else:
+        print(f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AR {metrics['AR']:.4f}  ({seconds:.0f} s)")
+    print(f"outputs: {out_dir}")
+    return 0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--preset", default="official", choices=sorted(PRESETS),
+                        help="test settings: official (flip, detection 0.1, tag 1.0) or seed (default: %(default)s)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="short side at scale 1 (default: the checkpoint's training size, else 512)")
+    parser.add_argument("--scales", type=float, nargs="+", default=None, help="multi-scale test factors, e.g. 2 1 0.5")
+    parser.add_argument("--no-flip", action="store_true", help="turn flip test off")
+    parser.add_argument("--detection-threshold", type=float, default=None, help="override the preset's")
+    parser.add_argument("--tag-threshold", type=float, default=None, help="override the preset's")
+    parser.add_argument("--layout", default="coco17", help="keypoint layout: coco17 or crowdpose14 (default: %(default)s)")
+    parser.add_argument("--max-images", type=int, default=None, help="only the first N images (quick checks)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_bad_input(main, parse_args()))

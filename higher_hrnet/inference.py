@@ -1,0 +1,178 @@
+"""The official HigherHRNet test pipeline: image -> people in image pixels (lib/core/inference.py, tools/valid.py).
+
+API (rtpe imports these):
+    config = PRESETS["official"]          # or "seed" (detection 0.05, tag 0.5, no flip), or InferenceConfig(...)
+    people, scores = predict_people(model, image_rgb, config, layout=COCO17)
+    heatmaps, tags, center, box = predict_maps(model, image_rgb, config, flip_index)   # maps only
+    people, scores = maps_to_people(heatmaps, tags, center, box, config)                # grouping + inverse affine
+people: float32 (N, K, 3 + L) = (x, y, score, tag...) in original image pixels; scores (N,).
+Steps: short side resized to input_size with both sides aligned to multiples of 64; every output with
+>= K channels gives heatmaps (upsampled to the largest output, averaged), outputs with more give tags;
+flip test with the flip index; optional extra scales (tags from scale 1 only); maps projected to input
+resolution; grouping (higher_hrnet.grouping); the inverse affine to image pixels.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.geometry import affine_points, get_affine_transform, warp_image
+from common.keypoints import COCO17
+from higher_hrnet.dataset import normalize_image
+from higher_hrnet.grouping import GroupingParams, group_by_tags, group_by_tags_reference
+
+
+@dataclass
+class InferenceConfig:
+    input_size: int = 512
+    scales: tuple = (1.0,)
+    flip: bool = True
+    project_to_image: bool = True     # group on input-resolution maps (official PROJECT2IMAGE)
+    detection_threshold: float = 0.1
+    tag_threshold: float = 1.0
+    max_num_people: int = 30
+    nms_kernel: int = 5
+    adjust: bool = True
+    refine: bool = True
+    use_detection_val: bool = True
+    ignore_too_much: bool = False
+    reference_grouping: bool = False  # the slow step-by-step parser (same output)
+    extra: dict = field(default_factory=dict)
+
+    def grouping_params(self, num_joints):
+        return GroupingParams(num_joints=num_joints, max_num_people=self.max_num_people,
+                              detection_threshold=self.detection_threshold, tag_threshold=self.tag_threshold,
+                              use_detection_val=self.use_detection_val, ignore_too_much=self.ignore_too_much,
+                              nms_kernel=self.nms_kernel, adjust=self.adjust, refine=self.refine)
+
+    def as_dict(self):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# official: w32_512_adam_lr1e-3.yaml TEST section; seed: the re-implementation we follow
+PRESETS = {"official": InferenceConfig(),
+           "seed": InferenceConfig(detection_threshold=0.05, tag_threshold=0.5, flip=False)}
+
+
+def preset(name, **overrides):
+    if name not in PRESETS:
+        raise SystemExit(f"unknown inference preset '{name}'; choose from {sorted(PRESETS)}")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def multi_scale_size(height, width, input_size, current_scale, min_scale):
+    """Official get_multi_scale_size: ((w, h) resized, center, box (w, h) in image pixels). The short side
+    becomes input_size * scale; the long side keeps the aspect ratio, rounded up to a multiple of 64."""
+    center = np.array([int(width / 2.0 + 0.5), int(height / 2.0 + 0.5)], np.float64)
+    min_input = int((min_scale * input_size + 63) // 64 * 64)
+    if width < height:
+        w_resized = int(min_input * current_scale / min_scale)
+        h_resized = int(int((min_input / width * height + 63) // 64 * 64) * current_scale / min_scale)
+        box = np.array([width, h_resized / w_resized * width], np.float64)
+    else:
+        h_resized = int(min_input * current_scale / min_scale)
+        w_resized = int(int((min_input / height * width + 63) // 64 * 64) * current_scale / min_scale)
+        box = np.array([w_resized / h_resized * height, height], np.float64)
+    return (w_resized, h_resized), center, box
+
+
+def resize_align(image, input_size, current_scale=1.0, min_scale=1.0):
+    """Warp the image to the aligned size: (resized image, center, box)."""
+    size, center, box = multi_scale_size(image.shape[0], image.shape[1], input_size, current_scale, min_scale)
+    matrix = get_affine_transform(center, box, 0, size)
+    return warp_image(image, matrix, size), center, box
+
+
+def _split_outputs(outputs, num_joints):
+    outputs = [outputs] if torch.is_tensor(outputs) else list(outputs)
+    return outputs
+
+
+def network_maps(model, x, num_joints, flip_index=None, size_projected=None):
+    """Official get_multi_stage_outputs: ([heatmaps, (flipped heatmaps)], [tags, (flipped tags)]), each
+    (B, C, H, W) at the largest output's (or the projected) resolution."""
+    heatmaps, tags = [], []
+    passes = [False, True] if flip_index is not None else [False]
+    for flipped in passes:
+        outputs = _split_outputs(model(torch.flip(x, [3]) if flipped else x), num_joints)
+        target = outputs[-1].shape[2:]
+        heat_sum, heat_count = 0, 0
+        for output in outputs:
+            if output.shape[2:] != target:
+                output = F.interpolate(output, size=target, mode="bilinear", align_corners=False)
+            if flipped:
+                output = torch.flip(output, [3])
+            if output.shape[1] >= num_joints:
+                heat = output[:, :num_joints]
+                heat_sum = heat_sum + (heat[:, flip_index] if flipped else heat)
+                heat_count += 1
+            if output.shape[1] > num_joints:
+                tag = output[:, num_joints:]
+                tags.append(tag[:, flip_index] if flipped and tag.shape[1] == num_joints else tag)
+        heatmaps.append(heat_sum / heat_count)
+    if size_projected is not None:
+        size = (size_projected[1], size_projected[0])
+        heatmaps = [F.interpolate(h, size=size, mode="bilinear", align_corners=False) for h in heatmaps]
+        tags = [F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in tags]
+    return heatmaps, tags
+
+
+@torch.no_grad()
+def predict_maps(model, image, config=None, flip_index=None, num_joints=17, device=None):
+    """Heatmaps (K, H, W) and tags (K or 1, H, W, L) torch on CPU for one RGB uint8 image, plus the
+    center and box that map the maps back to the image. flip_index=None turns flip test off."""
+    config = config or PRESETS["official"]
+    device = device or next(model.parameters()).device
+    scales = sorted(config.scales, reverse=True)
+    min_scale = min(scales)
+    base_size, center, box = multi_scale_size(image.shape[0], image.shape[1], config.input_size, 1.0, min_scale)
+    final, tag_list = None, []
+    for s in scales:
+        resized, center, box = resize_align(image, config.input_size, s, min_scale)
+        x = normalize_image(resized)[None].to(device)
+        heatmaps, tags = network_maps(model, x, num_joints, flip_index if config.flip else None,
+                                      base_size if config.project_to_image else None)
+        if s == 1 or len(scales) == 1:
+            if final is not None and not config.project_to_image:
+                tags = [F.interpolate(t, size=final.shape[2:], mode="bilinear", align_corners=False) for t in tags]
+            tag_list += [t[..., None] for t in tags]
+        average = (heatmaps[0] + heatmaps[1]) / 2.0 if len(heatmaps) == 2 else heatmaps[0]
+        if final is None:
+            final = average
+        elif config.project_to_image:
+            final = final + average
+        else:
+            final = final + F.interpolate(average, size=final.shape[2:], mode="bilinear", align_corners=False)
+    final = final / float(len(scales))
+    tags = torch.cat(tag_list, dim=4)
+    return final[0].float().cpu(), tags[0].float().cpu(), center, box
+
+
+def maps_to_people(heatmaps, tags, center, box, config=None, num_joints=None):
+    """Group one image's maps and map the people back to image pixels (official get_final_preds)."""
+    config = config or PRESETS["official"]
+    num_joints = num_joints or heatmaps.shape[0]
+    group = group_by_tags_reference if config.reference_grouping else group_by_tags
+    people, scores = group(heatmaps, tags, config.grouping_params(num_joints))
+    if len(people):
+        map_size = (heatmaps.shape[2], heatmaps.shape[1])
+        inverse = get_affine_transform(center, box, 0, map_size, inverse=True)
+        people = affine_points(people, inverse)
+    return people, scores
+
+
+def predict_people(model, image, config=None, layout=COCO17, device=None):
+    """Image (RGB uint8) -> (people (N, K, 3 + L) in image pixels, scores (N,))."""
+    config = config or PRESETS["official"]
+    heatmaps, tags, center, box = predict_maps(model, image, config, layout.flip_index, layout.num_keypoints, device)
+    return maps_to_people(heatmaps, tags, center, box, config, layout.num_keypoints)
+
+
+def people_to_coco_results(people, scores, image_id, category_id=1):
+    """COCO keypoint results: one dict per person with (x, y, score) per joint and the person score."""
+    return [{"image_id": int(image_id), "category_id": category_id,
+             "keypoints": [float(v) for v in person[:, :3].reshape(-1)], "score": float(score)}
+            for person, score in zip(people, scores)]

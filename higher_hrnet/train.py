@@ -1,0 +1,128 @@
+"""Train HigherHRNet (bottom-up, associative embedding) with the shared loop in common.engine.
+
+    python higher_hrnet/train.py                          # preset cpu: built-in scenes, CPU-sized, ends with eval
+    python higher_hrnet/train.py --preset official --data coco/images/train2017 \
+        --ann coco/annotations/person_keypoints_train2017.json \
+        --val-data coco/images/val2017 --val-ann coco/annotations/person_keypoints_val2017.json
+    torchrun --nproc_per_node=4 higher_hrnet/train.py --preset official ... [--sync-bn] [--amp bf16]
+Presets (PRESETS below; any flag overrides): official = W32, 512 input, Adam 1e-3, 300 epochs, LR x0.1
+at epochs 200 and 260, 12 images per GPU; cpu = the small run `time python higher_hrnet/train.py` does
+on two cores. --pretrained PATH starts the backbone from an ImageNet ClassificationHRNet checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.distributed as dist
+
+from common.data import exit_on_bad_input
+from common.engine import add_common_args, run_dirs, setup_device_and_distributed, train
+from common.keypoints import get_layout
+from higher_hrnet.dataset import BottomUpDataset, collate_skip_bad_bottom_up
+from higher_hrnet.eval import evaluate_model
+from higher_hrnet.inference import preset
+from higher_hrnet.loss import multi_resolution_loss
+from higher_hrnet.model import build_higher_hrnet
+
+MODEL_NAME = "higher_hrnet"
+
+# Defaults per preset. "milestones" are epochs (scheduler stepped per epoch) or, with "max_steps",
+# steps (stepped per step).
+PRESETS = {
+    "official": dict(width=32, input_size=512, batch_size=12, lr=1e-3, epochs=300, milestones=(200, 260),
+                     max_steps=None, val_every="10e", workers=4, eval_preset="official"),
+    # Two CPU cores, built-in 256 px scenes at their own resolution (small people keep their pixels).
+    "cpu": dict(width=8, input_size=256, batch_size=8, lr=2e-3, epochs=None, max_steps=1200,
+                milestones=(1000, 1150), val_every="0", workers=1, eval_preset="official"),
+}
+
+
+def build_optimizer_and_scheduler(model, args):
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)   # official: Adam, no weight decay
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(args.milestones), gamma=0.1)
+    return optimizer, scheduler, ("step" if args.max_steps else "epoch")
+
+
+def data_paths(args):
+    """(train images, train ann, val images, val ann): given, else the built-in scenes (made on rank 0)."""
+    if args.data:
+        if not args.ann:
+            raise SystemExit("--data needs --ann (COCO keypoint JSON)")
+        return args.data, args.ann, args.val_data, args.val_ann
+    from common.synthetic import ensure_dataset
+
+    if args.rank == 0:
+        root = ensure_dataset("multi_person", args.out)
+    if args.distributed:
+        dist.barrier()
+    root = ensure_dataset("multi_person", args.out)
+    return (root / "images" / "train", root / "annotations" / "person_keypoints_train.json",
+            root / "images" / "val", root / "annotations" / "person_keypoints_val.json")
+
+
+def main(args):
+    setup_device_and_distributed(args)
+    dirs = run_dirs(args, MODEL_NAME)
+    layout = get_layout(args.layout)
+    train_images, train_ann, val_images, val_ann = data_paths(args)
+    train_set = BottomUpDataset(train_images, train_ann, args.input_size, layout)
+
+    model = build_higher_hrnet(args.width, layout.num_keypoints)
+    if args.pretrained not in (None, "none"):
+        from higher_hrnet.checkpoints import load_imagenet_backbone
+        from common.pretrained import resolve_pretrained
+
+        # no download URL: the official ImageNet weights come from a OneDrive link, fetched by hand
+        resolve_pretrained(args.pretrained, filename=f"hrnetv2_w{args.width}_imagenet_pretrained.pth", url=None,
+                           load_fn=lambda state: print(f"backbone: {load_imagenet_backbone(model, state)} tensors"))
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler, interval = build_optimizer_and_scheduler(model, args)
+    eval_config = preset(args.eval_preset, input_size=args.input_size)
+
+    def compute_loss(net, batch):
+        losses = multi_resolution_loss(net(batch["image"]), batch, layout.num_keypoints)
+        return losses["total"], {k: float(v.detach()) for k, v in losses.items() if k != "total"}
+
+    evaluate = None
+    if val_images is not None and val_ann is not None:
+        def evaluate(net):
+            metrics, _ = evaluate_model(net, val_images, val_ann, eval_config, layout, args.device,
+                                        dirs["outputs"], max_images=args.val_images)
+            return metrics or {}
+
+    model, summary = train(args, model, train_set, compute_loss, optimizer, scheduler=scheduler,
+                           scheduler_interval=interval, evaluate=evaluate, best_metric="AP",
+                           collate_fn=collate_skip_bad_bottom_up, model_name=MODEL_NAME)
+    if args.rank == 0:
+        ap = summary["metrics"].get("AP")
+        if ap is not None:
+            print(f"final COCO AP {ap:.4f} on {val_ann} ({eval_config.input_size} px, flip {eval_config.flip})")
+        print(f"outputs: {dirs['outputs']} (checkpoints {dirs['checkpoints']})")
+    return 0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="defaults to start from (default: cpu)")
+    known, _ = parser.parse_known_args(argv)
+    chosen = dict(PRESETS[known.preset])
+    add_common_args(parser, **{k: chosen.pop(k) for k in ("batch_size", "lr", "epochs", "max_steps", "val_every",
+                                                            "workers")})
+    parser.add_argument("--width", type=int, default=chosen["width"], help="HRNet width: 32, 48 or tiny 8/16 (default: %(default)s)")
+    parser.add_argument("--input-size", type=int, default=chosen["input_size"], help="square training input (default: %(default)s)")
+    parser.add_argument("--milestones", type=int, nargs="+", default=chosen["milestones"],
+                        help="LR x0.1 at these epochs (or steps with --max-steps) (default: %(default)s)")
+    parser.add_argument("--eval-preset", default=chosen["eval_preset"], help="inference preset for validation")
+    parser.add_argument("--val-data", default=None, help="validation image folder (with --data)")
+    parser.add_argument("--val-ann", default=None, help="validation COCO keypoint JSON (with --data)")
+    parser.add_argument("--val-images", type=int, default=None, help="validate on the first N images only")
+    parser.add_argument("--layout", default="coco17", help="coco17 or crowdpose14 (default: %(default)s)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_bad_input(main, parse_args()))
