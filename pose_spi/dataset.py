@@ -151,7 +151,7 @@ def synthetic_paths(data_root):
 
 
 def render_toy_style_person(rng, size=64, supersample=2):
-    """One toy-set-style image: a single figure facing the camera, 45-90% of the image tall, on black (60%)
+    """One toy-set-style image: a single figure facing the camera, 45-90% of the image tall, on black (75%)
     or a dim cluttered background, drawn at `supersample` x the size and area-averaged down.
 
     Returns RGB uint8 (size, size, 3), keypoints (13, 3) in the POSE_SPI13 order (all v=2, inside the image,
@@ -171,7 +171,7 @@ def render_toy_style_person(rng, size=64, supersample=2):
     hi = fig.points.max(0) + fig.head_radius
     slack = np.maximum(big - (hi - lo), 0)
     fig = fig.moved(1.0, rng.uniform(0, 1, 2) * slack - lo)
-    if rng.random() < 0.6:
+    if rng.random() < 0.75:  # the toy set's backgrounds were removed (black); some dim clutter for robustness
         canvas = np.zeros((big, big, 3), np.uint8)
     else:
         canvas = (synthetic.random_background(rng, (big, big)) * rng.uniform(0.05, 0.25)).astype(np.uint8)

@@ -218,14 +218,14 @@ def model_config(args):
                 encoder=args.encoder, reduce=args.reduce, measurements=args.measurements, patterns=args.patterns)
 
 
-def add_model_args(parser, head="simple"):
+def add_model_args(parser, head="simple", encoder="product"):
     g = parser.add_argument_group("model")
     g.add_argument("--input-size", type=int, default=64, help="side S of the square grayscale input (default 64)")
     g.add_argument("--num-keypoints", "--num_keypoints", type=int, default=None,
                    help="keypoints per person (default: from the annotation file)")
     g.add_argument("--head", choices=HEADS, default=head, help=f"keypoint head (default {head})")
-    g.add_argument("--encoder", choices=ENCODERS, default="product",
-                   help="measurement layer: the seed's product/conv, or explicit patterns (default product)")
+    g.add_argument("--encoder", choices=ENCODERS, default=encoder,
+                   help=f"measurement layer: the seed's product/conv, or explicit patterns (default {encoder})")
     g.add_argument("--reduce", action="store_true", help="2x2 max-pool the product/conv measurements (S^2/4)")
     g.add_argument("--measurements", type=int, default=None,
                    help="number M of SxS patterns with --encoder patterns (default S^2/4)")

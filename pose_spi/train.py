@@ -25,14 +25,14 @@ MODEL_NAME = "pose_spi"
 # a one-cycle schedule converges far faster than the seed's plain SGD at lr 1e-4, which barely moves this
 # 21M-parameter net in that time. The seed preset reproduces the original recipe for comparison.
 PRESETS = {
-    "default": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=12, batch_size=32, loss="l1",
-                    schedule="onecycle", workers=0),
+    "default": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=6, batch_size=16, loss="l1",
+                    schedule="onecycle", workers=0, val_every="2e"),
     "seed": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, epochs=1000, batch_size=4, loss="mse",
                  schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0),
 }
 KEYPOINTRCNN_PRESETS = {
-    "default": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, epochs=10, batch_size=32, loss="l1",
-                    schedule="onecycle", workers=0),
+    "default": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, epochs=5, batch_size=16, loss="l1",
+                    schedule="onecycle", workers=0, val_every="2e"),
     "seed": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, epochs=1000, batch_size=4, loss="l1",
                  schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0),
 }
@@ -98,7 +98,8 @@ def build_parser(presets, head, description):
     parser.add_argument("--preset", choices=sorted(presets), default="default",
                         help="recipe whose values become the defaults (flags still override) (default: default)")
     add_common_args(parser)
-    add_model_args(parser, head=head)
+    # the seed's train_keypointrcnn.py measured with the conv encoder, its train.py with the product one
+    add_model_args(parser, head=head, encoder="conv" if head == "efficientnet" else "product")
     add_data_args(parser)
     g = parser.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), help="optimizer (preset)")
