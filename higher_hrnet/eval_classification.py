@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import torch
 import torch.nn.functional as F
+from torchvision.datasets.folder import find_classes
 
 from common.data import BadImageError, read_image
 from common.engine import add_common_args, newest_checkpoint, output_dirs
@@ -109,11 +110,19 @@ def main(args):
     image_size = args.image_size or config.get("image_size") or official["image_size"]
     resize_size = args.resize_size or config.get("resize_size") or official["resize_size"]
     dirs = output_dirs(MODEL_NAME, args.run_name, args.out)
+    if args.data and not Path(args.data).is_dir():
+        print(f"error: {args.data}: data folder not found (expected <data>/val/<class>/<image>)")
+        return 1
     data_root = Path(args.data) if args.data else (Path(config["data_root"]) if config.get("data_root") else None)
     if data_root is None or not data_root.is_dir():
         data_root = ensure_builtin_imagefolder(dirs["data"])
     num_classes = model.classifier.out_features
-    class_names = config.get("class_names") or [str(i) for i in range(num_classes)]
+    class_names = config.get("class_names")
+    if not class_names:
+        # Files without a config (official, seed): the class index is the sorted folder order,
+        # as in torchvision's ImageFolder (ImageNet: sorted WordNet ids).
+        found = find_classes(str(data_root / "val"))[0] if (data_root / "val").is_dir() else []
+        class_names = found if len(found) == num_classes else [str(i) for i in range(num_classes)]
     if len(class_names) != num_classes:
         print(f"error: {checkpoint}: {num_classes} classes in the weights but {len(class_names)} names in its config")
         return 1

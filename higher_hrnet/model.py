@@ -210,6 +210,10 @@ class HRNetBackbone(nn.Module):
         return self.layer1(x)
 
     def forward(self, x):
+        if x.shape[-2] % 32 or x.shape[-1] % 32:
+            # Four halvings after the stride-4 stem: other sizes break the fusion of branches.
+            raise ValueError(f"HRNet input {x.shape[-2]}x{x.shape[-1]}: height and width must be "
+                             f"multiples of 32 (the official pipeline uses multiples of 64)")
         features = [self.forward_stem(x)]
         for stage in (2, 3, 4):
             features = apply_transition(getattr(self, f"transition{stage - 1}"), features)

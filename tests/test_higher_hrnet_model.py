@@ -88,6 +88,8 @@ def test_output_shapes_on_tiny_width():
     assert higher_hrnet_config(model.state_dict()) == (4, 17, True)
     with pytest.raises(ValueError, match="multiple of 4"):
         build_higher_hrnet(30)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.zeros(1, 3, 500, 512))
 
 
 def test_classification_hrnet_tiny_forward():
