@@ -103,6 +103,14 @@ class PoseSPIDataset(Dataset):
     def __len__(self):
         return len(self.people) * self.repeat
 
+    def input_keypoints(self, index):
+        """Keypoints (K,3) of sample `index` in resized-input pixels, from the annotations alone."""
+        index %= len(self.people)
+        info = self.coco.loadImgs([self.image_ids[index]])[0]
+        keypoints = np.asarray(self.people[index]["keypoints"], np.float32).reshape(-1, 3).copy()
+        keypoints[:, :2] = to_input_pixels(keypoints[:, :2], (info["width"], info["height"]), self.input_size)
+        return keypoints
+
     def load(self, index):
         """The resized grayscale image (S,S) and keypoints (K,3) in its pixels, before augmentation."""
         index %= len(self.people)
@@ -112,7 +120,7 @@ class PoseSPIDataset(Dataset):
         s = self.input_size
         gray = cv2.resize(to_gray(image), (s, s), interpolation=cv2.INTER_AREA) if (h, w) != (s, s) else to_gray(image)
         keypoints = np.asarray(self.people[index]["keypoints"], np.float32).reshape(-1, 3).copy()
-        keypoints[:, :2] = to_input_pixels(keypoints[:, :2], (w, h), s)
+        keypoints[:, :2] = to_input_pixels(keypoints[:, :2], (w, h), s)  # the file's size, not the JSON's
         return gray, keypoints, (w, h)
 
     def augment_sample(self, gray, keypoints):

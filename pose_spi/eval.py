@@ -92,7 +92,7 @@ def mean_pose(train_set):
     """Mean keypoint position over the training set (input pixels, (K, 2)), labelled points only."""
     total, count = np.zeros((train_set.num_keypoints, 2)), np.zeros((train_set.num_keypoints, 1))
     for index in range(len(train_set.people)):
-        _, keypoints, _ = train_set.load(index)
+        keypoints = train_set.input_keypoints(index)
         labelled = keypoints[:, 2:3] > 0
         total += keypoints[:, :2] * labelled
         count += labelled

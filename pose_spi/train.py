@@ -157,7 +157,10 @@ def main(args, model_name=MODEL_NAME):
         return {"AP": stats["AP"], "AP50": stats["AP50"], "AR": stats["AR"], "val_loss": val_loss,
                 "baseline_AP": baseline}
 
-    def log_images(net, batch):
+    val_preview = torch.utils.data.default_collate([val_set[i] for i in range(min(8, len(val_set)))])
+
+    def log_images(net, _train_batch):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in val_preview.items()}
         return {"val/predicted_red_vs_true_green": draw_predictions(
             net, batch, train_set.layout, args.input_size, args.raw_targets)}
 
