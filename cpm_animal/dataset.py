@@ -481,7 +481,7 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", help="config overrides group.key=value")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    model_config = config_from_dict(config["model"])
+    model_config = config_from_dict({**config["model"], "num_keypoints": config["dataset"]["n_keypoints"]})
     dirs = output_dirs("cpm_animal", "show", args.out)
     path = show(config, model_config, Path(dirs["data"]) / "cpm_animal", args.show, Path(dirs["outputs"]), args.seed)
     print(f"wrote {args.show} samples and their heatmaps to {path}")

@@ -89,6 +89,22 @@ def test_real_cat_json_drops_the_entry_outside_its_image(capsys):
     assert len(records) == 136 and "137" not in {r["id"] for r in records}
 
 
+def test_coco_animal_reader_crops_ap10k_boxes(tmp_path):
+    from cpm_animal.dataset import load_coco_records
+
+    folder = SHARED / "ap10k_sample"
+    if not folder.is_dir():
+        pytest.skip("../shared/data is absent")
+    records, layout = load_coco_records(folder / "test_ap10k.json", folder, "ap10k17")
+    assert len(records) == 2 and layout.num_keypoints == 17
+    config = build_model({**TINY, "num_keypoints": 17}).config
+    sample = KeypointCrops(records, layout, config, {}, ImageCache(tmp_path, 256), heatmap_size(config))[0]
+    assert tuple(sample["heatmap"].shape) == (17, 15, 15)
+    labelled = sample["gt"][:, 2] > 0
+    back = sample["inverse"][:, :2] @ sample["keypoints"][:, :2].T + sample["inverse"][:, 2:]
+    assert torch.allclose(back.T[labelled], sample["gt"][labelled, :2], atol=0.05)
+
+
 def dot_records(tmp_path, size=(160, 120)):
     """An image with one coloured disc per keypoint (colour k -> keypoint k) and its record."""
     width, height = size
