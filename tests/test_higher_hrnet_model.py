@@ -327,8 +327,17 @@ def test_classification_train_eval_and_backbone_transfer(tmp_path, monkeypatch, 
     assert (out / "0_top5.png").is_file()
     assert "bad.jpg: empty file" in capsys.readouterr().err
 
-    pose = build_higher_hrnet(4)
     trained = torch.load(checkpoint, weights_only=True)["model"]
+    # A file without our config (an official release in DataParallel form): classes = sorted folders.
+    official = tmp_path / "official_form.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in trained.items()}}, official)
+    assert eval_classification.main(eval_classification.parse_args(
+        ["--checkpoint", str(official), "--data", str(data), "--workers", "0", "--run-name", "official",
+         "--image-size", "32", "--resize-size", "40"])) == 0
+    metrics = json.loads((tmp_path / "root/outputs/hrnet_classification/official/metrics.json").read_text())
+    assert metrics["images"] == 6 and (metrics["image_size"], metrics["resize_size"]) == (32, 40)
+
+    pose = build_higher_hrnet(4)
     assert load_imagenet_backbone(pose, checkpoint) == 1752
     assert torch.equal(pose.stage4[2].branches[3][3].conv2.weight, trained["stage4.2.branches.3.3.conv2.weight"])
     assert torch.equal(pose.layer1[0].bn3.running_mean, trained["layer1.0.bn3.running_mean"])
@@ -338,7 +347,7 @@ def test_classification_defaults_and_builtin_data(tmp_path, monkeypatch, capsys)
     from higher_hrnet import eval_classification, train_classification
 
     args = train_classification.parse_args([])
-    assert (args.preset, args.width, args.image_size) == ("builtin", 8, 64)
+    assert (args.preset, args.width, args.image_size) == ("builtin", 8, 32)
     first = train_classification.ensure_builtin_imagefolder(tmp_path / "a")
     second = train_classification.ensure_builtin_imagefolder(tmp_path / "b")
     files = sorted(p.relative_to(first) for p in first.rglob("*.png"))
