@@ -24,9 +24,17 @@ from higher_hrnet.grouping import GroupingParams, group_by_tags
 from rtpe.model import IMAGENET_MEAN, IMAGENET_STD, RealtimePoseStudent, fold_batchnorm
 
 STRIDE = 4
+HEATMAP_POS_WEIGHT = 100.0  # the keypoint loss's BCE pos_weight (train.py)
 MEAN_RGB = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
 # the seed's parser settings (HM_PARSER_PARAMS): detection 0.1, tag 1.0, 30 people, 5x5 NMS
 SEED_GROUPING = dict(detection_threshold=0.1, tag_threshold=1.0, max_num_people=30, nms_kernel=5)
+
+
+def calibrated_heatmaps(logits, pos_weight=HEATMAP_POS_WEIGHT):
+    """Heatmaps in [0,1] from the student's logits. Training with BCE pos_weight w moves the optimum
+    logit to logit(target) + log(w), which saturates sigmoid(logit) to 1.0 over whole blobs and erases
+    the peaks; subtracting log(w) gives back the target's scale (peak ~1, Gaussian flanks)."""
+    return torch.sigmoid(logits - math.log(pos_weight))
 
 
 def prepare_input(image, input_size, multiple=16):
@@ -87,7 +95,7 @@ class Predictor:
             x = x.contiguous(memory_format=torch.channels_last)
         segmentation, keypoint_map = self.model(x)
         k = self.num_joints
-        heatmaps = torch.sigmoid(keypoint_map[0, :k])
+        heatmaps = calibrated_heatmaps(keypoint_map[0, :k])
         tags = keypoint_map[0, k:]
         keypoints, scores = maps_to_people(heatmaps, tags, map_to_original(to_input), self.params)
         return keypoints, scores, torch.sigmoid(segmentation[0, 0])

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from common.engine import add_common_args, output_dirs, setup_device_and_distributed, train, unwrap
 
+from rtpe.infer import HEATMAP_POS_WEIGHT  # noqa: E402  (decoding undoes this weight's logit shift)
+
 MODEL_NAME = "rtpe"
 
 RECIPES = {
@@ -33,7 +35,7 @@ RECIPES = {
                  period_scale=1.01, momentum=0.9, weight_decay=3e-4, batch_size=16, crop_size=448,
                  max_steps=None, epochs=100),
     "cpu": dict(preset="light", optimizer="adam", lr=2e-3, min_lr=2e-5, warmup=100, weight_decay=0.0,
-                batch_size=8, crop_size=256, max_steps=1200, epochs=None),
+                batch_size=8, crop_size=256, max_steps=600, epochs=None),
 }
 
 
@@ -87,7 +89,7 @@ def weighted_bce(logits, target, weight, pos_weight):
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight, pos_weight=pos, reduction="none")
 
 
-def keypoint_loss(logits, gt, weight, teacher=None, alpha=0.8, pos_weight=100.0, background_factor=1.0,
+def keypoint_loss(logits, gt, weight, teacher=None, alpha=0.8, pos_weight=HEATMAP_POS_WEIGHT, background_factor=1.0,
                   hard_keypoints=0):
     """alpha * BCE(logits, teacher) + (1 - alpha) * BCE(logits, gt), weighted mean over pixels.
     background_factor scales the weight of pixels where the ground truth is 0 (the seed's keypoint mining);
@@ -138,7 +140,7 @@ def associative_embedding_loss(tags, tag_index):
 class DistillationObjective:
     """compute_loss for the training loop: one forward, one summed loss, one backward per step."""
 
-    def __init__(self, stage="det", alpha=0.8, ae_weight=0.2, background_factor=1.0, hard_keypoints=0,
+    def __init__(self, stage="det", alpha=0.8, ae_weight=1.0, background_factor=1.0, hard_keypoints=0,
                  teacher_stem=None):
         self.stage, self.alpha, self.ae_weight = stage, alpha, ae_weight
         self.background_factor, self.hard_keypoints = background_factor, hard_keypoints
@@ -368,7 +370,7 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, epochs=None, batch_size=None, lr=None, max_steps=None, val_every="400", workers=2,
+    add_common_args(p, epochs=None, batch_size=None, lr=None, max_steps=None, val_every="200", workers=2,
                     log_every=20)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads for the training process; 0 = torch's default (default: %(default)s)")
@@ -391,7 +393,7 @@ def parse_args(argv=None):
     p.add_argument("--input-size", type=int, default=256, help="validation input, longer side (default: %(default)s)")
     p.add_argument("--crop-size", type=int, default=None, help="training crop side (recipe's)")
     p.add_argument("--alpha", type=float, default=0.8, help="teacher share of the heatmap loss (default: %(default)s)")
-    p.add_argument("--ae-weight", type=float, default=0.2, help="pull+push factor (default: %(default)s)")
+    p.add_argument("--ae-weight", type=float, default=1.0, help="pull+push factor (default: %(default)s)")
     p.add_argument("--background-factor", type=float, default=1.0,
                    help="loss weight of pixels where the ground truth is 0 (default: %(default)s)")
     p.add_argument("--hard-keypoints", type=int, default=0,

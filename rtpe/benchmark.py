@@ -1,0 +1,165 @@
+"""Speed and size of the rtpe students (and the HigherHRNet teacher): parameters, GFLOPs, latency median/p90
+and FPS at 256/448/512, batch 1, model only and image -> keypoints (resize + normalise + network + grouping).
+
+    python rtpe/benchmark.py                               # light + seed students and teacher W32, 2 threads
+    python rtpe/benchmark.py --presets light --sizes 256 --frames 300
+
+Backends: torch CPU fp32 channels_last (BatchNorm folded), onnxruntime CPU when installed, CUDA fp16/bf16
+when a GPU is present. Untrained weights: speed does not depend on them (grouping work does a little:
+random maps give many candidates, so the image -> keypoints figure is on the pessimistic side).
+Prints a table and writes benchmark.json to outputs/rtpe/benchmark/.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+
+
+def timed(function, frames, warmup):
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(frames):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    times = np.array(times) * 1000
+    median = float(np.median(times))
+    return {"median_ms": median, "p90_ms": float(np.percentile(times, 90)), "fps": 1000 / median}
+
+
+def model_gflops(model, size):
+    from common.evaluation import count_flops
+    return count_flops(copy.deepcopy(model).eval(), torch.randn(1, 3, size, size)) / 1e9
+
+
+def bench_student(preset, size, frames, warmup, backends):
+    from rtpe.infer import Predictor
+    from rtpe.model import RealtimePoseStudent, fold_batchnorm
+
+    torch.manual_seed(0)
+    model = RealtimePoseStudent(preset, "lab").eval()
+    rows = []
+    params = sum(p.numel() for p in model.parameters())
+    gflops = model_gflops(model, size)
+    folded = fold_batchnorm(copy.deepcopy(model)).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        rows.append({"model": f"student {preset}", "backend": "torch cpu fp32 cl", "part": "model", "size": size,
+                     **timed(lambda: folded(x), frames, warmup)})
+    predictor = Predictor(copy.deepcopy(model), input_size=size)
+    image = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
+    rows.append({"model": f"student {preset}", "backend": "torch cpu fp32 cl", "part": "image->keypoints",
+                 "size": size, **timed(lambda: predictor(image), frames, warmup)})
+    if "onnxruntime" in backends:
+        rows += bench_onnxruntime(model, preset, size, frames, warmup)
+    if "cuda" in backends:
+        rows += bench_cuda(model, f"student {preset}", size, frames, warmup)
+    for row in rows:
+        row.update(params=params, gflops=gflops)
+    return rows
+
+
+def bench_onnxruntime(model, preset, size, frames, warmup):
+    import tempfile
+
+    import onnxruntime
+
+    from rtpe.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, f"{tmp}/m.onnx", example_size=size)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+        result = timed(lambda: session.run(None, {"image": x}), frames, warmup)
+    return [{"model": f"student {preset}", "backend": "onnxruntime cpu fp32", "part": "model", "size": size, **result}]
+
+
+def bench_cuda(model, name, size, frames, warmup):
+    rows = []
+    for dtype in (torch.float16, torch.bfloat16):
+        m = copy.deepcopy(model).cuda().eval().to(memory_format=torch.channels_last)
+        x = torch.randn(1, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+
+        def run():
+            with torch.autocast("cuda", dtype=dtype):
+                m(x)
+            torch.cuda.synchronize()
+        with torch.inference_mode():
+            rows.append({"model": name, "backend": f"cuda {str(dtype).split('.')[-1]}", "part": "model",
+                         "size": size, **timed(run, frames, warmup)})
+    return rows
+
+
+def bench_teacher(width, size, frames, warmup, backends):
+    from higher_hrnet.model import build_higher_hrnet
+
+    model = build_higher_hrnet(width).eval()
+    params = sum(p.numel() for p in model.parameters())
+    gflops = model_gflops(model, size)
+    m = model.to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        rows = [{"model": f"teacher HigherHRNet-W{width}", "backend": "torch cpu fp32 cl", "part": "model",
+                 "size": size, **timed(lambda: m(x), frames, warmup)}]
+    if "cuda" in backends:
+        rows += bench_cuda(model, f"teacher HigherHRNet-W{width}", size, frames, warmup)
+    for row in rows:
+        row.update(params=params, gflops=gflops)
+    return rows
+
+
+def main(args):
+    from common.engine import output_dirs
+
+    torch.set_num_threads(args.threads)
+    backends = ["torch"]
+    try:
+        import onnxruntime  # noqa: F401
+        import onnx  # noqa: F401
+        backends.append("onnxruntime")
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        backends.append("cuda")
+    rows = []
+    for size in args.sizes:
+        for preset in args.presets:
+            rows += bench_student(preset, size, args.frames, args.warmup, backends)
+        if args.teacher_width:
+            rows += bench_teacher(args.teacher_width, size, max(3, args.teacher_frames), 2, backends)
+    print(f"\n{torch.get_num_threads()} torch threads, batch 1, {args.frames} timed frames after {args.warmup} "
+          f"warm-up (teacher: {args.teacher_frames})")
+    print("| model | backend | part | input | params | GFLOPs | median ms | p90 ms | FPS |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['backend']} | {r['part']} | {r['size']} | {r['params']:,} | {r['gflops']:.2f} "
+              f"| {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['fps']:.1f} |")
+    out = output_dirs("rtpe", "benchmark", args.out)["outputs"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    print(f"benchmark.json written to {out}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["light", "seed"], help="student presets (default: light seed)")
+    p.add_argument("--sizes", nargs="+", type=int, default=[256, 448, 512], help="square input sides")
+    p.add_argument("--frames", type=int, default=200, help="timed frames per row (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed frames first (default: %(default)s)")
+    p.add_argument("--teacher-width", type=int, default=32, help="HigherHRNet width to time; 0 = skip (default: 32)")
+    p.add_argument("--teacher-frames", type=int, default=5, help="timed teacher frames (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output root (default: $POSE_OUTPUT_ROOT, else .)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
