@@ -1,0 +1,348 @@
+"""higher_hrnet training and inference side: AE / heatmap loss vectors, targets, grouping parity, the whole
+test pipeline on fake network outputs, GT-as-predictions AP, a tiny training run, torchrun on CPU, eval files.
+(Model, checkpoint and classification tests live in test_higher_hrnet_model.py.)"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from common.geometry import flip_keypoints
+from common.keypoints import COCO17
+from higher_hrnet.benchmark import random_people, render_fake_maps, same_people
+from higher_hrnet.dataset import BottomUpDataset, collate_bottom_up, tag_rows
+from higher_hrnet.grouping import (GroupingParams, group_by_tags, group_by_tags_reference,
+                                   local_maxima_nms)
+from higher_hrnet.inference import InferenceConfig, multi_scale_size, predict_people
+from higher_hrnet.loss import ae_loss, heatmap_loss, multi_resolution_loss
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+def official_ae_vector():
+    tags = (torch.arange(32) * 0.1).float().view(1, 2, 4, 4)
+    rows = torch.tensor([[0, 0, 3], [0, 0, 22], [0, 1, 10], [0, 1, 30]])
+    return tags, rows
+
+
+def test_ae_loss_official_vector():
+    tags, rows = official_ae_vector()
+    push, pull = ae_loss(tags, rows, "exp")
+    assert push.item() == pytest.approx(0.2848914, abs=1e-6)
+    assert pull.item() == pytest.approx(0.95125, abs=1e-6)
+    push_max, _ = ae_loss(tags, rows, "max")
+    assert push_max.item() == pytest.approx(0.125, abs=1e-6)
+
+
+def test_ae_loss_batches_are_independent_and_lone_people_do_not_push():
+    tags, rows = official_ae_vector()
+    batch = torch.cat([torch.zeros_like(tags), tags])
+    lone = torch.tensor([[0, 7, 5], [0, 7, 6]])   # sample 0: one person, tags equal -> no push, no pull
+    push, pull = ae_loss(batch, torch.cat([lone, rows + torch.tensor([1, 10, 0])]))
+    assert push.tolist() == pytest.approx([0.0, 0.2848914], abs=1e-6)
+    assert pull.tolist() == pytest.approx([0.0, 0.95125], abs=1e-6)
+    push, pull = ae_loss(batch, torch.zeros((0, 3), dtype=torch.long))
+    assert push.sum().item() == 0 and pull.sum().item() == 0
+
+
+def test_heatmap_loss_vector_and_mask():
+    pred = torch.zeros(1, 2, 2, 2)
+    target = torch.ones(1, 2, 2, 2)
+    mask = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    assert heatmap_loss(pred, target, mask).item() == pytest.approx(0.75)
+    pred[0, :, 0, 1] = 100.0   # a huge error where the mask is 0 does not count
+    assert heatmap_loss(pred, target, mask).item() == pytest.approx(0.75)
+
+
+def test_total_loss_factors():
+    tags, rows = official_ae_vector()
+    out0 = torch.cat([torch.zeros(1, 2, 4, 4), tags], 1)
+    out1 = torch.zeros(1, 2, 8, 8)
+    batch = {"heatmaps_0": torch.ones(1, 2, 4, 4), "mask_0": torch.ones(1, 4, 4),
+             "heatmaps_1": torch.ones(1, 2, 8, 8), "mask_1": torch.ones(1, 8, 8), "tag_index": rows}
+    losses = multi_resolution_loss([out0, out1], batch, num_joints=2)
+    assert losses["total"].item() == pytest.approx(2.0 + 1e-3 * (0.2848914 + 0.95125), abs=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+def write_coco(root, images, annotations, size=(160, 120)):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for image_id in images:
+        cv2.imwrite(str(root / "images" / f"{image_id}.png"), np.full((size[1], size[0], 3), 90, np.uint8))
+    data = {"images": [{"id": i, "file_name": f"{i}.png", "width": size[0], "height": size[1]} for i in images],
+            "annotations": annotations,
+            "categories": [{"id": 1, "name": "person", "keypoints": list(COCO17.names), "skeleton": []}]}
+    path = root / "ann.json"
+    path.write_text(json.dumps(data))
+    return root / "images", path
+
+
+def person(points, ann_id, image_id=1):
+    kps = np.zeros((17, 3))
+    for j, (x, y) in points.items():
+        kps[j] = (x, y, 2)
+    return {"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0, "keypoints": kps.reshape(-1).tolist(),
+            "num_keypoints": len(points), "bbox": [0, 0, 10, 10], "area": 100,
+            "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]]}
+
+
+def test_targets_peak_truncation_out_of_bounds_and_crowd_mask(tmp_path):
+    crowd = {"id": 9, "image_id": 1, "category_id": 1, "iscrowd": 1, "keypoints": [0] * 51, "num_keypoints": 0,
+             "bbox": [100, 20, 40, 40], "area": 1600,
+             "segmentation": {"counts": [], "size": [120, 160]}}
+    mask = np.zeros((120, 160), np.uint8, order="F")
+    mask[20:60, 100:140] = 1
+    from pycocotools import mask as mask_utils
+    rle = mask_utils.encode(mask)
+    crowd["segmentation"] = {"counts": rle["counts"].decode(), "size": rle["size"]}
+    unlabelled = {**person({}, 8), "segmentation": [[10, 80, 40, 80, 40, 110, 10, 110]]}
+    # input 480 on a 160x120 image without augmentation: box = short side 120 -> scale 4 at the input,
+    # 1 at the 1/4 map, 2 at the 1/2 map; centre (80, 60) -> (60, 60) on the 1/4 map: shift -20 in x
+    images, ann = write_coco(tmp_path, [1], [person({0: (50.7, 30.2), 5: (-30.0, 40.0)}, 1), crowd, unlabelled])
+    dataset = BottomUpDataset(images, ann, input_size=480, augment=False)
+    sample = dataset[0]
+    heat = sample["heatmaps_0"].numpy()
+    assert heat.shape == (17, 120, 120)
+    y, x = np.unravel_index(np.argmax(heat[0]), heat[0].shape)
+    assert (x, y) == (int(50.7 - 20), int(30.2)) and heat[0, y, x] == pytest.approx(1.0)
+    assert heat[5].max() == 0                                        # outside the map: no target
+    assert heat[1:5].max() == 0 and heat[6:].max() == 0
+    rows = sample["tag_rows"].numpy()
+    assert rows.tolist() == [[0, 0 * 120 * 120 + 30 * 120 + 30]]      # only the joint on the map
+    m0 = sample["mask_0"].numpy()
+    assert m0[40, 100] == 0 and m0[40, 60] == 1                      # crowd region (x 100-140 -> 80-120)
+    assert m0[95, 10] == 0                                           # zero-keypoint person (x 10-40 -> -10..20)
+    half = sample["heatmaps_1"].numpy()
+    y, x = np.unravel_index(np.argmax(half[0]), half[0].shape)
+    assert (x, y) == (int(2 * (50.7 - 20)), int(2 * 30.2))
+
+
+def test_padding_is_ignored_after_a_random_affine(tmp_path):
+    images, ann = write_coco(tmp_path, [1], [person({0: (80, 60)}, 1)])
+    dataset = BottomUpDataset(images, ann, input_size=128, augment=True, min_scale=1.5, max_scale=1.5,
+                              max_rotation=30, max_translate=0, flip=0.0)
+    np.random.seed(3)
+    sample = dataset[0]
+    image = sample["image"].numpy()
+    for i in (0, 1):
+        mask = sample[f"mask_{i}"].numpy()
+        res = mask.shape[0]
+        # zoomed out by 1.5: the corners and the left/right bands are padding
+        assert mask[0, 0] == 0 and mask[res // 2, 0] == 0 and mask[res // 2, res - 1] == 0
+        assert mask[res // 2, res // 2] == 1
+    assert np.allclose(image[:, 0, 0], image[:, 0, 1])   # padding is constant in the image too
+
+
+def test_flip_swaps_joints_and_collate_offsets_people(tmp_path):
+    images, ann = write_coco(tmp_path, [1, 2], [person({5: (40.0, 60.0), 6: (100.0, 60.0)}, 1),
+                                                 person({0: (70, 50)}, 2, image_id=2), person({0: (90, 50)}, 3, image_id=2)])
+    dataset = BottomUpDataset(images, ann, input_size=120, augment=True, min_scale=1, max_scale=1,
+                              max_rotation=0, max_translate=0, flip=1.0)
+    sample = dataset[0]
+    heat = sample["heatmaps_0"].numpy()   # 30x30 map, box 120 -> scale 1/4, x offset (120-160)/2/4 = -5
+    x5 = np.unravel_index(np.argmax(heat[5]), heat[5].shape)[1]
+    x6 = np.unravel_index(np.argmax(heat[6]), heat[6].shape)[1]
+    # left shoulder (5) now lies where the mirrored right shoulder was
+    assert x5 == int(30 - (100 / 4 - 5) - 1) and x6 == int(30 - (40 / 4 - 5) - 1)
+    batch = collate_bottom_up([dataset[0], dataset[1]])
+    people = batch["tag_index"][:, :2].tolist()
+    assert sorted({tuple(p) for p in people}) == [(0, 0), (1, 1), (1, 2)]
+
+
+def test_tag_rows_per_joint_and_shared():
+    joints = np.array([[[3.9, 2.2, 2], [10.0, 1.0, 2], [1.0, 1.0, 0]]], np.float32)
+    assert tag_rows(joints, (8, 4)).tolist() == [[0, 0 * 32 + 2 * 8 + 3]]
+    assert tag_rows(joints, (8, 4), tag_per_joint=False).tolist() == [[0, 2 * 8 + 3]]
+
+
+# ---------------------------------------------------------------------------------------------- grouping
+
+def test_fast_nms_equals_max_pool_nms():
+    from common.heatmaps import heatmap_nms
+    rng = np.random.default_rng(0)
+    det = rng.random((3, 37, 41)).astype(np.float32)
+    det[0, 5:9, 5:9] = 0.7   # plateaus: every equal maximum survives in both
+    expected = heatmap_nms(torch.from_numpy(det)[None], 5)[0].numpy()
+    assert np.array_equal(local_maxima_nms(det, 5), expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fast_grouping_equals_reference_on_random_maps(seed):
+    rng = np.random.default_rng(seed)
+    tag_dim = 1 + seed % 2
+    heat = rng.random((17, 32, 44)).astype(np.float32) ** 3
+    tags = (rng.normal(0, 1.5, (17, 32, 44, tag_dim))).astype(np.float32)
+    if seed == 4:
+        tags = np.round(tags)   # many exact ties in tag distance and identical tag values
+    params = GroupingParams(max_num_people=30 if seed < 3 else 12, detection_threshold=0.1 if seed else 0.3)
+    fast, fast_scores = group_by_tags(heat, tags, params)
+    ref, ref_scores = group_by_tags_reference(heat, tags, params)
+    assert len(ref) > 1 and same_people(fast, ref, tol=0)
+    assert np.allclose(fast_scores, ref_scores, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_people,shared_tag", [(3, False), (12, False), (40, False), (6, True)])
+def test_fast_grouping_equals_reference_on_rendered_people(num_people, shared_tag):
+    size = (96, 80)
+    people = random_people(num_people, size, seed=num_people, missing=0.2)
+    heat, tags = render_fake_maps(people, size, sigma=2.0, seed=num_people, tags=np.arange(num_people)[:, None] * 1.5)
+    if shared_tag:
+        tags = tags[:1]      # one tag map for all joints (rtpe's layout)
+    fast, _ = group_by_tags(heat, tags)
+    ref, _ = group_by_tags_reference(heat, tags)
+    assert same_people(fast, ref, tol=0)
+
+
+def test_grouping_separates_rendered_people():
+    size = (120, 90)
+    people = random_people(4, size, seed=1, missing=0.0)
+    heat, tags = render_fake_maps(people, size, sigma=2.0, seed=1, tag_noise=0.02)
+    found, scores = group_by_tags(heat, tags)
+    assert len(found) == 4 and scores.min() > 0.9
+    for p in people:
+        match = found[np.argmin([np.abs(f[:, :2] - 0.5 - p[:, :2]).max() for f in found])]
+        assert np.abs(match[:, :2] - 0.5 - p[:, :2]).max() <= 0.75    # +0.5 pixel-centre convention, +-0.25 step
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+class FakeHigherHRNet(torch.nn.Module):
+    """Renders known people (input pixels) as HigherHRNet outputs: flip-equivariant like a perfect network."""
+
+    def __init__(self, people_input, expected_input, sigma=1.5):
+        super().__init__()
+        self.people, self.expected, self.sigma = people_input, expected_input, sigma
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        height, width = x.shape[2:]
+        people = self.people
+        if not torch.equal(x, self.expected):
+            assert torch.equal(x, self.expected.flip(3)), "unexpected input"
+            people = flip_keypoints(people, width, COCO17.flip_index)
+        outputs = []
+        for stride, with_tags in ((4, True), (2, False)):
+            # output pixel i covers input pixels around stride * i + (stride - 1) / 2 (align_corners=False)
+            on_map = people.copy()
+            on_map[..., :2] = (people[..., :2] - (stride - 1) / 2) / stride
+            heat, tags = render_fake_maps(on_map, (width // stride, height // stride), sigma=self.sigma,
+                                          tags=np.arange(len(people))[:, None] * 3.0, tag_noise=0.0, heat_noise=0.0)
+            out = torch.from_numpy(heat)
+            if with_tags:
+                out = torch.cat([out, torch.from_numpy(tags[..., 0])])
+            outputs.append(out[None])
+        return outputs
+
+
+def test_whole_pipeline_recovers_known_people_on_a_non_square_image():
+    from higher_hrnet.dataset import normalize_image
+    from higher_hrnet.inference import resize_align
+    from common.geometry import affine_points, get_affine_transform
+
+    height, width = 150, 230
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    truth = np.zeros((3, 17, 3))
+    for p, (cx, cy, h) in enumerate([(50, 70, 90), (120, 80, 100), (190, 60, 70)]):
+        truth[p, :, 0] = cx + rng.uniform(-0.2, 0.2, 17) * h
+        truth[p, :, 1] = cy + np.linspace(-0.45, 0.45, 17) * h
+        truth[p, :, 2] = 2
+    config = InferenceConfig(input_size=128)
+    resized, center, box = resize_align(image, config.input_size)
+    (w_in, h_in), _, _ = multi_scale_size(height, width, config.input_size, 1.0, 1.0)
+    assert resized.shape[:2] == (h_in, w_in) == (128, 256)
+    to_input = get_affine_transform(center, box, 0, (w_in, h_in))
+    model = FakeHigherHRNet(affine_points(truth, to_input), normalize_image(resized)[None])
+    for flip in (True, False):
+        found, scores = predict_people(model, image, InferenceConfig(input_size=128, flip=flip))
+        assert len(found) == 3 and scores.min() > 0.5
+        order = np.argsort(found[:, :, 0].mean(1))
+        error = np.abs(found[order][:, :, :2] - truth[:, :, :2])
+        assert error.max() <= 1.0, error.max()
+        assert found.shape[2] == 3 + (2 if flip else 1)
+
+
+def test_ground_truth_as_predictions_gives_ap_one(tmp_path):
+    from common.evaluation import coco_keypoint_ap
+    from common.synthetic import build_multi_person_scenes
+    from higher_hrnet.inference import people_to_coco_results
+
+    ann = build_multi_person_scenes(tmp_path, "val", 6, image_size=96, seed=5)
+    data = json.loads(Path(ann).read_text())
+    results = []
+    for image in data["images"]:
+        people = [a for a in data["annotations"] if a["image_id"] == image["id"] and a["num_keypoints"] > 0]
+        kps = np.array([a["keypoints"] for a in people], np.float32).reshape(-1, 17, 3)
+        kps[..., 2] = (kps[..., 2] > 0).astype(np.float32)
+        results += people_to_coco_results(kps, np.ones(len(kps)), image["id"])
+    assert results
+    metrics = coco_keypoint_ap(str(ann), results, COCO17.sigmas, print_table=False)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AR"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+@pytest.fixture(scope="module")
+def tiny_scenes(tmp_path_factory):
+    from common.synthetic import build_multi_person_scenes
+
+    root = tmp_path_factory.mktemp("scenes")
+    train = build_multi_person_scenes(root, "train", 4, image_size=96, seed=1)
+    val = build_multi_person_scenes(root, "val", 2, image_size=96, seed=1)
+    return root, train, val
+
+
+def test_tiny_model_training_loss_drops(tiny_scenes):
+    from higher_hrnet.model import build_higher_hrnet
+
+    root, train, _ = tiny_scenes
+    torch.manual_seed(0)
+    np.random.seed(0)
+    dataset = BottomUpDataset(root / "images" / "train", train, input_size=64, augment=False)
+    batch = collate_bottom_up([dataset[i] for i in range(len(dataset))])
+    model = build_higher_hrnet(4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss = multi_resolution_loss(model(batch["image"]), batch, 17)["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all() and min(losses[-3:]) < 0.7 * losses[0], losses
+
+
+def test_torchrun_one_step_then_eval_writes_its_files(tiny_scenes, tmp_path):
+    root, train, val = tiny_scenes
+    env = {**os.environ, "POSE_OUTPUT_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+               str(REPO / "higher_hrnet" / "train.py"), "--width", "4", "--input-size", "64", "--batch-size", "1",
+               "--max-steps", "1", "--workers", "0", "--device", "cpu", "--run-name", "ddp",
+               "--data", str(root / "images" / "train"), "--ann", str(train)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = tmp_path / "checkpoints" / "higher_hrnet" / "ddp" / "last.pt"
+    assert checkpoint.is_file()
+    assert torch.load(checkpoint, weights_only=True)["step"] == 1
+
+    from higher_hrnet import eval as hh_eval
+    args = hh_eval.parse_args(["--checkpoint", str(checkpoint), "--data", str(root / "images" / "val"),
+                               "--ann", str(val), "--run-name", "e", "--out", str(tmp_path), "--device", "cpu"])
+    assert hh_eval.main(args) == 0
+    out = tmp_path / "outputs" / "higher_hrnet" / "e"
+    assert {p.name for p in out.iterdir()} == {"results.json", "coco_output.txt", "config.yaml"}
+    info = json.loads(Path(val).read_text())
+    info.pop("annotations"), info.pop("categories")
+    (tmp_path / "image_info.json").write_text(json.dumps(info))
+    args = hh_eval.parse_args(["--checkpoint", str(checkpoint), "--data", str(root / "images" / "val"),
+                               "--ann", str(tmp_path / "image_info.json"), "--run-name", "t", "--out", str(tmp_path)])
+    assert hh_eval.main(args) == 0
+    assert [p.name for p in (tmp_path / "outputs" / "higher_hrnet" / "t").iterdir()] == ["results.json"]
