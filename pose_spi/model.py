@@ -156,7 +156,9 @@ def efficientnet_b0_trunk(input_size, endpoint=4):
     reduction), so reduction_4 is the output of block 10 (112 channels, stride 16); later blocks are dropped.
     """
     from efficientnet_pytorch import EfficientNet
-    net = EfficientNet.from_name("efficientnet-b0", image_size=input_size)
+    # BN momentum 0.1 (PyTorch's default) instead of the TF port's 0.01: with 0.01 the running statistics of a
+    # short CPU run still mostly hold their initial values, and eval-mode predictions are far off
+    net = EfficientNet.from_name("efficientnet-b0", image_size=input_size, batch_norm_momentum=0.9)
     strided = [i for i, b in enumerate(net._blocks) if max(np.atleast_1d(b._block_args.stride)) > 1]
     cut = strided[endpoint - 1]  # first block of the next stage
     trunk = nn.Module()
