@@ -151,7 +151,12 @@ def main(argv=None):
     config["model"]["num_keypoints"] = config["dataset"]["n_keypoints"]
     model_config = config_from_dict(config["model"])
     data_root = output_dirs(MODEL_NAME, "data", args.out)["data"] / MODEL_NAME
+    # rank 0 renders / caches the data first; the other ranks then read it
+    if args.distributed and not is_main:
+        torch.distributed.barrier()
     train_set, val_set, layout = build_datasets(config, model_config, data_root, quiet=not is_main)
+    if args.distributed and is_main:
+        torch.distributed.barrier()
     model = CPM(model_config)
     shape_xy = mean_shape(train_set)
     if is_main:
@@ -159,7 +164,8 @@ def main(argv=None):
               f"layout {layout.name}; model: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"input {list(model_config.input_size)}, {model_config.stages} stages")
 
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / (args.batch_size * args.world_size)) / args.accumulate)
+    # the shared loop drops the last partial batch of an epoch
+    steps_per_epoch = math.ceil(max(len(train_set) // (args.batch_size * args.world_size), 1) / args.accumulate)
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
