@@ -11,6 +11,7 @@ Preset `builtin` is the same recipe at CPU size. Any flag given overrides the pr
 """
 
 import argparse
+import warnings
 from pathlib import Path
 
 import cv2
@@ -176,7 +177,6 @@ class SkipBadImages(Dataset):
         try:
             return self.dataset[index]
         except BadImageError as error:
-            import warnings
             warnings.warn(f"skipping {error}", stacklevel=1)
             return None
 
