@@ -98,8 +98,52 @@ def benchmark_grouping(counts=(1, 15, 30), size=(704, 512), repeat=3):
     return rows
 
 
+def benchmark_model(args):
+    """Params and GFLOPs (meta device, no compute), forward time fp32 channels_last (+ AMP on CUDA), and
+    image -> keypoints end to end with the official preset (flip test on)."""
+    from common.evaluation import count_flops, count_parameters
+    from higher_hrnet.inference import InferenceConfig, predict_people
+    from higher_hrnet.model import build_higher_hrnet
+
+    width, height = args.input_size
+    with torch.device("meta"):
+        meta_model = build_higher_hrnet(args.width)
+        flops = count_flops(meta_model, torch.empty(1, 3, height, width))
+    params = count_parameters(meta_model)
+    print(f"HigherHRNet-W{args.width}: {params:,} parameters, {flops / 1e9:.1f} GFLOPs at {width}x{height} "
+          f"({flops / 2e9:.1f} G multiply-adds)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_higher_hrnet(args.width).eval().to(device).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, height, width, device=device).contiguous(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def forward(amp=None):
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            model(x)
+        sync()
+
+    forward()   # warm-up
+    _, fp32_ms = time_call(forward, args.repeat)
+    report = {"width": args.width, "params": params, "gflops": flops / 1e9, "input": [width, height],
+              "device": str(device), "forward_fp32_ms": fp32_ms}
+    print(f"forward fp32 channels_last on {device}: {fp32_ms:.1f} ms")
+    if device.type == "cuda":
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            forward(dtype)
+            _, ms = time_call(lambda: forward(dtype), args.repeat)
+            report[f"forward_{name}_ms"] = ms
+            print(f"forward AMP {name}: {ms:.1f} ms")
+    image = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    config = InferenceConfig(input_size=min(width, height))
+    _, end_ms = time_call(lambda: predict_people(model, image, config, device=device), args.repeat)
+    report["end_to_end_ms"] = end_ms
+    print(f"image -> keypoints end to end (official preset, flip test, {width}x{height}): {end_ms:.1f} ms")
+    return report
+
+
 def main(args):
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = {"grouping": benchmark_grouping(repeat=args.repeat)}
     if not args.skip_model:
         report["model"] = benchmark_model(args)

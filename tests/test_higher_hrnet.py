@@ -24,6 +24,15 @@ from higher_hrnet.loss import ae_loss, heatmap_loss, multi_resolution_loss
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On a shared, oversubscribed CPU two OpenMP threads wait on each other: one is ~30x faster there.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------- loss
 
 def official_ae_vector():
@@ -323,7 +332,7 @@ def test_tiny_model_training_loss_drops(tiny_scenes):
 def test_torchrun_one_step_then_eval_writes_its_files(tiny_scenes, tmp_path):
     root, train, val = tiny_scenes
     env = {**os.environ, "POSE_OUTPUT_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(REPO / "higher_hrnet" / "train.py"), "--width", "4", "--input-size", "64", "--batch-size", "1",
                "--max-steps", "1", "--workers", "0", "--device", "cpu", "--run-name", "ddp",
                "--data", str(root / "images" / "train"), "--ann", str(train)]
