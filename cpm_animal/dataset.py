@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import random
-import warnings
 from pathlib import Path
 
 import cv2

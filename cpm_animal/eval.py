@@ -190,7 +190,6 @@ def full_report(model, dataset, layout, device, batch_size, workers, thresholds,
 def model_from_checkpoint(path, device="cpu"):
     """(model, checkpoint config dict, step) from a train.py checkpoint."""
     from common.engine import load_checkpoint
-    from cpm_animal.model import config_from_dict
 
     state = load_checkpoint(path)
     saved = state.get("config", {})

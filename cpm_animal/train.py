@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common.data import exit_on_bad_input
 from common.drawing import GREEN, RED, draw_keypoints, make_grid
@@ -23,7 +22,7 @@ from common.engine import add_common_args, output_dirs, setup_device_and_distrib
 from cpm_animal.config import dump_config, load_config
 from cpm_animal.dataset import SEED_ANN_NAME, build_datasets, denormalise, signed_heatmap_overlay
 from cpm_animal.eval import decode_predictions, full_report, mean_shape, predict, compute_metrics, ground_truth
-from cpm_animal.model import CPM, config_from_dict, describe, heatmap_to_input
+from cpm_animal.model import CPM, config_from_dict, describe
 
 MODEL_NAME = "cpm_animal"
 
