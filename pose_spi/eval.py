@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, write_results_json
-from pose_spi.dataset import PoseSPIDataset, build_datasets, to_image_pixels
+from pose_spi.dataset import build_datasets, to_image_pixels
 from pose_spi.model import PoseSPI
 
 MODEL_NAMES = ("pose_spi", "pose_spi_keypointrcnn")  # train.py and train_keypointrcnn.py runs
