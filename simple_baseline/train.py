@@ -69,6 +69,9 @@ def draw_batch_predictions(model, batch, flip_index, layout, count=4):
 
 def main(args):
     start = time.time()
+    if any(side % 32 for side in args.input_size):
+        raise SystemExit(f"--input-size {args.input_size[0]} {args.input_size[1]}: both sides must be multiples "
+                         f"of 32 (the ResNet's stride), e.g. 256 192")
     setup_device_and_distributed(args)
     is_main = args.rank == 0
     if args.run_name is None:

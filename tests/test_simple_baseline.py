@@ -350,3 +350,10 @@ def test_coco_topdown_reader_and_ap_of_ground_truth_predictions():
     gt = np.stack([r["joints"] for r in records])
     predictions = {"index": np.arange(len(records)), "pred": gt[..., :2], "scores": gt[..., 2]}
     assert coco_keypoint_ap(coco, coco_results(predictions, records), COCO17.sigmas, print_table=False)["AP"] == 1.0
+
+
+def test_train_rejects_an_input_size_the_resnet_cannot_tile(monkeypatch, tmp_path):
+    import simple_baseline.train as train_script
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
+    with pytest.raises(SystemExit, match="multiples of 32"):
+        train_script.main(train_script.parse_args(["--input-size", "48", "64"]))
