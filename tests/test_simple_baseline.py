@@ -2,8 +2,6 @@
 flip test, PCKh, the LIP/MPII readers, an overfit run and the three scripts end to end (tiny sizes)."""
 import json
 import socket
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
