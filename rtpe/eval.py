@@ -49,6 +49,7 @@ def main(args):
     from rtpe.infer import default_checkpoint, load_student
     from rtpe.train import evaluate_student, select_image_ids
 
+    checkpoint = default_checkpoint(args) if args.model == "student" else None  # say so before any work
     if args.data is None:
         from common.synthetic import ensure_dataset
         data = Path(ensure_dataset("multi_person", root=args.out))
@@ -70,7 +71,6 @@ def main(args):
         metrics, results, who = evaluate_cache(coco, cache, image_ids)
         label = f"teacher ({who}, cache {cache})"
     else:
-        checkpoint = default_checkpoint(args)
         model = load_student(checkpoint)
         metrics, results = evaluate_student(model, coco, image_dir, image_ids, args.input_size, print_table=True)
         label = f"student {model.preset}/{model.colour} ({checkpoint}, input {args.input_size})"
