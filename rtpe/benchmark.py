@@ -137,6 +137,8 @@ def main(args):
     for size in args.sizes:
         for preset in args.presets:
             rows += bench_student(preset, size, args.frames, args.warmup, backends)
+            print(f"done: {preset} at {size}: " + ", ".join(f"{r['part']} {r['backend']} {r['median_ms']:.1f} ms"
+                                                           for r in rows if r["size"] == size), flush=True)
         if args.teacher_width:
             rows += bench_teacher(args.teacher_width, size, max(3, args.teacher_frames), 2, backends)
     import os
