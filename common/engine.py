@@ -511,8 +511,8 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
                         for name, image in log_images(unwrap(model), last_batch).items():
                             writer.add_image(name, image, step, dataformats="HWC")
             model.train()
-            for name, value in new.items():
-                writer.add_scalar(f"metrics/{name}", value, step)
+            for name, value in new.items():  # a name with a '/' ("loss/val") is already a full tag
+                writer.add_scalar(name if "/" in name else f"metrics/{name}", value, step)
             print(f"epoch {epoch} step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in new.items()))
         new = _broadcast(new, rank, world)
         if new is not None:

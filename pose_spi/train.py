@@ -154,7 +154,7 @@ def main(args, model_name=MODEL_NAME):
             net, val_set, device, flip_test=args.flip_test, raw_targets=args.raw_targets,
             loss_fn=lambda out, target: keypoint_loss(out, target, args.loss, args.raw_targets, args.vis_weight))
         stats = coco_ap(val_set, points, scores, print_table=True)
-        return {"AP": stats["AP"], "AP50": stats["AP50"], "AR": stats["AR"], "val_loss": val_loss,
+        return {"AP": stats["AP"], "AP50": stats["AP50"], "AR": stats["AR"], "loss/val": val_loss,
                 "baseline_AP": baseline}
 
     val_preview = torch.utils.data.default_collate([val_set[i] for i in range(min(8, len(val_set)))])
