@@ -199,14 +199,16 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 
 
-def iter_inputs(source):
+def iter_inputs(source, limit=None, errors=None, detail=False):
     """Yield (name, RGB uint8 image) for an image file, a folder of images (sorted) or a video's frames.
 
-    An unreadable image prints one error line naming the file and the others continue.
+    An unreadable image prints one error line naming the file (also appended to `errors` when that is a
+    list) and the others continue. `limit` keeps a folder's first N files; a video is never cut short.
+    detail=True yields (name, image, path, frame): the file read, and the frame index (None for an image).
     """
     source = Path(source)
     if source.is_dir():
-        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit or None]
     elif source.suffix.lower() in VIDEO_SUFFIXES:
         capture = cv2.VideoCapture(str(source))
         if not capture.isOpened():
@@ -216,7 +218,8 @@ def iter_inputs(source):
             ok, frame = capture.read()
             if not ok:
                 break
-            yield f"{source.stem}_{index:06d}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            name, image = f"{source.stem}_{index:06d}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            yield (name, image, source, index) if detail else (name, image)
             index += 1
         capture.release()
         return
@@ -227,8 +230,10 @@ def iter_inputs(source):
             image = read_image(path)
         except BadImageError as error:
             print(f"error: {error}", file=sys.stderr)
+            if errors is not None:
+                errors.append(str(error))
             continue
-        yield path.stem, image
+        yield (path.stem, image, path, None) if detail else (path.stem, image)
 
 
 def video_properties(source):

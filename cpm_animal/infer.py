@@ -18,14 +18,11 @@ import cv2
 import numpy as np
 import torch
 
-from common.data import BadImageError, read_image
+from common.data import VIDEO_SUFFIXES, VideoWriter, exit_on_bad_input, iter_inputs, video_properties
 from common.drawing import draw_keypoints
 from common.geometry import box_to_center_scale, get_affine_transform, invert_affine, warp_image
 from cpm_animal.dataset import MEAN, STD
 from cpm_animal.eval import MODEL_NAME, decode_predictions, model_from_checkpoint
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 
 
 @torch.no_grad()
@@ -53,12 +50,6 @@ def draw_prediction(image, keypoints, visible, skeleton):
         colour = (40, 200, 60) if seen else (160, 40, 200)
         cv2.circle(drawn, (int(round(x)), int(round(y))), radius, colour, -1, cv2.LINE_AA)
     return drawn
-
-
-def list_inputs(source: Path):
-    if source.is_dir():
-        return sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
-    return [source]
 
 
 def default_inputs(saved, out_root):
@@ -92,60 +83,39 @@ def main(argv=None):
     box = [float(v) for v in args.box.split(",")] if args.box else None
     if box is not None and len(box) != 4:
         raise SystemExit(f"--box {args.box!r}: expected x,y,w,h")
-    inputs = list_inputs(Path(args.source)) if args.source else default_inputs(saved, args.out)
+    sources = [args.source] if args.source else default_inputs(saved, args.out)
     if args.source and not Path(args.source).exists():
         raise SystemExit(f"{args.source}: no such file or folder")
     out_dir = output_dirs(MODEL_NAME, "infer_" + checkpoint.parent.name, args.out)["outputs"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, failures = [], 0
+    results, failures = [], []
 
-    def record(name, keypoints, visible, frame=None):
-        entry = {"file": str(name), "keypoints": {n: [round(float(x), 2), round(float(y), 2), round(float(s), 4),
+    def record(path, keypoints, visible, frame):
+        entry = {"file": str(path), "keypoints": {n: [round(float(x), 2), round(float(y), 2), round(float(s), 4),
                                                       int(v)] for n, (x, y, s), v in zip(names, keypoints, visible)}}
         if frame is not None:
             entry["frame"] = frame
         results.append(entry)
 
-    for path in inputs:
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            capture = cv2.VideoCapture(str(path))
-            if not capture.isOpened():
-                print(f"error: {path}: cannot open video", file=sys.stderr)
-                failures += 1
-                continue
-            fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-            writer, frame_index = None, 0
-            while True:
-                ok, frame = capture.read()
-                if not ok:
-                    break
-                rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-                keypoints, visible = predict_image(model, rgb, box, args.padding)
-                record(path, keypoints, visible, frame_index)
-                drawn = draw_prediction(rgb, keypoints, visible, skeleton)
-                if writer is None:
-                    writer = cv2.VideoWriter(str(out_dir / f"{path.stem}_pose.mp4"), cv2.VideoWriter_fourcc(*"mp4v"),
-                                             fps, (drawn.shape[1], drawn.shape[0]))
-                writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-                frame_index += 1
-            capture.release()
-            if writer is not None:
-                writer.release()
-            continue
-        try:
-            image = read_image(path)
-        except BadImageError as error:
-            print(f"error: {error}", file=sys.stderr)
-            failures += 1
-            continue
-        keypoints, visible = predict_image(model, image, box, args.padding)
-        record(path, keypoints, visible)
-        cv2.imwrite(str(out_dir / f"{path.stem}_pose.jpg"),
-                    cv2.cvtColor(draw_prediction(image, keypoints, visible, skeleton), cv2.COLOR_RGB2BGR))
+    for source in sources:
+        source = Path(source)
+        is_video = source.suffix.lower() in VIDEO_SUFFIXES
+        video = VideoWriter(out_dir / f"{source.stem}_pose.mp4", video_properties(source)[0]) if is_video else None
+        for name, image, path, frame in iter_inputs(source, errors=failures, detail=True):
+            keypoints, visible = predict_image(model, image, box, args.padding)
+            record(path, keypoints, visible, frame)
+            drawn = draw_prediction(image, keypoints, visible, skeleton)
+            if video is not None:
+                video.write(drawn)
+            else:
+                cv2.imwrite(str(out_dir / f"{name}_pose.jpg"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+        if video is not None:
+            video.close()
     (out_dir / "keypoints.json").write_text(json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=1))
-    print(f"{len(results)} predictions ({failures} inputs failed); drawings and keypoints.json written to {out_dir}")
+    print(f"{len(results)} predictions ({len(failures)} inputs failed); drawings and keypoints.json "
+          f"written to {out_dir}")
     sys.exit(1 if failures and not results else 0)
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_bad_input(main)

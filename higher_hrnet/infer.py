@@ -18,16 +18,13 @@ import cv2
 import numpy as np
 import torch
 
-from common.data import BadImageError, read_image
+from common.data import VIDEO_SUFFIXES, BadImageError, VideoWriter, exit_on_bad_input, iter_inputs, video_properties
 from common.drawing import draw_heatmap_overlay, draw_people
 from common.engine import newest_checkpoint, output_dirs
 from common.geometry import get_affine_transform, warp_image
 from common.keypoints import get_layout
 from higher_hrnet.eval import load_model_from_checkpoint
 from higher_hrnet.inference import PRESETS, maps_to_people, predict_maps, preset
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 
 
 def person_colour(index):
@@ -82,16 +79,6 @@ def to_json(people, scores, names):
              "tags": [[round(float(t), 4) for t in row] for row in p[:, 3:]]} for p, s in zip(people, scores)]
 
 
-def collect_inputs(paths):
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            files.append(path)
-    return files
-
-
 def main(args):
     checkpoint = args.checkpoint or newest_checkpoint("higher_hrnet", args.out)
     if checkpoint is None:
@@ -107,56 +94,39 @@ def main(args):
     if not inputs:
         from common.synthetic import ensure_dataset
         inputs = [str(ensure_dataset("multi_person", args.out) / "images" / "val")]
-    files = collect_inputs(inputs)[:args.max_images] if args.max_images else collect_inputs(inputs)
     out_dir = output_dirs("higher_hrnet", args.run_name or f"infer-{time.strftime('%Y%m%d-%H%M%S')}", args.out)["outputs"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    predictions, failed = {}, 0
-    for path in files:
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            predictions[str(path)] = run_video(model, path, config, layout, args, device, out_dir)
-            continue
+    predictions, unreadable = {}, []
+    for source in map(Path, inputs):
+        is_video = source.suffix.lower() in VIDEO_SUFFIXES
+        video = VideoWriter(out_dir / f"{source.stem}_pose.mp4", video_properties(source)[0]) if is_video else None
         try:
-            image = read_image(path)
-        except BadImageError as error:
+            for name, image, path, frame in iter_inputs(source, args.max_images, unreadable, detail=True):
+                people, scores, pose, heatmaps, center, box = run_image(model, image, config, layout,
+                                                                        args.threshold, device)
+                if video is not None:  # a video keeps one list of people per frame under its own path
+                    video.write(pose)
+                    predictions.setdefault(str(path), []).append(to_json(people, scores, layout.names))
+                    continue
+                cv2.imwrite(str(out_dir / f"{name}_pose.jpg"), pose[:, :, ::-1])
+                cv2.imwrite(str(out_dir / f"{name}_heatmaps.jpg"),
+                            heatmaps_on_image(image, heatmaps, center, box)[:, :, ::-1])
+                cv2.imwrite(str(out_dir / f"{name}_tags.png"),
+                            draw_tag_plot(people, layout.names, args.threshold)[:, :, ::-1])
+                predictions[str(path)] = to_json(people, scores, layout.names)
+                print(f"{path}: {len(people)} people")
+            if video is not None:
+                print(f"{source}: {len(predictions.get(str(source), []))} frames")
+        except BadImageError as error:  # a video that cannot be opened; the other inputs go on
             print(f"error: {error}", file=sys.stderr)
-            failed += 1
-            continue
-        people, scores, pose, heatmaps, center, box = run_image(model, image, config, layout, args.threshold, device)
-        cv2.imwrite(str(out_dir / f"{path.stem}_pose.jpg"), pose[:, :, ::-1])
-        cv2.imwrite(str(out_dir / f"{path.stem}_heatmaps.jpg"), heatmaps_on_image(image, heatmaps, center, box)[:, :, ::-1])
-        cv2.imwrite(str(out_dir / f"{path.stem}_tags.png"), draw_tag_plot(people, layout.names, args.threshold)[:, :, ::-1])
-        predictions[str(path)] = to_json(people, scores, layout.names)
-        print(f"{path}: {len(people)} people")
+            unreadable.append(str(error))
+        if video is not None:
+            video.close()
     (out_dir / "predictions.json").write_text(json.dumps(predictions, indent=1))
-    if failed:
-        print(f"{failed} input(s) could not be read")
+    if unreadable:
+        print(f"{len(unreadable)} input(s) could not be read")
     print(f"outputs: {out_dir}")
-    return 0 if failed < len(files) or not files else 1
-
-
-def run_video(model, path, config, layout, args, device, out_dir):
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        print(f"error: {path}: cannot open video", file=sys.stderr)
-        return []
-    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-    writer, frames = None, []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        image = frame[:, :, ::-1].copy()
-        people, scores, pose, *_ = run_image(model, image, config, layout, args.threshold, device)
-        if writer is None:
-            writer = cv2.VideoWriter(str(out_dir / f"{path.stem}_pose.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps,
-                                     (image.shape[1], image.shape[0]))
-        writer.write(np.ascontiguousarray(pose[:, :, ::-1]))
-        frames.append(to_json(people, scores, layout.names))
-    capture.release()
-    if writer is not None:
-        writer.release()
-    print(f"{path}: {len(frames)} frames")
-    return frames
+    return 1 if unreadable and not predictions else 0
 
 
 def parse_args(argv=None):
@@ -175,4 +145,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    sys.exit(exit_on_bad_input(main, parse_args()))

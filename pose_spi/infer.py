@@ -12,20 +12,9 @@ import cv2
 import numpy as np
 import torch
 
-from common.data import BadImageError, read_image
+from common.data import exit_on_bad_input, iter_inputs
 from pose_spi.dataset import synthetic_paths, to_gray, to_image_pixels
 from pose_spi.eval import MODEL_NAMES, decode_output, load_model, newest_pose_spi_checkpoint
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def list_images(source, limit=None):
-    source = Path(source)
-    if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    else:
-        files = [source]
-    return files[:limit] if limit else files
 
 
 @torch.no_grad()
@@ -79,22 +68,17 @@ def main(argv=None):
         {"keypoints": [f"kp{i}" for i in range(config.num_keypoints)]}).skeleton
     out_dir = Path(dirs["outputs"]) / "infer"
     out_dir.mkdir(parents=True, exist_ok=True)
-    files, failed = list_images(source, limit), 0
-    if not files:
-        sys.exit(f"error: {source}: no images found")
-    for path in files:
-        try:
-            image = read_image(path)
-        except BadImageError as error:
-            print(f"error: {error}", file=sys.stderr)
-            failed += 1
-            continue
+    drawn, unreadable = 0, []
+    for name, image in iter_inputs(source, limit, unreadable):
         keypoints = predict_image(model, config, image, device)
-        drawn = draw(image, keypoints, skeleton, args.scale)
-        cv2.imwrite(str(out_dir / f"{path.stem}.png"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-    print(f"drew {len(files) - failed} of {len(files)} images ({failed} unreadable) into {out_dir}")
-    return 1 if failed == len(files) else 0
+        picture = draw(image, keypoints, skeleton, args.scale)
+        cv2.imwrite(str(out_dir / f"{name}.png"), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        drawn += 1
+    if not drawn and not unreadable:
+        sys.exit(f"error: {source}: no images found")
+    print(f"drew {drawn} of {drawn + len(unreadable)} images ({len(unreadable)} unreadable) into {out_dir}")
+    return 0 if drawn else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_bad_input(main))

@@ -349,13 +349,17 @@ def test_iter_inputs_image_folder_and_video(tmp_path, capsys):
     for i in range(3):
         cv2.imwrite(str(folder / f"{i}.png"), np.full((20, 30, 3), 40 * i, np.uint8))
     (folder / "3.png").write_bytes(b"")  # bad: one error line, the others continue
-    names = [name for name, _ in iter_inputs(folder)]
-    assert names == ["0", "1", "2"]
+    errors = []
+    names = [name for name, _ in iter_inputs(folder, errors=errors)]
+    assert names == ["0", "1", "2"] and len(errors) == 1 and "3.png" in errors[0]
     assert capsys.readouterr().err.count("error: ") == 1
+    assert [name for name, _ in iter_inputs(folder, limit=2)] == ["0", "1"]
+    assert [(p.name, f) for _, _, p, f in iter_inputs(folder / "1.png", detail=True)] == [("1.png", None)]
     writer = VideoWriter(tmp_path / "clip.mp4", fps=10)
     for i in range(10):
         writer.write(np.full((32, 48, 3), 20 * i, np.uint8))
     writer.close()
     frames = list(iter_inputs(tmp_path / "clip.mp4"))
     assert len(frames) == 10 and frames[0][1].shape == (32, 48, 3)
+    assert [f for _, _, _, f in iter_inputs(tmp_path / "clip.mp4", limit=2, detail=True)] == list(range(10))
     assert video_properties(tmp_path / "clip.mp4") == (10.0, 10)
