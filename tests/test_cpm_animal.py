@@ -23,6 +23,7 @@ CATS = SHARED / "cats_akd" / "train"
 TINY = {"preset": "tiny"}
 NAMES = CAT16.names
 
+
 def test_original_preset_has_the_seed_parameter_count_and_output_shape():
     with torch.device("meta"):
         model = CPM(PRESETS["original"])
@@ -30,6 +31,7 @@ def test_original_preset_has_the_seed_parameter_count_and_output_shape():
     assert sum(p.numel() for p in model.parameters()) == 40_205_052
     assert tuple(out.shape) == (7, 2, 16, 45, 45)
     assert heatmap_size(model.config) == (45, 45)
+
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_other_input_sizes_work_with_every_norm(norm):
@@ -39,10 +41,12 @@ def test_other_input_sizes_work_with_every_norm(norm):
     assert tuple(out.shape) == (3, 2, 17, 13, 17)  # 16 keypoints + background; 56 -> 27 -> 13, 72 -> 35 -> 17
     assert heatmap_size(model.config) == (17, 13)
 
+
 def test_layer_norm_model_rejects_another_input_size():
     model = build_model({**TINY, "norm_layer": "layer"})
     with pytest.raises(ValueError, match="fixes the input"):
         model(torch.randn(1, 3, 80, 80))
+
 
 def write_cat_json(folder: Path, with_corrupt=True):
     (folder / "images").mkdir(parents=True)
@@ -57,6 +61,7 @@ def write_cat_json(folder: Path, with_corrupt=True):
     ann.write_text(json.dumps({"info": {}, "images": images, "keypoints": keypoints}))
     return ann
 
+
 def test_seed_json_parser_reads_x_first_and_drops_the_corrupt_entry(tmp_path, capsys):
     records = load_seed_json(write_cat_json(tmp_path))
     assert [r["id"] for r in records] == ["0", "1"]
@@ -64,6 +69,7 @@ def test_seed_json_parser_reads_x_first_and_drops_the_corrupt_entry(tmp_path, ca
     kpts = records[0]["keypoints"]
     assert kpts[1, 0] == pytest.approx(0.15 * 60) and kpts[1, 1] == pytest.approx(0.24 * 40)  # x first
     assert kpts[0, 2] == 1 and kpts[1, 2] == 2  # seed 0 occluded -> 1, seed 1 visible -> 2
+
 
 def test_real_cat_json_drops_the_entry_outside_its_image(capsys):
     if not CATS.is_dir():
@@ -74,6 +80,7 @@ def test_real_cat_json_drops_the_entry_outside_its_image(capsys):
     ann = json.loads((CATS / "train_keypoints_annotations.json").read_text())
     present = sum((CATS / "images" / info["file_name"]).is_file() for info in ann["images"].values())
     assert len(records) == present - 1 and "137" not in {r["id"] for r in records}  # 136 in the shared sample
+
 
 def test_coco_animal_reader_crops_ap10k_boxes(tmp_path):
     from cpm_animal.dataset import load_coco_records
@@ -89,6 +96,7 @@ def test_coco_animal_reader_crops_ap10k_boxes(tmp_path):
     labelled = sample["gt"][:, 2] > 0
     back = sample["inverse"][:, :2] @ sample["keypoints"][:, :2].T + sample["inverse"][:, 2:]
     assert torch.allclose(back.T[labelled], sample["gt"][labelled, :2], atol=0.05)
+
 
 def dot_records(tmp_path, size=(160, 120)):
     """An image with one coloured disc per keypoint (colour k -> keypoint k) and its record."""
@@ -107,15 +115,18 @@ def dot_records(tmp_path, size=(160, 120)):
     record = {"id": "0", "image": path, "width": float(width), "height": float(height), "keypoints": kpts, "box": None}
     return record, np.array(colours, np.float32)
 
+
 def dots_dataset(tmp_path, augmentations, input_size=128):
     record, colours = dot_records(tmp_path)
     config = build_model({**TINY, "norm_layer": "none", "input_size": input_size}).config
     return KeypointCrops([record], CAT16, config, augmentations, ImageCache(tmp_path / "cache", 800)), colours
 
+
 def colour_centroid(image, colour):
     close = np.abs(image.astype(np.float32) - colour).sum(2) < 40
     ys, xs = np.nonzero(close)
     return np.array([xs.mean(), ys.mean()]) if len(xs) else None
+
 
 def test_crop_and_rotation_keep_keypoints_on_their_pixels(tmp_path):
     import random
@@ -141,6 +152,7 @@ def test_crop_and_rotation_keep_keypoints_on_their_pixels(tmp_path):
         assert np.allclose(back.T, sample["gt"].numpy()[:, :2], atol=1e-2)
     assert checked > 30
 
+
 def test_flip_moves_pixels_and_swaps_left_right_labels(tmp_path):
     from cpm_animal.dataset import denormalise
 
@@ -157,6 +169,7 @@ def test_flip_moves_pixels_and_swaps_left_right_labels(tmp_path):
     assert np.hypot(*(centre - flipped["keypoints"][left_paw, :2].numpy())) < 1.5
     for a, b in CAT16.flip_pairs:
         assert "left" in NAMES[a] and NAMES[b] == NAMES[a].replace("left", "right")
+
 
 def test_flip_keeps_anatomical_left_on_rendered_quadrupeds(tmp_path):
     """Renderer chirality: facing right shows the right flank (its shoulder visible, the left one hidden
@@ -185,6 +198,7 @@ def test_flip_keeps_anatomical_left_on_rendered_quadrupeds(tmp_path):
             break
     assert found == 3
 
+
 def test_signed_targets_and_crop_exclusion(tmp_path):
     dataset, _ = dots_dataset(tmp_path, {}, input_size=64)
     record = dataset.records[0]
@@ -205,6 +219,7 @@ def test_signed_targets_and_crop_exclusion(tmp_path):
     assert (error[weights > 0] < 0.5 * stride * scale).all()
     assert not visible[0, 3] and visible[0, 0]
 
+
 def test_pck_on_hand_made_cases():
     gt = np.zeros((2, 16, 3), np.float32)
     gt[..., 2] = 2
@@ -221,6 +236,7 @@ def test_pck_on_hand_made_cases():
     assert metrics["pck@0.2"] == pytest.approx(15 / 16)
     assert table[0.05][0][4] == 0 and table[0.1][0][4] == 1
 
+
 def test_config_overrides(tmp_path):
     config = load_config(None, ["model.drop_rate=0.1", "optimizer.name=sgd", "metric.pck_thresholds=[0.1,0.3]",
                                 "checkpoint_path=null", "model.input_size=[96,64]"])
@@ -233,6 +249,7 @@ def test_config_overrides(tmp_path):
     config = load_config(None, ["dataset.heatmap_size=30"])
     with pytest.raises(SystemExit, match="dataset.heatmap_size=23"):
         check_heatmap_size(config, build_model({"preset": "small"}).config)
+
 
 def test_short_overfit_learns_two_quadrupeds(tmp_path, one_thread):
     torch.manual_seed(0)
@@ -262,6 +279,7 @@ def test_short_overfit_learns_two_quadrupeds(tmp_path, one_thread):
     assert float(loss.detach()) < 0.5 * first
     assert pck_after >= 0.7 > pck_before + 0.3
 
+
 def test_train_eval_infer_scripts(tmp_path, monkeypatch, capsys, one_thread):
     from cpm_animal import eval as cpm_eval
     from cpm_animal import infer, train
@@ -287,6 +305,7 @@ def test_train_eval_infer_scripts(tmp_path, monkeypatch, capsys, one_thread):
     result = json.loads((tmp_path / "outputs" / "cpm_animal" / "infer_t" / "keypoints.json").read_text())
     assert len(result["results"]) == 1 and len(result["results"][0]["keypoints"]) == 16
     assert (tmp_path / "outputs" / "cpm_animal" / "infer_t" / "000000_pose.jpg").is_file()
+
 
 def test_eval_without_checkpoint_says_how_to_get_one(tmp_path, monkeypatch, capsys):
     from cpm_animal import eval as cpm_eval

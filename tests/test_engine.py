@@ -21,6 +21,7 @@ import _ddp_worker as tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 def run_tiny(tmp_path, *flags, compute_loss=tiny.mse_loss, **train_kwargs):
     args = tiny.make_parser().parse_args(["--out", str(tmp_path), "--device", "cpu", *flags])
     model, optimizer, scheduler = tiny.build(args)
@@ -29,10 +30,12 @@ def run_tiny(tmp_path, *flags, compute_loss=tiny.mse_loss, **train_kwargs):
     return train(args, model, dataset, compute_loss, optimizer, scheduler=scheduler, model_name="tiny",
                  **train_kwargs)
 
+
 def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
 
 def test_torchrun_two_ranks_end_with_equal_weights(tmp_path):
     with socket.socket() as s:      # a free port, so parallel test runs do not collide
@@ -50,6 +53,7 @@ def test_torchrun_two_ranks_end_with_equal_weights(tmp_path):
     # The ranks really trained (SGD moved the weights away from the seeded init).
     torch.manual_seed(0)
     assert not torch.equal(tiny.tiny_model().state_dict()["0.weight"], rank0["0.weight"])
+
 
 def test_resume_mid_epoch_gives_identical_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
@@ -72,6 +76,7 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, monkeypatch):
     other, _ = run_tiny(tmp_path / "c", *common, "12", "--seed", "1", "--workers", "0")
     assert not torch.equal(other.state_dict()["0.weight"], straight.state_dict()["0.weight"])
 
+
 def test_resume_with_accumulation_clipping_and_fp16_scaler(tmp_path, monkeypatch):
     """Same exactness through gradient accumulation (7 micro-batches per epoch: a partial window at each
     epoch end), gradient clipping, the fp16 GradScaler state, a per-epoch schedule and per-epoch validation;
@@ -88,6 +93,7 @@ def test_resume_with_accumulation_clipping_and_fp16_scaler(tmp_path, monkeypatch
                                 **kwargs)
     assert summary["steps"] == 7 and summary["epochs"] == 1
     assert_same_weights(straight.state_dict(), resumed.state_dict())
+
 
 def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "m" / "run" / "last.pt"
@@ -117,6 +123,7 @@ def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path, monke
     with pytest.raises(SystemExit, match="cannot load checkpoint"):     # one line, not a traceback
         load_checkpoint(next(path.parent.glob(".last.pt.*.tmp")))
 
+
 def test_nonfinite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
     calls = []
@@ -138,6 +145,7 @@ def test_nonfinite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_pa
     state = load_checkpoint(last)
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
 
 def test_best_k_tensorboard_and_weights_only_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
@@ -166,6 +174,7 @@ def test_best_k_tensorboard_and_weights_only_checkpoints(tmp_path, monkeypatch):
     events = list((tmp_path / "tensorboard_logs" / "tiny" / "r").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 
+
 class SomeUnreadable(tiny.NoisyRegression):
     """Samples 3, 4 and 5 are 'unreadable images'; with batch 3 and no shuffling one batch is all bad."""
 
@@ -173,6 +182,7 @@ class SomeUnreadable(tiny.NoisyRegression):
         if i in (3, 4, 5):
             raise BadImageError(f"img{i}.png: empty file (0 bytes)")
         return super().__getitem__(i)
+
 
 def test_bad_samples_are_skipped_counted_and_reported(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
@@ -182,6 +192,7 @@ def test_bad_samples_are_skipped_counted_and_reported(tmp_path, monkeypatch, cap
     assert sorted(str(w.message).split(": ")[1] for w in caught) == ["img3.png", "img4.png", "img5.png"]
     assert summary["num_skipped"] == 3 and summary["steps"] == 3     # 4 batches, the all-bad one skipped
     assert "skipped 3 bad samples" in capsys.readouterr().out
+
 
 def test_init_from_loads_weights_only(tmp_path, monkeypatch):
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
@@ -199,6 +210,7 @@ def test_init_from_loads_weights_only(tmp_path, monkeypatch):
     assert engine.run_dirs(args, "tiny")["run_name"] == "c" and engine._resume_path(args, "tiny") is None
     args = parse(["--device", "cpu", "--resume", "auto", "--run-name", "a"])
     assert engine._resume_path(args, "tiny") == tmp_path / "checkpoints/tiny/a/last.pt"
+
 
 def test_cli_vocabulary_and_output_dirs(tmp_path, monkeypatch):
     parser = tiny.make_parser()
@@ -221,6 +233,7 @@ def test_cli_vocabulary_and_output_dirs(tmp_path, monkeypatch):
     assert output_dirs("m", "run1", out=tmp_path / "x")["outputs"] == tmp_path / "x" / "outputs" / "m" / "run1"
     assert newest_checkpoint("m") is None
 
+
 # ---------------------------------------------------------------------------------------------------------
 # --pretrained
 
@@ -235,6 +248,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     return tmp_path
 
+
 def test_pretrained_none_never_touches_network(offline, monkeypatch):
     def must_not_be_called(*a, **k):
         raise AssertionError("network used with --pretrained none")
@@ -244,6 +258,7 @@ def test_pretrained_none_never_touches_network(offline, monkeypatch):
                                          load_fn=loaded.append) is None
     assert loaded == []
 
+
 def test_pretrained_imagenet_offline_stops_with_one_line(offline):
     with pytest.raises(SystemExit) as excinfo:
         pretrained.resolve_pretrained("imagenet", filename="resnet18-f37072fd.pth",
@@ -252,6 +267,7 @@ def test_pretrained_imagenet_offline_stops_with_one_line(offline):
     expected = offline / "torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert str(expected) in message and "--pretrained none" in message and "--pretrained PATH" in message
     assert "\n" not in message
+
 
 def test_pretrained_imagenet_from_cache_and_from_path(offline):
     weights = {"w": torch.arange(3.0)}

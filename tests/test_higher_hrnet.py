@@ -23,12 +23,14 @@ from higher_hrnet.loss import ae_loss, heatmap_loss, multi_resolution_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 # ---------------------------------------------------------------------------------------------- loss
 
 def official_ae_vector():
     tags = (torch.arange(32) * 0.1).float().view(1, 2, 4, 4)
     rows = torch.tensor([[0, 0, 3], [0, 0, 22], [0, 1, 10], [0, 1, 30]])
     return tags, rows
+
 
 def test_ae_loss_official_vector():
     tags, rows = official_ae_vector()
@@ -37,6 +39,7 @@ def test_ae_loss_official_vector():
     assert pull.item() == pytest.approx(0.95125, abs=1e-6)
     push_max, _ = ae_loss(tags, rows, "max")
     assert push_max.item() == pytest.approx(0.125, abs=1e-6)
+
 
 def test_ae_loss_batches_are_independent_and_lone_people_do_not_push():
     tags, rows = official_ae_vector()
@@ -48,6 +51,7 @@ def test_ae_loss_batches_are_independent_and_lone_people_do_not_push():
     push, pull = ae_loss(batch, torch.zeros((0, 3), dtype=torch.long))
     assert push.sum().item() == 0 and pull.sum().item() == 0
 
+
 def test_heatmap_loss_vector_and_mask():
     pred = torch.zeros(1, 2, 2, 2)
     target = torch.ones(1, 2, 2, 2)
@@ -55,6 +59,7 @@ def test_heatmap_loss_vector_and_mask():
     assert heatmap_loss(pred, target, mask).item() == pytest.approx(0.75)
     pred[0, :, 0, 1] = 100.0   # a huge error where the mask is 0 does not count
     assert heatmap_loss(pred, target, mask).item() == pytest.approx(0.75)
+
 
 def test_total_loss_factors():
     tags, rows = official_ae_vector()
@@ -64,6 +69,7 @@ def test_total_loss_factors():
              "heatmaps_1": torch.ones(1, 2, 8, 8), "mask_1": torch.ones(1, 8, 8), "tag_index": rows}
     losses = multi_resolution_loss([out0, out1], batch, num_joints=2)
     assert losses["total"].item() == pytest.approx(2.0 + 1e-3 * (0.2848914 + 0.95125), abs=1e-7)
+
 
 # ---------------------------------------------------------------------------------------------- targets
 
@@ -78,6 +84,7 @@ def write_coco(root, images, annotations, size=(160, 120)):
     path.write_text(json.dumps(data))
     return root / "images", path
 
+
 def person(points, ann_id, image_id=1):
     kps = np.zeros((17, 3))
     for j, (x, y) in points.items():
@@ -85,6 +92,7 @@ def person(points, ann_id, image_id=1):
     return {"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0, "keypoints": kps.reshape(-1).tolist(),
             "num_keypoints": len(points), "bbox": [0, 0, 10, 10], "area": 100,
             "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]]}
+
 
 def test_targets_peak_truncation_out_of_bounds_and_crowd_mask(tmp_path):
     crowd = {"id": 9, "image_id": 1, "category_id": 1, "iscrowd": 1, "keypoints": [0] * 51, "num_keypoints": 0,
@@ -116,6 +124,7 @@ def test_targets_peak_truncation_out_of_bounds_and_crowd_mask(tmp_path):
     y, x = np.unravel_index(np.argmax(half[0]), half[0].shape)
     assert (x, y) == (int(2 * (50.7 - 20)), int(2 * 30.2))
 
+
 def test_padding_is_ignored_after_a_random_affine(tmp_path):
     images, ann = write_coco(tmp_path, [1], [person({0: (80, 60)}, 1)])
     dataset = BottomUpDataset(images, ann, input_size=128, augment=True, min_scale=1.5, max_scale=1.5,
@@ -130,6 +139,7 @@ def test_padding_is_ignored_after_a_random_affine(tmp_path):
         assert mask[0, 0] == 0 and mask[res // 2, 0] == 0 and mask[res // 2, res - 1] == 0
         assert mask[res // 2, res // 2] == 1
     assert np.allclose(image[:, 0, 0], image[:, 0, 1])   # padding is constant in the image too
+
 
 def test_flip_swaps_joints_and_collate_offsets_people(tmp_path):
     images, ann = write_coco(tmp_path, [1, 2], [person({5: (40.0, 60.0), 6: (100.0, 60.0)}, 1),
@@ -146,10 +156,12 @@ def test_flip_swaps_joints_and_collate_offsets_people(tmp_path):
     people = batch["tag_index"][:, :2].tolist()
     assert sorted({tuple(p) for p in people}) == [(0, 0), (1, 1), (1, 2)]
 
+
 def test_tag_rows_per_joint_and_shared():
     joints = np.array([[[3.9, 2.2, 2], [10.0, 1.0, 2], [1.0, 1.0, 0]]], np.float32)
     assert tag_rows(joints, (8, 4)).tolist() == [[0, 0 * 32 + 2 * 8 + 3]]
     assert tag_rows(joints, (8, 4), tag_per_joint=False).tolist() == [[0, 2 * 8 + 3]]
+
 
 # ---------------------------------------------------------------------------------------------- grouping
 
@@ -160,6 +172,7 @@ def test_fast_nms_equals_max_pool_nms():
     det[0, 5:9, 5:9] = 0.7   # plateaus: every equal maximum survives in both
     expected = heatmap_nms(torch.from_numpy(det)[None], 5)[0].numpy()
     assert np.array_equal(local_maxima_nms(det, 5), expected)
+
 
 @pytest.mark.parametrize("seed", range(5))
 def test_fast_grouping_equals_reference_on_random_maps(seed):
@@ -175,6 +188,7 @@ def test_fast_grouping_equals_reference_on_random_maps(seed):
     assert len(ref) > 1 and same_people(fast, ref, tol=0)
     assert np.allclose(fast_scores, ref_scores, atol=1e-6)
 
+
 @pytest.mark.parametrize("num_people,shared_tag", [(3, False), (12, False), (40, False), (6, True)])
 def test_fast_grouping_equals_reference_on_rendered_people(num_people, shared_tag):
     size = (96, 80)
@@ -186,6 +200,7 @@ def test_fast_grouping_equals_reference_on_rendered_people(num_people, shared_ta
     ref, _ = group_by_tags_reference(heat, tags)
     assert same_people(fast, ref, tol=0)
 
+
 def test_grouping_separates_rendered_people():
     size = (120, 90)
     people = random_people(4, size, seed=1, missing=0.0)
@@ -195,6 +210,7 @@ def test_grouping_separates_rendered_people():
     for p in people:
         match = found[np.argmin([np.abs(f[:, :2] - 0.5 - p[:, :2]).max() for f in found])]
         assert np.abs(match[:, :2] - 0.5 - p[:, :2]).max() <= 0.75    # +0.5 pixel-centre convention, +-0.25 step
+
 
 # ---------------------------------------------------------------------------------------------- pipeline
 
@@ -225,6 +241,7 @@ class FakeHigherHRNet(torch.nn.Module):
             outputs.append(out[None])
         return outputs
 
+
 def test_whole_pipeline_recovers_known_people_on_a_non_square_image():
     from higher_hrnet.dataset import normalize_image
     from higher_hrnet.inference import resize_align
@@ -252,6 +269,7 @@ def test_whole_pipeline_recovers_known_people_on_a_non_square_image():
         assert error.max() <= 1.0, error.max()
         assert found.shape[2] == 3 + (2 if flip else 1)
 
+
 def test_ground_truth_as_predictions_gives_ap_one(tmp_path):
     from common.evaluation import coco_keypoint_ap
     from common.synthetic import build_multi_person_scenes
@@ -269,6 +287,7 @@ def test_ground_truth_as_predictions_gives_ap_one(tmp_path):
     metrics = coco_keypoint_ap(str(ann), results, COCO17.sigmas, print_table=False)
     assert metrics["AP"] == pytest.approx(1.0) and metrics["AR"] == pytest.approx(1.0)
 
+
 # ---------------------------------------------------------------------------------------------- training
 
 @pytest.fixture(scope="module")
@@ -279,6 +298,7 @@ def tiny_scenes(tmp_path_factory):
     train = build_multi_person_scenes(root, "train", 4, image_size=96, seed=1)
     val = build_multi_person_scenes(root, "val", 2, image_size=96, seed=1)
     return root, train, val
+
 
 def test_tiny_model_training_loss_drops(tiny_scenes):
     from higher_hrnet.model import build_higher_hrnet
@@ -298,6 +318,7 @@ def test_tiny_model_training_loss_drops(tiny_scenes):
         optimizer.step()
         losses.append(loss.item())
     assert np.isfinite(losses).all() and min(losses[-3:]) < 0.7 * losses[0], losses
+
 
 def test_torchrun_one_step_then_eval_writes_its_files(tiny_scenes, tmp_path):
     root, train, val = tiny_scenes

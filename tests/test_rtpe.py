@@ -15,8 +15,10 @@ from rtpe.model import ContextAwareModule, RealtimePoseStudent, fold_batchnorm, 
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
+
 def count(module):
     return sum(p.numel() for p in module.parameters())
+
 
 def test_parameter_counts():
     with torch.device("meta"):
@@ -26,6 +28,7 @@ def test_parameter_counts():
         assert count(seed) == 1905290
         assert count(seed.stem) == 325056
         assert count(RealtimePoseStudent("light", "lab")) < 200_000
+
 
 def test_frozen_stem_and_trainable_parts():
     torch.manual_seed(0)
@@ -44,6 +47,7 @@ def test_frozen_stem_and_trainable_parts():
         grads = [p.grad for p in child.parameters()]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
 
+
 def test_middle_attention_branch_matters():
     torch.manual_seed(0)
     model = RealtimePoseStudent("light", "lab").eval()
@@ -55,6 +59,7 @@ def test_middle_attention_branch_matters():
         handle.remove()
     assert not torch.allclose(before, after)
 
+
 def test_colour_conversions_match_opencv():
     rng = np.random.default_rng(0)
     rgb = rng.random((16, 16, 3), dtype=np.float32)
@@ -64,6 +69,7 @@ def test_colour_conversions_match_opencv():
     np.testing.assert_allclose(lab, cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab), atol=0.5)
     hsv = rgb_to_hsv(tensor)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(hsv, cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV), atol=1e-3)
+
 
 def test_fold_batchnorm_keeps_outputs():
     torch.manual_seed(0)
@@ -78,6 +84,7 @@ def test_fold_batchnorm_keeps_outputs():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     for a, b in zip(reference, folded):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
 
 def test_restarting_cosine_lr_values():
     from rtpe.train import RestartingCosineLR, restarting_cosine_lr
@@ -94,6 +101,7 @@ def test_restarting_cosine_lr_values():
         scheduler.step()
     for step, lr in expected.items():
         assert seen[step] == pytest.approx(lr, abs=2e-6), step
+
 
 def test_masked_loss_is_zero_on_zero_weight_pixels():
     from rtpe.train import keypoint_loss, segmentation_loss
@@ -118,6 +126,7 @@ def test_masked_loss_is_zero_on_zero_weight_pixels():
     # with only zero weights the loss is exactly 0, not NaN
     assert keypoint_loss(logits.detach(), gt, torch.zeros_like(weight), teacher)[0] == 0
 
+
 def test_associative_embedding_loss():
     from rtpe.train import associative_embedding_loss
 
@@ -129,8 +138,10 @@ def test_associative_embedding_loss():
     assert pull.item() == pytest.approx((0 + 1.0) / 2)          # person 1 spreads +-1 around 4
     assert push.item() == pytest.approx(np.exp(-9.0) * 2 / 2 * 0.5)
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Data, cache, masks
+
 
 def _write_scene(folder, people, crowd=None, size=(160, 120)):
     """A tiny COCO split with one image; people: list of (17,3) keypoint arrays (num_keypoints from v)."""
@@ -159,6 +170,7 @@ def _write_scene(folder, people, crowd=None, size=(160, 120)):
                                                "skeleton": []}]}))
     return image_dir, ann
 
+
 def _person(x, y):
     rng = np.random.default_rng(int(x * 7 + y))
     kps = np.zeros((17, 3))
@@ -166,6 +178,7 @@ def _person(x, y):
     kps[:, 1] = y + np.linspace(-25, 25, 17).round()
     kps[:, 2] = 2
     return kps
+
 
 def test_crowd_and_zero_keypoint_masks(tmp_path):
     from rtpe.dataset import DistillationDataset
@@ -183,6 +196,7 @@ def test_crowd_and_zero_keypoint_masks(tmp_path):
     assert segmentation[int(60 / 4 + dy), int(125 / 4)] == 0    # a crowd is not a positive
     assert segmentation[int(60 / 4 + dy), int(40 / 4)] == 1     # the labelled person is
     assert sample["tag_index"].shape == (1, 17)                 # only the labelled person gets tags
+
 
 def test_cached_teacher_lands_on_ground_truth_after_augmentation(tmp_path, monkeypatch):
     """The cache stores the exact original -> map affine (here a teacher that saw the image at 1.6x),
@@ -220,6 +234,7 @@ def test_cached_teacher_lands_on_ground_truth_after_augmentation(tmp_path, monke
             checked += 1
     assert checked > 20
 
+
 def test_ground_truth_as_teacher_gives_ap_1():
     from common.data import load_coco_keypoints
     from common.evaluation import coco_keypoint_ap
@@ -241,6 +256,7 @@ def test_ground_truth_as_teacher_gives_ap_1():
         keypoints, scores = maps_to_people(heatmaps, tags, to_image, GroupingParams(num_joints=17))
         results += people_to_results(keypoints, scores, image_id)
     assert coco_keypoint_ap(coco, results, COCO17.sigmas, print_table=False)["AP"] == pytest.approx(1.0)
+
 
 def test_one_training_step_all_losses(tmp_path):
     from rtpe.dataset import DistillationDataset, collate_people
@@ -264,6 +280,7 @@ def test_one_training_step_all_losses(tmp_path):
     assert all(p.grad is not None for p in params)
     assert len(trainable_parameters(model, "seg")) < len(params)
 
+
 def test_onnx_export_parity(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
@@ -274,6 +291,7 @@ def test_onnx_export_parity(tmp_path):
     path = export_onnx(model, tmp_path / "light.onnx", example_size=64)
     max_diff = onnx_parity(model, path, sizes=((64, 64), (96, 80)))
     assert max_diff < 1e-3
+
 
 def test_tiny_distillation_end_to_end(tmp_path, monkeypatch):
     """A light student distilled from the oracle on a few built-in scenes through the shared training loop.

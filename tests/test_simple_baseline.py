@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 TINY = dict(backbone="resnet18", num_joints=16, deconv_filters=(8, 8, 8))
 
+
 def count(model):
     return sum(p.numel() for p in model.parameters())
+
 
 @pytest.mark.parametrize("backbone, joints, filters, expected", [
     ("resnet18", 16, (256, 256, 256), 15_376_464),
@@ -32,6 +34,7 @@ def test_parameter_counts_match_the_paper_configurations(backbone, joints, filte
         model = PoseResNet(backbone, joints, filters)
     assert count(model) == expected
 
+
 def test_output_shapes_are_a_quarter_of_the_input():
     with torch.device("meta"):
         model = PoseResNet("resnet18", 16)
@@ -40,12 +43,14 @@ def test_output_shapes_are_a_quarter_of_the_input():
     tiny = PoseResNet(**TINY).eval()
     assert tiny(torch.zeros(1, 3, 128, 96)).shape == (1, 16, 32, 24)
 
+
 def test_head_init_follows_the_paper():
     model = PoseResNet(**TINY)
     deconv = model.deconv_layers[0]
     assert deconv.bias is None and 0.0005 < deconv.weight.std().item() < 0.002
     assert model.final_layer.weight.std().item() < 0.002 and model.final_layer.bias.abs().max() == 0
     assert torch.all(model.deconv_layers[1].weight == 1) and torch.all(model.deconv_layers[1].bias == 0)
+
 
 def test_pretrained_none_never_touches_the_network(monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
@@ -55,6 +60,7 @@ def test_pretrained_none_never_touches_the_network(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", no_network)  # not even the cache is looked at
     model = build_model(**TINY, pretrained="none")
     assert isinstance(model, PoseResNet)
+
 
 def test_pretrained_imagenet_offline_stops_with_one_line_naming_the_file(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
@@ -66,16 +72,19 @@ def test_pretrained_imagenet_offline_stops_with_one_line_naming_the_file(monkeyp
     message = str(info.value)
     assert "resnet18-f37072fd.pth" in message and "--pretrained none" in message and "\n" not in message
 
+
 def test_pretrained_path_loads_backbone_weights(tmp_path):
     source = PoseResNet(**TINY)
     torch.save(source.backbone.state_dict(), tmp_path / "backbone.pth")
     model = build_model(**TINY, pretrained=str(tmp_path / "backbone.pth"))
     assert torch.equal(model.backbone.conv1.weight, source.backbone.conv1.weight)
 
+
 # ---------------------------------------------------------------------------------------------- data
 
 def write_image(path, width=64, height=64):
     cv2.imwrite(str(path), np.full((height, width, 3), 128, np.uint8))
+
 
 def test_targets_full_peak_on_the_last_row_and_column_and_zero_weight_for_missing(tmp_path):
     write_image(tmp_path / "a.png")
@@ -95,17 +104,20 @@ def test_targets_full_peak_on_the_last_row_and_column_and_zero_weight_for_missin
     # sigma 2 and +-3 sigma support: 6 pixels away is still drawn, 7 is not
     assert target[1, 8, 14] == pytest.approx(np.exp(-36 / 8), rel=1e-4) and target[1, 8, 15] == 0
 
+
 def test_flip_back_twice_is_identity():
     heatmaps = torch.rand(2, 16, 8, 6)
     once = flip_heatmaps_back(heatmaps, LIP16.flip_index)
     assert not torch.equal(once, heatmaps)
     assert torch.equal(flip_heatmaps_back(once, LIP16.flip_index), heatmaps)
 
+
 LIP_ROWS = [
     "img_a.jpg," + ",".join(f"{10 + j},{20 + j},{j % 2}" for j in range(16)),
     "img_b.jpg," + ",".join("nan,nan,nan" if j in (0, 5) else f"{j},{2 * j},0" for j in range(16)),
     "img_c.jpg," + ",".join(f"{j},{j},1" for j in range(16)),
 ]
+
 
 def test_lip_csv_parser_on_hand_written_rows(tmp_path):
     for name in ("img_a.jpg", "img_b.jpg", "img_c.jpg"):
@@ -117,6 +129,7 @@ def test_lip_csv_parser_on_hand_written_rows(tmp_path):
     assert records[0]["joints"][2].tolist() == [12, 22, 1]
     assert records[1]["joints"][:, 2].tolist() == [0, 1, 1, 1, 1, 0] + [1] * 10
     assert records[2]["head_size"] == pytest.approx(np.sqrt(2))  # neck (8,8) to head top (9,9)
+
 
 def test_lip_csv_bad_rows_are_warned_skipped_and_counted(tmp_path):
     write_image(tmp_path / "img_a.jpg")
@@ -130,6 +143,7 @@ def test_lip_csv_bad_rows_are_warned_skipped_and_counted(tmp_path):
     assert any("row 2" in m and "columns" in m for m in messages)
     assert any("row 3" in m and "img_b.jpg" in m for m in messages)
     assert any("skipped 2" in m for m in messages)
+
 
 def test_lip_csv_parser_on_real_lip_rows(tmp_path):
     source = SHARED_DATA / "lip_annotations" / "val_annotations.csv"
@@ -150,6 +164,7 @@ def test_lip_csv_parser_on_real_lip_rows(tmp_path):
     x = float(triples[first_labelled[0], first_labelled[1], 0])
     assert records[first_labelled[0]]["joints"][first_labelled[1], 0] == x
 
+
 def test_mpii_json_reader_on_the_shared_sample():
     folder = SHARED_DATA / "mpii_sample"
     if not folder.is_dir():
@@ -159,6 +174,7 @@ def test_mpii_json_reader_on_the_shared_sample():
     dataset = TopDownDataset(records, LIP16.flip_index, input_size=(64, 64))
     sample = dataset[0]
     assert sample["image"].shape == (3, 64, 64) and sample["target_weight"].sum() > 8
+
 
 # ---------------------------------------------------------------------------------------------- metrics
 
@@ -180,6 +196,7 @@ def test_pckh_on_hand_made_cases():
     far[1] = gt[1, :, :2]
     head[0] = np.nan
     assert pckh_table(far, gt, head)["Mean"] == 1.0
+
 
 # ---------------------------------------------------------------------------------------------- scripts
 
@@ -206,6 +223,7 @@ def trained_run(tmp_path_factory):
     mp.undo()
     return root, summary, modes
 
+
 def test_train_max_steps_2_writes_checkpoints_and_keeps_bn_training_after_validation(trained_run):
     root, summary, modes = trained_run
     assert summary["steps"] == 2
@@ -214,6 +232,7 @@ def test_train_max_steps_2_writes_checkpoints_and_keeps_bn_training_after_valida
     assert (root / "checkpoints" / "simple_baseline" / "tiny" / "last.pt").is_file()
     metrics = json.loads((root / "outputs" / "simple_baseline" / "tiny" / "metrics.json").read_text())
     assert 0.0 <= metrics["PCKh@0.5"] <= 1.0 and "baseline_PCKh@0.5" in metrics
+
 
 def test_eval_defaults_to_newest_checkpoint_and_visualizes(trained_run, monkeypatch, capsys):
     import simple_baseline.eval as eval_script
@@ -225,6 +244,7 @@ def test_eval_defaults_to_newest_checkpoint_and_visualizes(trained_run, monkeypa
     assert 0.0 <= metrics["PCKh@0.5"] <= 1.0
     assert len(list((root / "outputs" / "simple_baseline" / "eval-tiny" / "vis").glob("*.jpg"))) == 2
     assert out.strip().splitlines()[-1].startswith("metrics written to")
+
 
 def test_eval_refuses_a_checkpoint_of_another_architecture(trained_run, monkeypatch, tmp_path):
     import simple_baseline.eval as eval_script
@@ -238,12 +258,14 @@ def test_eval_refuses_a_checkpoint_of_another_architecture(trained_run, monkeypa
     with pytest.raises(SystemExit, match="not a simple_baseline checkpoint.*higher_hrnet"):
         eval_script.main(eval_script.parse_args(["--checkpoint", str(tmp_path / "other.pt")]))
 
+
 def test_eval_without_any_checkpoint_says_how_to_get_one(monkeypatch, tmp_path, capsys):
     import simple_baseline.eval as eval_script
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
     with pytest.raises(SystemExit) as info:
         eval_script.main(eval_script.parse_args([]))
     assert info.value.code == 1 and "simple_baseline/train.py" in capsys.readouterr().err
+
 
 def test_infer_on_an_image_a_folder_and_a_10_frame_video(trained_run, monkeypatch, tmp_path):
     import simple_baseline.infer as infer_script
@@ -275,6 +297,7 @@ def test_infer_on_an_image_a_folder_and_a_10_frame_video(trained_run, monkeypatc
         frames += 1
     assert frames == 10
 
+
 def test_overfit_a_few_built_in_images(trained_run):
     """A small network memorises 2 built-in crops: PCKh@0.5 > 90% on them (no augmentation)."""
     from simple_baseline.eval import pckh_table, run_predictions
@@ -297,7 +320,9 @@ def test_overfit_a_few_built_in_images(trained_run):
     rows = pckh_table(predictions["pred"], predictions["gt"], predictions["head_size"])
     assert rows["Mean"] > 0.9, rows
 
+
 OVERFIT_STEPS = 250  # 200 steps reached 93% in a trial run; the margin keeps the test robust
+
 
 def test_coco_topdown_reader_and_ap_of_ground_truth_predictions():
     from common.keypoints import COCO17
@@ -314,6 +339,7 @@ def test_coco_topdown_reader_and_ap_of_ground_truth_predictions():
     gt = np.stack([r["joints"] for r in records])
     predictions = {"index": np.arange(len(records)), "pred": gt[..., :2], "scores": gt[..., 2]}
     assert coco_keypoint_ap(coco, coco_results(predictions, records), COCO17.sigmas, print_table=False)["AP"] == 1.0
+
 
 def test_train_rejects_an_input_size_the_resnet_cannot_tile(monkeypatch, tmp_path):
     import simple_baseline.train as train_script
