@@ -386,7 +386,7 @@ def _write_histograms(writer, model: nn.Module, step: int) -> None:
 def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, scheduler=None,
           scheduler_interval: str = "epoch", evaluate=None, best_metric: str | None = None,
           higher_is_better: bool = True, collate_fn=None, extra_state=None, log_images=None,
-          model_name: str, find_unused_parameters: bool = False):
+          model_name: str, find_unused_parameters: bool = False, early_stopping_patience: int | None = None):
     """Train `model` on `train_set`; returns (unwrapped model, summary dict).
 
     compute_loss(model, batch) -> (loss tensor, {name: float}): `model` may be the DDP wrapper, so call it,
@@ -394,6 +394,7 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
     evaluate(model) -> {metric: float}: runs on rank 0 with the plain model in eval mode.
     log_images(model, batch) -> {name: HxWx3 uint8}: rank 0, eval mode, no grad, after each validation.
     extra_state: an object with state_dict()/load_state_dict(), or a dict of them, saved in checkpoints.
+    early_stopping_patience: stop after this many validations in a row without a new best `best_metric`.
     """
     if scheduler_interval not in ("epoch", "step"):
         raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
@@ -423,6 +424,7 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
     epoch = step = batch_in_epoch = 0     # batch_in_epoch: micro-batches of this epoch already trained on
     best: list[dict] = []                 # [{"file", "step", "value"}], best first
     metrics: dict = {}
+    stale, best_value = 0, None           # early stopping: validations since best_metric last improved
     rng_state = None
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
@@ -438,6 +440,7 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
         _load_extra_state_dict(extra_state, ckpt["extra"])
         epoch, step, batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
         best, metrics = ckpt["best"], ckpt["metrics"]
+        stale, best_value = ckpt["early_stopping"]["stale"], ckpt["early_stopping"]["best_value"]
         rng_state = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
         if is_main:
             if ckpt["world_size"] != world or ckpt["config"].get("batch_size") != args.batch_size:
@@ -487,6 +490,7 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                  "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "world_size": world,
                  "rng": _gather(get_rng_state(), world), "best": best, "metrics": metrics,
+                 "early_stopping": {"stale": stale, "best_value": best_value},
                  "best_metric": best_metric, "config": _plain(vars(args)), "extra": _extra_state_dict(extra_state)}
         if not is_main:
             return
@@ -498,8 +502,9 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
                 save_checkpoint(ckpt_dir / "best.pt", state)
         save_checkpoint(ckpt_dir / "last.pt", state)
 
-    def validate() -> None:
-        nonlocal metrics, last_validated
+    def validate() -> bool:
+        """Evaluate, log and checkpoint; True when early stopping says the run is over."""
+        nonlocal metrics, last_validated, stale, best_value
         last_validated = (epoch, batch_in_epoch, step)
         new = None
         if is_main and evaluate is not None:
@@ -517,15 +522,26 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
         new = _broadcast(new, rank, world)
         if new is not None:
             metrics = new
+        value = (new or {}).get(best_metric) if best_metric else None
+        if value is not None and math.isfinite(value):
+            improved = best_value is None or (value > best_value if higher_is_better else value < best_value)
+            best_value, stale = (value, 0) if improved else (best_value, stale + 1)
         save(new)
+        if early_stopping_patience is not None and stale >= early_stopping_patience:
+            if is_main:
+                print(f"early stopping: {best_metric} has not improved in {stale} validations")
+            return True
+        return False
 
     # With workers=0 the dataset's per-sample seeding runs in this process: keep it off the training RNG.
     loading_rng = preserved_rng if args.workers == 0 else contextlib.nullcontext
     sums, count, num_skipped, micro_in_step, last_loss = {}, 0, 0, 0, float("nan")
     pbar = None
     model.train()
+    stop_early = False
     try:
-        while (args.epochs is None or epoch < args.epochs) and (args.max_steps is None or step < args.max_steps):
+        while (args.epochs is None or epoch < args.epochs) and (args.max_steps is None or step < args.max_steps) \
+                and not stop_early:
             loader.sampler.set_epoch(epoch, start_index=batch_in_epoch * args.batch_size)
             with preserved_rng():       # starting the workers draws a base seed from the global RNG
                 batches = iter(loader)
@@ -589,8 +605,9 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
                 if args.max_steps is not None and step >= args.max_steps:
                     stopped_mid_epoch = upcoming is not None
                     break
-                if val_unit == "step" and step % val_every == 0:
-                    validate()
+                if val_unit == "step" and step % val_every == 0 and validate():
+                    stop_early, stopped_mid_epoch = True, upcoming is not None
+                    break
             pbar.close()
             if stopped_mid_epoch:
                 break
@@ -598,7 +615,7 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
             if scheduler is not None and scheduler_interval == "epoch":
                 scheduler.step()
             if val_unit == "epoch" and epoch % val_every == 0:
-                validate()
+                stop_early = validate()
             else:
                 save()
         # A last validation unless this very state was just validated; last.pt always ends at the final state.

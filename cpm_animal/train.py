@@ -172,9 +172,6 @@ def main(argv=None):
     scheduler, interval = build_scheduler(config, optimizer, total_steps)
     thresholds = tuple(config["metric"]["pck_thresholds"])
     stage_weights = config["loss"]["stage_weights"]
-    if config["callbacks"].get("early_stopping_patience") is not None:
-        raise SystemExit("error: callbacks.early_stopping_patience: the shared loop (common.engine.train) has no "
-                         "early-stopping hook yet; set it to null")
     if config["loss"]["name"] != "mse":
         raise SystemExit(f"error: loss.name must be mse, got {config['loss']['name']!r}")
 
@@ -197,7 +194,8 @@ def main(argv=None):
     model, summary = train(args, model, train_set, compute_loss, optimizer, scheduler=scheduler,
                            scheduler_interval=interval, evaluate=evaluate, best_metric=monitor,
                            higher_is_better=monitor != "val_loss",
-                           log_images=make_image_logger(layout, model_config), model_name=MODEL_NAME)
+                           log_images=make_image_logger(layout, model_config), model_name=MODEL_NAME,
+                           early_stopping_patience=config["callbacks"].get("early_stopping_patience"))
     if not is_main:
         return
     out_dir = output_dirs(MODEL_NAME, summary["run_name"], args.out)["outputs"]

@@ -184,6 +184,21 @@ class SomeUnreadable(tiny.NoisyRegression):
         return super().__getitem__(i)
 
 
+def test_early_stopping_after_patience_validations_without_improvement(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
+    scores = iter([0.5, 0.7, 0.6, 0.7, 0.65, 0.9, 0.9, 0.9])   # best 0.7 at validation 2, then no new best
+
+    def evaluate(model):
+        return {"score": next(scores)}
+
+    _, summary = run_tiny(tmp_path, "--val-every", "2", "--max-steps", "16", evaluate=evaluate,
+                          best_metric="score", early_stopping_patience=3)
+    assert summary["steps"] == 10 and summary["metrics"]["score"] == 0.65   # validations at steps 2..10
+    assert "early stopping: score has not improved in 3 validations" in capsys.readouterr().out
+    ckpt = load_checkpoint(summary["last_checkpoint"])
+    assert ckpt["early_stopping"] == {"stale": 3, "best_value": 0.7}
+
+
 def test_bad_samples_are_skipped_counted_and_reported(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
     monkeypatch.setattr(engine, "make_loader", lambda *a, **k: make_loader(*a, **{**k, "shuffle": False}))
