@@ -85,6 +85,21 @@ def load_model_from_checkpoint(path, device="cpu"):
                                      "train_config": config}
 
 
+def load_for_inference(args):
+    """(checkpoint, device, model, info) for --checkpoint, else the newest higher_hrnet checkpoint; None
+    after one line saying how to get one. info["input_size"] is the checkpoint's training size, if known."""
+    checkpoint = args.checkpoint or newest_checkpoint(MODEL_NAME, args.out)
+    if checkpoint is None:
+        print("no higher_hrnet checkpoint found: train one with `python higher_hrnet/train.py` "
+              "or pass --checkpoint FILE (ours, official or the seed's)")
+        return None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, info = load_model_from_checkpoint(checkpoint, device)
+    train_config = info["train_config"]
+    info["input_size"] = train_config.get("input_size") if isinstance(train_config, dict) else None
+    return checkpoint, device, model, info
+
+
 def default_data(args):
     """(image_dir, ann_file): --data/--ann, else the built-in validation scenes."""
     if args.data:
@@ -98,16 +113,12 @@ def default_data(args):
 
 
 def main(args):
-    checkpoint = args.checkpoint or newest_checkpoint(MODEL_NAME, args.out)
-    if checkpoint is None:
-        print("no higher_hrnet checkpoint found: train one with `python higher_hrnet/train.py` "
-              "or pass --checkpoint FILE (ours, official or the seed's)")
+    loaded = load_for_inference(args)
+    if loaded is None:
         return 1
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_model_from_checkpoint(checkpoint, device)
+    checkpoint, device, model, info = loaded
     layout = get_layout(args.layout)
-    trained_size = info["train_config"].get("input_size") if isinstance(info["train_config"], dict) else None
-    config = preset(args.preset, input_size=args.input_size or trained_size,
+    config = preset(args.preset, input_size=args.input_size or info["input_size"],
                     scales=tuple(args.scales) if args.scales else None,
                     detection_threshold=args.detection_threshold, tag_threshold=args.tag_threshold,
                     flip=False if args.no_flip else None)

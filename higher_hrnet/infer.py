@@ -16,14 +16,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 from common.data import VIDEO_SUFFIXES, BadImageError, VideoWriter, exit_on_bad_input, iter_inputs, video_properties
 from common.drawing import draw_heatmap_overlay, draw_people
-from common.engine import newest_checkpoint, output_dirs
+from common.engine import output_dirs
 from common.geometry import get_affine_transform, warp_image
 from common.keypoints import get_layout
-from higher_hrnet.eval import load_model_from_checkpoint
+from higher_hrnet.eval import load_for_inference
 from higher_hrnet.inference import PRESETS, maps_to_people, predict_maps, preset
 
 
@@ -80,16 +79,12 @@ def to_json(people, scores, names):
 
 
 def main(args):
-    checkpoint = args.checkpoint or newest_checkpoint("higher_hrnet", args.out)
-    if checkpoint is None:
-        print("no higher_hrnet checkpoint found: train one with `python higher_hrnet/train.py` "
-              "or pass --checkpoint FILE (ours, official or the seed's)")
+    loaded = load_for_inference(args)
+    if loaded is None:
         return 1
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_model_from_checkpoint(checkpoint, device)
+    _, device, model, info = loaded
     layout = get_layout(args.layout)
-    trained_size = info["train_config"].get("input_size") if isinstance(info["train_config"], dict) else None
-    config = preset(args.preset, input_size=args.input_size or trained_size)
+    config = preset(args.preset, input_size=args.input_size or info["input_size"])
     inputs = args.inputs
     if not inputs:
         from common.synthetic import ensure_dataset

@@ -120,8 +120,24 @@ def load_model(checkpoint, device="cpu"):
     return model.to(device).eval(), config
 
 
+def load_for_inference(args):
+    """(checkpoint, device, model, config, output dirs of its run) for --checkpoint, else the newest Pose-SPI
+    checkpoint; without one, say in one line how to get one and exit 1."""
+    from common.engine import output_dirs
+
+    checkpoint = args.checkpoint or newest_pose_spi_checkpoint(args.out)
+    if checkpoint is None:
+        print(f"no checkpoint under {output_dirs(MODEL_NAMES[0], out=args.out)['root'] / 'checkpoints'}/"
+              f"{{{','.join(MODEL_NAMES)}}}; train one first: python pose_spi/train.py (or pass --checkpoint)")
+        sys.exit(1)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, config = load_model(checkpoint, device)
+    dirs = output_dirs(Path(checkpoint).parent.parent.name, Path(checkpoint).parent.name, args.out)
+    return checkpoint, device, model, config, dirs
+
+
 def main(argv=None):
-    from common.engine import add_common_args, output_dirs
+    from common.engine import add_common_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
@@ -131,14 +147,7 @@ def main(argv=None):
                         help="with --ann and no --val-ann: evaluate the same held-out split train.py used")
     parser.add_argument("--val-ann", help="evaluate this annotation file as a whole")
     args = parser.parse_args(argv)
-    checkpoint = args.checkpoint or newest_pose_spi_checkpoint(args.out)
-    if checkpoint is None:
-        print(f"no checkpoint under {output_dirs(MODEL_NAMES[0], out=args.out)['root'] / 'checkpoints'}/"
-              f"{{{','.join(MODEL_NAMES)}}}; train one first: python pose_spi/train.py (or pass --checkpoint)")
-        sys.exit(1)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, config = load_model(checkpoint, device)
-    dirs = output_dirs(Path(checkpoint).parent.parent.name, Path(checkpoint).parent.name, args.out)
+    checkpoint, device, model, config, dirs = load_for_inference(args)
     data_args = argparse.Namespace(
         data=args.data, ann=args.ann, val_ann=args.val_ann, val_data=args.data, val_fraction=args.val_fraction,
         input_size=config.input_size, num_keypoints=config.num_keypoints, raw_targets=config.raw_targets,

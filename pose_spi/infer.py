@@ -14,7 +14,7 @@ import torch
 
 from common.data import exit_on_bad_input, iter_inputs
 from pose_spi.dataset import synthetic_paths, to_gray, to_image_pixels
-from pose_spi.eval import MODEL_NAMES, decode_output, load_model, newest_pose_spi_checkpoint
+from pose_spi.eval import decode_output, load_for_inference
 
 
 @torch.no_grad()
@@ -39,7 +39,6 @@ def draw(image_rgb, keypoints, skeleton, scale=4):
 
 
 def main(argv=None):
-    from common.engine import output_dirs
     from common.keypoints import POSE_SPI13, layout_from_coco_category
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,14 +49,7 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None, help="at most N images (default: all; 16 built-in)")
     parser.add_argument("--scale", type=int, default=4, help="enlarge drawings by this factor (default 4)")
     args = parser.parse_args(argv)
-    checkpoint = args.checkpoint or newest_pose_spi_checkpoint(args.out)
-    if checkpoint is None:
-        print(f"no checkpoint under {output_dirs(MODEL_NAMES[0], out=args.out)['root'] / 'checkpoints'}/"
-              f"{{{','.join(MODEL_NAMES)}}}; train one first: python pose_spi/train.py (or pass --checkpoint)")
-        sys.exit(1)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, config = load_model(checkpoint, device)
-    dirs = output_dirs(Path(checkpoint).parent.parent.name, Path(checkpoint).parent.name, args.out)
+    _, device, model, config, dirs = load_for_inference(args)
     source, limit = args.source, args.limit
     if source is None:
         source = synthetic_paths(dirs["data"])["val"][0]
