@@ -11,7 +11,6 @@ Preset `builtin` is the same recipe at CPU size. Any flag given overrides the pr
 """
 
 import argparse
-import warnings
 from pathlib import Path
 
 import cv2
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
 
-from common.data import BadImageError, collate_skip_bad, exit_on_bad_input, read_image
+from common.data import SeededSamples, collate_skip_bad, exit_on_bad_input, read_image
 from common.drawing import make_grid
 from common.engine import add_common_args, output_dirs, setup_device_and_distributed, train
 from common.pretrained import resolve_pretrained
@@ -164,27 +163,10 @@ class ImageFolderSamples(Dataset):
         return {"image": self.transform(image), "label": label}
 
 
-class SkipBadImages(Dataset):
-    """For plain (evaluation) DataLoaders: an unreadable image becomes None, which collate_skip_bad drops."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        try:
-            return self.dataset[index]
-        except BadImageError as error:
-            warnings.warn(f"skipping {error}", stacklevel=1)
-            return None
-
-
 @torch.no_grad()
 def evaluate_topk(model, dataset, batch_size, workers, device):
     """Top-1 and top-5 accuracy over `dataset` (unreadable images are skipped and reported)."""
-    loader = DataLoader(SkipBadImages(dataset), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(SeededSamples(dataset), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=collate_skip_bad)
     model.eval()
     correct1 = correct5 = total = skipped = 0
