@@ -39,7 +39,7 @@ def self_oks(a, b, sigmas):
     extent = (a.amax(1) - a.amin(1)).clamp(min=1.0)
     area = extent[:, 0] * extent[:, 1]
     d2 = ((a - b) ** 2).sum(-1)
-    k2 = (2 * torch.as_tensor(sigmas, dtype=a.dtype)) ** 2
+    k2 = (2 * torch.as_tensor(sigmas, dtype=a.dtype, device=a.device)) ** 2
     return torch.exp(-d2 / (2 * area[:, None] * k2[None])).mean(1)
 
 
