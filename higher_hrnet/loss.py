@@ -24,7 +24,7 @@ def ae_loss(tags, tag_index, loss_type="exp"):
     pairs of people of exp(-(t_i - t_j)^2) ("exp") or max(0, 1 - |t_i - t_j|) ("max"), times 0.5.
     """
     batch = tags.shape[0]
-    flat = tags.reshape(batch, -1)
+    flat = tags.reshape(batch, -1).float()   # under autocast the tags arrive in bf16/fp16; sum in fp32
     zeros = flat.new_zeros(batch)
     if tag_index is None or len(tag_index) == 0:
         return zeros, zeros + 0 * flat.sum()

@@ -41,6 +41,15 @@ def test_ae_loss_official_vector():
     assert push_max.item() == pytest.approx(0.125, abs=1e-6)
 
 
+def test_ae_loss_accepts_half_precision_tags_as_under_autocast():
+    # under --amp the network hands bf16/fp16 tags to the loss; it must sum in fp32, not fail in index_add_
+    tags, rows = official_ae_vector()
+    for dtype in (torch.bfloat16, torch.float16):
+        push, pull = ae_loss(tags.to(dtype), rows, "exp")
+        assert push.dtype == pull.dtype == torch.float32
+        assert push.item() == pytest.approx(0.2848914, abs=2e-3) and pull.item() == pytest.approx(0.95125, abs=2e-3)
+
+
 def test_ae_loss_batches_are_independent_and_lone_people_do_not_push():
     tags, rows = official_ae_vector()
     batch = torch.cat([torch.zeros_like(tags), tags])
