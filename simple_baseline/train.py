@@ -28,10 +28,12 @@ from simple_baseline.eval import MODEL_NAME, evaluate_split, mean_pose_in_crop
 from simple_baseline.model import build_model
 
 PRESETS = {
-    # CPU: resnet18 as in the seed; a 64x64 input and four narrow deconvolutions (stride-2, 32x32
-    # heatmaps, fine enough for PCKh on 128-pixel crops) keep a step near 1 CPU-second at batch 32.
-    "cpu": dict(backbone="resnet18", deconv_filters=[64, 64, 64, 64], input_size=[64, 64], epochs=14,
-                milestones=[10, 13], batch_size=32, lr=1e-3, workers=1, val_every="2e", pretrained="none"),
+    # CPU: resnet18 as in the seed on the full 128 px crops (at 64 px wrists and elbows are a pixel or two
+    # wide), three narrow deconvolutions (32x32 heatmaps), batch 16 (more steps for the same compute) and
+    # milder augmentation for a short run; README "Results" has the sweep behind these choices.
+    "cpu": dict(backbone="resnet18", deconv_filters=[64, 64, 64], input_size=[128, 128], epochs=7,
+                milestones=[5, 6], batch_size=16, lr=1e-3, workers=1, val_every="2e", pretrained="none",
+                scale_factor=0.15, rotation_factor=15.0),
     "paper": dict(backbone="resnet50", deconv_filters=[256, 256, 256], input_size=[256, 256], epochs=140,
                   milestones=[90, 120], batch_size=32, lr=1e-3, workers=4, val_every="1e",
                   pretrained="imagenet"),
@@ -107,6 +109,7 @@ def main(args):
     model = build_model(args.backbone, layout.num_keypoints, args.deconv_filters, 4, args.sigmoid_output,
                         args.pretrained if is_main or args.pretrained != "imagenet" else "none")
     args.arch = model.arch  # saved in every checkpoint's config: eval/infer rebuild the model from it
+    model = model.to(memory_format=torch.channels_last)  # ~10% faster convolutions on CPU, and on GPU with AMP
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_factor)
 

@@ -28,6 +28,7 @@ def count(model):
     ("resnet18", 16, (256, 256, 256), 15_376_464),
     ("resnet50", 17, (256, 256, 256), 33_999_697),
     ("resnet18", 16, (512, 512, 512), 23_770_704),  # the seed's head
+    ("resnet18", 16, (64, 64, 64), 11_833_296),     # the cpu preset (README)
 ])
 def test_parameter_counts_match_the_paper_configurations(backbone, joints, filters, expected):
     with torch.device("meta"):
