@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -249,6 +250,20 @@ def newest_checkpoint(model_name: str, out=None, kind: str = "best") -> Path | N
             if (run / name).is_file():
                 return run / name
     return None
+
+
+def checkpoint_or_exit(checkpoint, model_names, train_command: str, out=None, hint: str = "") -> Path:
+    """What eval/infer scripts run on: --checkpoint when given, else the newest checkpoint of these models'
+    runs (newest_checkpoint); with neither, one line saying how to get one, then exit status 1."""
+    if checkpoint:
+        return Path(checkpoint)
+    names = (model_names,) if isinstance(model_names, str) else tuple(model_names)
+    found = [path for path in (newest_checkpoint(name, out) for name in names) if path is not None]
+    if found:
+        return max(found, key=lambda path: path.stat().st_mtime)
+    print(f"no {' or '.join(names)} checkpoint under {output_root(out) / 'checkpoints'}: train one with "
+          f"`{train_command}` or pass --checkpoint FILE{hint}", file=sys.stderr)
+    raise SystemExit(1)
 
 
 def load_weights(model: nn.Module, path) -> None:

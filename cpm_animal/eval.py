@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +202,7 @@ def model_from_checkpoint(path, device="cpu"):
 
 
 def main(argv=None):
-    from common.engine import add_common_args, newest_checkpoint, output_dirs
+    from common.engine import add_common_args, checkpoint_or_exit, output_dirs
     from cpm_animal.config import apply_override
     from cpm_animal.dataset import ImageCache, KeypointCrops, build_datasets, load_coco_records, load_seed_json
 
@@ -212,11 +211,7 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", help="config overrides applied to the checkpoint's config, "
                                                      "e.g. dataset.val_fraction=0.3")
     args = parser.parse_args(argv)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(MODEL_NAME, args.out)
-    if checkpoint is None:
-        print("no cpm_animal checkpoint found: train one with `python cpm_animal/train.py` "
-              "(or pass --checkpoint PATH)")
-        sys.exit(1)
+    checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python cpm_animal/train.py", args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, saved, step = model_from_checkpoint(checkpoint, device)
     config = saved["cpm_config"]

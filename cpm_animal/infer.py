@@ -62,7 +62,7 @@ def default_inputs(saved, out_root):
 
 
 def main(argv=None):
-    from common.engine import add_common_args, newest_checkpoint, output_dirs
+    from common.engine import add_common_args, checkpoint_or_exit, output_dirs
     from common.keypoints import get_layout
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,10 +71,7 @@ def main(argv=None):
     parser.add_argument("--padding", type=float, default=1.0, help="grow the box by this factor (default: %(default)s)")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(MODEL_NAME, args.out)
-    if checkpoint is None:
-        print("no cpm_animal checkpoint found: train one with `python cpm_animal/train.py` (or pass --checkpoint PATH)")
-        sys.exit(1)
+    checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python cpm_animal/train.py", args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, saved, _ = model_from_checkpoint(checkpoint, device)
     layout_name = saved["cpm_config"]["dataset"]["layout"]

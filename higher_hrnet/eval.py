@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from common.data import BadImageError, exit_on_bad_input, load_coco_keypoints, read_image
-from common.engine import add_common_args, newest_checkpoint, output_dirs
+from common.engine import add_common_args, checkpoint_or_exit, output_dirs
 from common.evaluation import coco_keypoint_ap, count_parameters, write_results_json
 from common.keypoints import COCO17, get_layout
 from higher_hrnet.inference import PRESETS, people_to_coco_results, predict_people, preset
@@ -86,13 +85,10 @@ def load_model_from_checkpoint(path, device="cpu"):
 
 
 def load_for_inference(args):
-    """(checkpoint, device, model, info) for --checkpoint, else the newest higher_hrnet checkpoint; None
-    after one line saying how to get one. info["input_size"] is the checkpoint's training size, if known."""
-    checkpoint = args.checkpoint or newest_checkpoint(MODEL_NAME, args.out)
-    if checkpoint is None:
-        print("no higher_hrnet checkpoint found: train one with `python higher_hrnet/train.py` "
-              "or pass --checkpoint FILE (ours, official or the seed's)")
-        return None
+    """(checkpoint, device, model, info) for --checkpoint, else the newest higher_hrnet checkpoint (without
+    one: a line saying how to get one, exit 1). info["input_size"] is the checkpoint's training size, if known."""
+    checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python higher_hrnet/train.py", args.out,
+                                    hint=" (ours, official or the seed's)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_model_from_checkpoint(checkpoint, device)
     train_config = info["train_config"]
@@ -113,10 +109,7 @@ def default_data(args):
 
 
 def main(args):
-    loaded = load_for_inference(args)
-    if loaded is None:
-        return 1
-    checkpoint, device, model, info = loaded
+    checkpoint, device, model, info = load_for_inference(args)
     layout = get_layout(args.layout)
     config = preset(args.preset, input_size=args.input_size or info["input_size"],
                     scales=tuple(args.scales) if args.scales else None,

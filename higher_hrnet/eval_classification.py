@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torchvision.datasets.folder import find_classes
 
 from common.data import BadImageError, read_image
-from common.engine import add_common_args, newest_checkpoint, output_dirs
+from common.engine import add_common_args, checkpoint_or_exit, output_dirs
 from higher_hrnet.checkpoints import CheckpointError, checkpoint_width, load_official_checkpoint, read_state_dict
 from higher_hrnet.model import ClassificationHRNet
 from higher_hrnet.train_classification import (MODEL_NAME, PRESETS, ImageFolderSamples,
@@ -94,11 +94,8 @@ def parse_args(argv=None):
 
 
 def main(args):
-    checkpoint = args.checkpoint or newest_checkpoint(MODEL_NAME, args.out)
-    if checkpoint is None:
-        print("no classification checkpoint found: train one with `python higher_hrnet/train_classification.py` "
-              "or pass --checkpoint (the official hrnetv2_w32_imagenet_pretrained.pth works)")
-        return 1
+    checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python higher_hrnet/train_classification.py",
+                                    args.out, hint=" (the official hrnetv2_w32_imagenet_pretrained.pth works)")
     try:
         model, config = load_classifier(checkpoint)
     except CheckpointError as error:

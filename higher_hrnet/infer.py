@@ -79,10 +79,7 @@ def to_json(people, scores, names):
 
 
 def main(args):
-    loaded = load_for_inference(args)
-    if loaded is None:
-        return 1
-    _, device, model, info = loaded
+    _, device, model, info = load_for_inference(args)
     layout = get_layout(args.layout)
     config = preset(args.preset, input_size=args.input_size or info["input_size"])
     inputs = args.inputs

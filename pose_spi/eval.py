@@ -5,7 +5,6 @@
 Prints the AP table, parameters and GFLOPs, and writes the predictions as COCO results JSON.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,6 @@ from pose_spi.model import PoseSPI
 
 MODEL_NAMES = ("pose_spi", "pose_spi_keypointrcnn")  # train.py and train_keypointrcnn.py runs
 
-
-def newest_pose_spi_checkpoint(out=None):
-    """The newest best (else last) checkpoint of either Pose-SPI training script, or None."""
-    from common.engine import newest_checkpoint
-
-    found = [p for p in (newest_checkpoint(name, out) for name in MODEL_NAMES) if p is not None]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def decode_output(output, input_size, num_keypoints, raw_targets=False):
@@ -123,13 +115,9 @@ def load_model(checkpoint, device="cpu"):
 def load_for_inference(args):
     """(checkpoint, device, model, config, output dirs of its run) for --checkpoint, else the newest Pose-SPI
     checkpoint; without one, say in one line how to get one and exit 1."""
-    from common.engine import output_dirs
+    from common.engine import checkpoint_or_exit, output_dirs
 
-    checkpoint = args.checkpoint or newest_pose_spi_checkpoint(args.out)
-    if checkpoint is None:
-        print(f"no checkpoint under {output_dirs(MODEL_NAMES[0], out=args.out)['root'] / 'checkpoints'}/"
-              f"{{{','.join(MODEL_NAMES)}}}; train one first: python pose_spi/train.py (or pass --checkpoint)")
-        sys.exit(1)
+    checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAMES, "python pose_spi/train.py", args.out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, config = load_model(checkpoint, device)
     dirs = output_dirs(Path(checkpoint).parent.parent.name, Path(checkpoint).parent.name, args.out)

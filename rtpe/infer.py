@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from common.data import BadImageError, exit_on_bad_input, iter_inputs
-from common.geometry import affine_points, invert_affine
+from common.geometry import affine_points
 from higher_hrnet.grouping import GroupingParams, group_by_tags
 from rtpe.model import IMAGENET_MEAN, IMAGENET_STD, RealtimePoseStudent, fold_batchnorm
 
@@ -121,13 +121,9 @@ def load_student(path):
 
 
 def default_checkpoint(args):
-    from common.engine import newest_checkpoint
+    from common.engine import checkpoint_or_exit
 
-    path = args.checkpoint or newest_checkpoint("rtpe", args.out)
-    if path is None:
-        print("no rtpe checkpoint found: train one with `python rtpe/train.py` (or pass --checkpoint)")
-        raise SystemExit(1)
-    return Path(path)
+    return checkpoint_or_exit(args.checkpoint, "rtpe", "python rtpe/train.py", args.out)
 
 
 def main(args):

@@ -17,7 +17,7 @@ import torch
 
 from common.data import make_loader, read_image, BadImageError
 from common.drawing import BLUE, RED, draw_keypoints
-from common.engine import load_checkpoint, newest_checkpoint, output_dirs
+from common.engine import checkpoint_or_exit, load_checkpoint, output_dirs
 from common.evaluation import (coco_keypoint_ap, count_flops, count_parameters, pck, print_pck_table,
                                write_results_json)
 from common.geometry import affine_points, get_affine_transform
@@ -216,16 +216,6 @@ def load_model(checkpoint_path, device="cpu", requested_arch=None):
     return model.to(device).eval(), config
 
 
-def resolve_checkpoint(path, out):
-    if path:
-        return Path(path)
-    found = newest_checkpoint(MODEL_NAME, out)
-    if found is None:
-        print(f"no {MODEL_NAME} checkpoint found; train one first: python simple_baseline/train.py", file=sys.stderr)
-        sys.exit(1)
-    return found
-
-
 # ------------------------------------------------------------------------------------------ drawing
 
 def draw_prediction(image, pred, scores, gt=None, skeleton=True, threshold=0.2, layout=LIP16):
@@ -262,7 +252,7 @@ def main(args):
     from simple_baseline.dataset import TopDownDataset, load_split
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    checkpoint = resolve_checkpoint(args.checkpoint, args.out)
+    checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python simple_baseline/train.py", args.out)
     requested = {k: v for k, v in (("backbone", args.backbone),
                                    ("deconv_filters", args.deconv_filters)) if v is not None}
     model, config = load_model(checkpoint, device, requested)

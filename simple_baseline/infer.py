@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from common.data import BadImageError, read_image
-from common.engine import output_dirs
+from common.engine import checkpoint_or_exit, output_dirs
 from common.geometry import box_to_center_scale, get_affine_transform, warp_image
 from common.keypoints import COCO17, LIP16
 from simple_baseline.dataset import IMAGENET_MEAN, IMAGENET_STD
 from simple_baseline.eval import (MODEL_NAME, draw_prediction, heatmaps_to_image_coords, load_model,
-                                  predict_heatmaps, resolve_checkpoint)
+                                  predict_heatmaps)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
@@ -106,7 +106,7 @@ def default_inputs(config, out):
 
 def main(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    checkpoint = resolve_checkpoint(args.checkpoint, args.out)
+    checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python simple_baseline/train.py", args.out)
     model, config = load_model(checkpoint, device)
     layout = COCO17 if config.get("format") == "coco" else LIP16
     predictor = PosePredictor(model, config.get("input_size", (256, 256)), layout, not args.no_flip_test,

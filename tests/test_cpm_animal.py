@@ -313,4 +313,4 @@ def test_eval_without_checkpoint_says_how_to_get_one(tmp_path, monkeypatch, caps
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
     with pytest.raises(SystemExit) as done:
         cpm_eval.main([])
-    assert done.value.code == 1 and "cpm_animal/train.py" in capsys.readouterr().out
+    assert done.value.code == 1 and "cpm_animal/train.py" in capsys.readouterr().err

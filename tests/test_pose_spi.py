@@ -265,4 +265,4 @@ def test_eval_without_checkpoint_says_how_to_get_one(out_root, capsys):
 
     with pytest.raises(SystemExit) as exit_info:
         main([])
-    assert exit_info.value.code == 1 and "python pose_spi/train.py" in capsys.readouterr().out
+    assert exit_info.value.code == 1 and "python pose_spi/train.py" in capsys.readouterr().err
