@@ -14,8 +14,8 @@ import math
 import os
 import pickle
 import random
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 

@@ -17,7 +17,6 @@ from pose_spi.model import PoseSPI
 MODEL_NAMES = ("pose_spi", "pose_spi_keypointrcnn")  # train.py and train_keypointrcnn.py runs
 
 
-
 def decode_output(output, input_size, num_keypoints, raw_targets=False):
     """Network output (B, 3K) -> keypoints (B, K, 2) in input pixels and visibility scores (B, K) in [0, 1]."""
     out = output.float().view(-1, num_keypoints, 3)
