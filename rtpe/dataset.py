@@ -11,7 +11,6 @@ channels swapped (the seed flipped without swapping).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 

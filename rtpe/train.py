@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.engine import add_common_args, output_dirs, setup_device_and_distributed, train, unwrap
+from common.engine import add_common_args, setup_device_and_distributed, train, unwrap
 
 from rtpe.infer import HEATMAP_POS_WEIGHT  # noqa: E402  (decoding undoes this weight's logit shift)
 
