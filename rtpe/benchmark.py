@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 
 import numpy as np
@@ -136,12 +137,12 @@ def main(args):
     rows = []
     for size in args.sizes:
         for preset in args.presets:
-            rows += bench_student(preset, size, args.frames, args.warmup, backends)
+            finished = bench_student(preset, size, args.frames, args.warmup, backends)
+            rows += finished
             print(f"done: {preset} at {size}: " + ", ".join(f"{r['part']} {r['backend']} {r['median_ms']:.1f} ms"
-                                                           for r in rows if r["size"] == size), flush=True)
+                                                           for r in finished), flush=True)
         if args.teacher_width:
             rows += bench_teacher(args.teacher_width, size, max(3, args.teacher_frames), 2, backends)
-    import os
     print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end; "
           f"{torch.get_num_threads()} torch threads, batch 1, {args.frames} timed frames after {args.warmup} "
           f"warm-up (teacher: {args.teacher_frames})")
