@@ -96,6 +96,40 @@ class MeasurementEncoder(nn.Module):
         half = input_size // 2
         self.fc = nn.Linear(num_measurements, half * half)
 
+    @torch.no_grad()
+    def init_as_downsampling(self):
+        """Start the FC layer as a reconstruction: measurements -> the image 2x2-average-pooled to (S/2)^2.
+
+        With PyTorch's default init the FC layer maps measurements to noise, and the FSRCNN and head see no
+        image until it has learned one; started as a (pseudo-)inverse of the measurement, the whole net trains
+        from a meaningful picture. product: each pixel's mask weight is divided back out; conv: the kernel
+        starts as a centred delta (y = x up to the resize); reduce: the max-pooled map is already (S/2)^2, so
+        the FC starts as a diagonal that divides out each 2x2 block's largest mask weight; patterns: the
+        pseudo-inverse of Phi, then the 2x2 average.
+        """
+        s, half = self.input_size, self.input_size // 2
+        pool = torch.zeros(half * half, s * s)  # the 2x2 average pool as a matrix
+        rows = torch.arange(half * half)
+        for dy in (0, 1):
+            for dx in (0, 1):
+                cols = (2 * (rows // half) + dy) * s + 2 * (rows % half) + dx
+                pool[rows, cols] = 0.25
+        if self.mode == "conv":
+            self.conv.weight.zero_()
+            self.conv.weight[0, 0, s // 2, s // 2] = 1.0
+            self.conv.bias.zero_()
+            inverse = torch.eye(s * s)
+        elif self.mode == "product":
+            inverse = torch.diag(1.0 / self.mask.flatten())
+        else:
+            inverse = torch.linalg.pinv(self.phi.double()).float()  # (S^2, M)
+        if self.reduce:  # on a smooth image the max-pooled product is x times the block's largest mask weight
+            scale = 1.0 / F.max_pool2d(self.mask, 2).flatten() if self.mode == "product" else torch.ones(half * half)
+            self.fc.weight.copy_(torch.diag(scale))
+        else:
+            self.fc.weight.copy_(pool @ inverse)
+        self.fc.bias.zero_()
+
     def forward(self, x):
         s = self.input_size
         if self.mode == "product":

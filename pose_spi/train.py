@@ -23,18 +23,20 @@ MODEL_NAME = "pose_spi"
 
 # The default presets are sized for 2 CPU cores (about 9 and 15 minutes with data rendering and evaluation):
 # AdamW with a one-cycle schedule converges far faster than the seed's plain SGD at lr 1e-4, which barely moves
-# this 21M-parameter net in that time. The seed presets reproduce the original recipe for comparison.
+# this 21M-parameter net in that time; so does starting the encoder's FC layer as a reconstruction
+# (`--encoder-init downsample`: +0.08 AP after 500 steps) rather than as noise. The seed presets reproduce the
+# original recipe for comparison.
 PRESETS = {
     "default": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=6, batch_size=16, loss="l1",
-                    schedule="onecycle", workers=0, val_every="2e"),
+                    schedule="onecycle", workers=0, val_every="2e", encoder_init="downsample"),
     "seed": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, epochs=1000, batch_size=4, loss="mse",
-                 schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0),
+                 schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0, encoder_init="random"),
 }
 KEYPOINTRCNN_PRESETS = {
     "default": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, epochs=6, max_steps=1400, batch_size=16,
-                    loss="l1", schedule="onecycle", workers=0, val_every="2e"),
+                    loss="l1", schedule="onecycle", workers=0, val_every="2e", encoder_init="downsample"),
     "seed": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, epochs=1000, batch_size=4, loss="l1",
-                 schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0),
+                 schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0, encoder_init="random"),
 }
 
 
@@ -107,6 +109,9 @@ def build_parser(presets, head, description):
     g.add_argument("--weight-decay", type=float, help="weight decay (preset)")
     g.add_argument("--schedule", choices=("onecycle", "cosine", "none"), help="LR schedule, stepped per step (preset)")
     g.add_argument("--loss", choices=("l1", "mse", "smooth_l1"), help="coordinate loss (preset)")
+    g.add_argument("--encoder-init", choices=("downsample", "random"),
+                   help="start the encoder's FC layer as measurement-inverse + 2x2 average pool, or as PyTorch's "
+                        "random init like the seed (preset)")
     g.add_argument("--vis-weight", type=float, default=0.1, help="weight of the visibility BCE (default 0.1)")
     g.add_argument("--no-flip-test", dest="flip_test", action="store_false",
                    help="evaluate without the mirrored second pass (its agreement is the detection score)")
@@ -132,6 +137,8 @@ def main(args, model_name=MODEL_NAME):
         model = PoseSPI(**model_config(args))
     except ValueError as error:
         sys.exit(f"error: {error}")
+    if args.encoder_init == "downsample":
+        model.encoder.init_as_downsampling()
     if args.head == "efficientnet":
         from pose_spi.train_keypointrcnn import load_pretrained_trunk
         load_pretrained_trunk(model, args.pretrained)

@@ -88,6 +88,25 @@ def test_hadamard_refuses_non_power_of_two():
         PoseSPI(input_size=48, encoder="patterns", patterns="hadamard")
 
 
+@pytest.mark.parametrize("kwargs", [dict(encoder="product"), dict(encoder="conv"),
+                                    dict(encoder="patterns", patterns="hadamard", measurements=1024),
+                                    dict(encoder="product", reduce=True)])
+def test_downsampling_init_reconstructs_the_pooled_image(kwargs):
+    """`--encoder-init downsample`: the encoder's output starts as the 2x2 average of a smooth image (exactly
+    for product and full Hadamard; for conv up to the seed's resize, whose last row and column blend in the
+    padding; for reduce a max- instead of an average-pool)."""
+    encoder = PoseSPI(input_size=32, **kwargs).encoder
+    ramp = torch.linspace(0, 1, 32)
+    image = (ramp[None, :] * ramp[:, None] + 0.2)[None, None]  # smooth, positive
+    pooled = torch.nn.functional.avg_pool2d(image, 2)
+    with torch.no_grad():
+        assert (encoder(image) - pooled).abs().max() > 0.05  # PyTorch's init: no picture yet
+        encoder.init_as_downsampling()
+        error = (encoder(image) - pooled)[..., :-1, :-1].abs().max()
+    exact = kwargs["encoder"] != "conv" and not kwargs.get("reduce")
+    assert error < (1e-4 if exact else 0.06)
+
+
 # ---------------------------------------------------------------------------------------------
 # data
 
