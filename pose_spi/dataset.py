@@ -1,7 +1,7 @@
 """Pose-SPI data: COCO keypoint JSON -> one grayscale SxS image and its largest person's keypoints.
 
 Also renders the built-in set (64x64 grayscale single people on dark backgrounds, the toy set's 13 points)
-into `data/pose_spi_synthetic/` on first use. Look at augmented samples with their targets drawn:
+into `data/pose_spi_synthetic_v2/` on first use. Look at augmented samples with their targets drawn:
     python pose_spi/dataset.py --show 16 [--data IMAGES --ann ANN.json]
 """
 import argparse
@@ -20,7 +20,9 @@ from common.geometry import flip_keypoints
 from common.keypoints import POSE_SPI13, layout_from_coco_category
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as the seed's grayscale conversion
-SYNTHETIC_NAME = "pose_spi_synthetic"
+# v2: people sized, placed and posed like the toy set's (the first renderer's were smaller, anywhere in the
+# frame and in any pose); a new folder so that data rendered by the first one is not reused unnoticed
+SYNTHETIC_NAME = "pose_spi_synthetic_v2"
 SYNTHETIC_SEEDS = {"train": 1000, "val": 2000}  # disjoint seeds: no validation figure is a training figure
 SYNTHETIC_SIZES = {"train": 4000, "val": 500}
 

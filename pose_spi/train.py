@@ -27,13 +27,13 @@ MODEL_NAME = "pose_spi"
 # (`--encoder-init downsample`: +0.08 AP after 500 steps) rather than as noise. The seed presets reproduce the
 # original recipe for comparison.
 PRESETS = {
-    "default": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=6, batch_size=16, loss="l1",
+    "default": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=4, batch_size=16, loss="l1",
                     schedule="onecycle", workers=0, val_every="2e", encoder_init="downsample"),
     "seed": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, epochs=1000, batch_size=4, loss="mse",
                  schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0, encoder_init="random"),
 }
 KEYPOINTRCNN_PRESETS = {
-    "default": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, epochs=6, max_steps=1400, batch_size=16,
+    "default": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, epochs=6, max_steps=1200, batch_size=16,
                     loss="l1", schedule="onecycle", workers=0, val_every="2e", encoder_init="downsample"),
     "seed": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, epochs=1000, batch_size=4, loss="l1",
                  schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0, encoder_init="random"),
