@@ -1,6 +1,6 @@
 """Train Pose-SPI (measurement encoder + FSRCNN + simple CNN head) with the shared loop.
 
-    python pose_spi/train.py                        # built-in 64x64 data, the default preset (~10 min on 2 CPU cores)
+    python pose_spi/train.py                        # built-in 64x64 data, the default preset (~7 min on 2 CPU cores)
     python pose_spi/train.py --preset seed          # the seed's recipe: SGD lr 1e-4, batch 4, 1000 epochs, MSE, raw pixels
     python pose_spi/train.py --data_path IMAGES --annotation_path ANN.json --subset 8    # the seed's flag names
     torchrun --nproc_per_node=2 pose_spi/train.py   # several processes (gloo on CPU, NCCL on GPU)
@@ -21,7 +21,7 @@ from pose_spi.model import PoseSPI, add_model_args, model_config
 
 MODEL_NAME = "pose_spi"
 
-# The default presets are sized for 2 CPU cores (about 9 and 15 minutes with data rendering and evaluation):
+# The default presets are sized for 2 CPU cores (about 7 and 13 minutes with data rendering and evaluation):
 # AdamW with a one-cycle schedule converges far faster than the seed's plain SGD at lr 1e-4, which barely moves
 # this 21M-parameter net in that time; so does starting the encoder's FC layer as a reconstruction
 # (`--encoder-init downsample`: +0.08 AP after 500 steps) rather than as noise. The seed presets reproduce the
@@ -33,7 +33,7 @@ PRESETS = {
                  schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0, encoder_init="random"),
 }
 KEYPOINTRCNN_PRESETS = {
-    "default": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, epochs=6, max_steps=1200, batch_size=16,
+    "default": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, epochs=6, max_steps=1000, batch_size=16,
                     loss="l1", schedule="onecycle", workers=0, val_every="2e", encoder_init="downsample"),
     "seed": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, epochs=1000, batch_size=4, loss="l1",
                  schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0, encoder_init="random"),
@@ -62,7 +62,8 @@ def make_optimizer(args, model, steps_per_epoch):
         optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    total = args.max_steps or args.epochs * steps_per_epoch
+    # the schedule spans the run: whichever of --epochs and --max-steps ends it first
+    total = min(n for n in (args.max_steps, args.epochs and args.epochs * steps_per_epoch) if n)
     if args.schedule == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=max(total, 1),
                                                         pct_start=0.15)

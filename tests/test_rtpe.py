@@ -294,60 +294,51 @@ def test_onnx_export_parity(tmp_path):
 
 
 def test_tiny_distillation_end_to_end(tmp_path, monkeypatch):
-    """A light student distilled from the oracle on a few built-in scenes through the shared training loop.
-
-    The issue's bar (AP >= 0.3, or half the oracle's AP) is NOT reached in a test-sized run (see
-    rtpe/README.md, "Measured"): after ~100 CPU steps the tags already separate people as well as the
-    ground truth does, but the heatmap peaks are still one to two map pixels (4-8 image pixels) off, which
-    gives AP ~0 on these small figures. This test checks what does hold: the loss falls, and the learned
-    tags give exactly the oracle's AP when grouped with the oracle's heatmaps."""
+    """A light student distilled from the oracle on three built-in scenes through the shared training loop,
+    then evaluated image -> keypoints (resize, network, grouping, pycocotools) on those scenes: AP >= 0.3 and
+    at least half the oracle teacher's AP on the same images, the issue's bar. The three scenes are those of
+    30 rendered ones whose smallest labelled person is largest (1-2 people each): on the built-in scenes'
+    many tiny people (under 32 x 32 px) a peak one map pixel off already scores OKS ~0. 600 steps at LR 3e-3
+    reached AP 0.64-0.65 (oracle 0.93; one or two threads); 150 steps gave 0.0, and 400 steps 0.42-0.58
+    depending on the thread count, too close to the bar."""
     from argparse import Namespace
 
     from common.data import load_coco_keypoints
     from common.engine import train
-    from common.evaluation import coco_keypoint_ap
-    from common.keypoints import COCO17
     from common.synthetic import ensure_dataset
-    from higher_hrnet.grouping import GroupingParams
     from rtpe.dataset import DistillationDataset, collate_people
-    from rtpe.infer import SEED_GROUPING, maps_to_people, people_to_results
-    from rtpe.teacher_inference import build_cache, coco_items, people_keypoints, render_oracle
-    from rtpe.train import DistillationObjective, oracle_ap, warmup_cosine
+    from rtpe.teacher_inference import build_cache, coco_items, people_keypoints
+    from rtpe.train import DistillationObjective, evaluate_student, oracle_ap, warmup_cosine
 
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
-    data = Path(ensure_dataset("multi_person", root=tmp_path, num_images=10, num_val=2, image_size=128, seed=3))
+    data = Path(ensure_dataset("multi_person", root=tmp_path, num_images=30, num_val=2, image_size=128, seed=3))
     ann = data / "annotations" / "person_keypoints_train.json"
     coco = load_coco_keypoints(ann)
-    ids = [i for i in sorted(coco.getImgIds()) if 1 <= len(people_keypoints(coco, i)) <= 2][:3]
+
+    def smallest_person(image_id):
+        return min(a["area"] for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+                   if a["num_keypoints"] > 0 and not a["iscrowd"])
+
+    ids = sorted((i for i in coco.getImgIds() if 1 <= len(people_keypoints(coco, i)) <= 2),
+                 key=smallest_person, reverse=True)[:3]
     cache = build_cache(tmp_path / "cache", coco_items(coco, data / "images" / "train"), "oracle", coco)
     dataset = DistillationDataset(data / "images" / "train", ann, cache, crop_size=128, augment=False, image_ids=ids)
     torch.manual_seed(0)
     model = RealtimePoseStudent("light", "lab")
-    steps = 60
+    steps, lr = 600, 3e-3
     args = Namespace(device="cpu", epochs=None, max_steps=steps, batch_size=len(ids), seed=0, workers=0,
                      run_name="tiny", resume=None, init_from=None, out=str(tmp_path), amp="none", sync_bn=False,
-                     clip_grad=0.0, accumulate=1, val_every="0", log_every=50, hist_every=0, keep_best=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+                     clip_grad=0.0, accumulate=1, val_every="0", log_every=100, hist_every=0, keep_best=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     objective = DistillationObjective("det")
     batch = collate_people([dataset[i] for i in range(len(ids))])
     with torch.no_grad():
         first_loss = float(objective(model.train(), batch)[0])
-    model, _ = train(args, model, dataset, objective, optimizer, scheduler=warmup_cosine(optimizer, 3e-3, 1e-4, 10, steps),
+    model, _ = train(args, model, dataset, objective, optimizer, scheduler=warmup_cosine(optimizer, lr, lr / 30, 10, steps),
                      scheduler_interval="step", collate_fn=collate_people, model_name="rtpe")
-    model.eval()
     with torch.no_grad():
-        last_loss = float(objective(model, batch)[0])
-        _, keypoint_maps = model(batch["image"])
-    assert last_loss < first_loss / 5
+        assert float(objective(model.eval(), batch)[0]) < first_loss / 5
 
-    params = GroupingParams(num_joints=17, **SEED_GROUPING)
-    results = []
-    for n, image_id in enumerate(ids):
-        people = people_keypoints(coco, image_id)
-        oracle_maps, _, affine = render_oracle(people, (128, 128))
-        student_tags = keypoint_maps[n, 17:].numpy()
-        to_image = np.linalg.inv(np.vstack([affine, [0, 0, 1]]))[:2]
-        keypoints, scores = maps_to_people(oracle_maps, student_tags, to_image, params)
-        results += people_to_results(keypoints, scores, image_id)
-    tags_ap = coco_keypoint_ap(coco, results, COCO17.sigmas, print_table=False, image_ids=ids)["AP"]
-    assert tags_ap == pytest.approx(oracle_ap(coco, ids), abs=1e-6)
+    metrics, _ = evaluate_student(model, coco, data / "images" / "train", ids, input_size=128)
+    teacher_ap = oracle_ap(coco, ids)
+    assert metrics["AP"] >= 0.3 and metrics["AP"] >= 0.5 * teacher_ap, (metrics["AP"], teacher_ap)
