@@ -398,6 +398,18 @@ def _write_histograms(writer, model: nn.Module, step: int) -> None:
             writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), step)
 
 
+def planned_steps(args, num_samples: int) -> int:
+    """Optimizer steps `train` will take over `num_samples` training samples, for schedules that span the run:
+    full batches only (the last partial one is dropped) over all processes, --accumulate micro-batches per
+    step (an epoch's leftover micro-batches make one more), and whichever of --epochs / --max-steps ends first."""
+    per_epoch = max(num_samples // (args.batch_size * getattr(args, "world_size", 1)), 1)
+    per_epoch = math.ceil(per_epoch / max(1, args.accumulate))
+    limits = [n for n in (args.epochs and args.epochs * per_epoch, args.max_steps) if n]
+    if not limits:
+        raise SystemExit("give --epochs or --max-steps")
+    return min(limits)
+
+
 def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, scheduler=None,
           scheduler_interval: str = "epoch", evaluate=None, best_metric: str | None = None,
           higher_is_better: bool = True, collate_fn=None, extra_state=None, log_images=None,

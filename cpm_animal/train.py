@@ -9,7 +9,6 @@ Settings come from config.yaml, then `group.key=value` overrides, then the share
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 from common.data import exit_on_bad_input
 from common.drawing import GREEN, RED, draw_keypoints, make_grid
-from common.engine import add_common_args, output_dirs, setup_device_and_distributed, train
+from common.engine import add_common_args, output_dirs, planned_steps, setup_device_and_distributed, train
 from cpm_animal.config import dump_config, load_config
 from cpm_animal.dataset import SEED_ANN_NAME, build_datasets, denormalise, signed_heatmap_overlay
 from cpm_animal.eval import decode_predictions, full_report, mean_shape, predict, compute_metrics, ground_truth
@@ -163,11 +162,7 @@ def main(argv=None):
               f"layout {layout.name}; model: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"input {list(model_config.input_size)}, {model_config.stages} stages")
 
-    # the shared loop drops the last partial batch of an epoch
-    steps_per_epoch = math.ceil(max(len(train_set) // (args.batch_size * args.world_size), 1) / args.accumulate)
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = planned_steps(args, len(train_set))
     optimizer = build_optimizer(config, model.parameters(), args.lr)
     scheduler, interval = build_scheduler(config, optimizer, total_steps)
     thresholds = tuple(config["metric"]["pck_thresholds"])

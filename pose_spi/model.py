@@ -108,26 +108,22 @@ class MeasurementEncoder(nn.Module):
         pseudo-inverse of Phi, then the 2x2 average.
         """
         s, half = self.input_size, self.input_size // 2
-        pool = torch.zeros(half * half, s * s)  # the 2x2 average pool as a matrix
-        rows = torch.arange(half * half)
-        for dy in (0, 1):
-            for dx in (0, 1):
-                cols = (2 * (rows // half) + dy) * s + 2 * (rows % half) + dx
-                pool[rows, cols] = 0.25
         if self.mode == "conv":
             self.conv.weight.zero_()
             self.conv.weight[0, 0, s // 2, s // 2] = 1.0
             self.conv.bias.zero_()
-            inverse = torch.eye(s * s)
-        elif self.mode == "product":
-            inverse = torch.diag(1.0 / self.mask.flatten())
-        else:
-            inverse = torch.linalg.pinv(self.phi.double()).float()  # (S^2, M)
         if self.reduce:  # on a smooth image the max-pooled product is x times the block's largest mask weight
             scale = 1.0 / F.max_pool2d(self.mask, 2).flatten() if self.mode == "product" else torch.ones(half * half)
             self.fc.weight.copy_(torch.diag(scale))
         else:
-            self.fc.weight.copy_(pool @ inverse)
+            # the 2x2 average pool as a (S/2)^2 x S^2 matrix: the Kronecker square of the 1-D pair average
+            pair_average = torch.kron(torch.eye(half), torch.full((1, 2), 0.5))
+            pool = torch.kron(pair_average, pair_average)
+            if self.mode == "product":
+                pool = pool / self.mask.flatten()  # divide each pixel's mask weight back out
+            elif self.mode == "patterns":
+                pool = pool @ torch.linalg.pinv(self.phi.double()).float()  # (S/2)^2 x M
+            self.fc.weight.copy_(pool)
         self.fc.bias.zero_()
 
     def forward(self, x):

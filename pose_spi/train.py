@@ -7,14 +7,13 @@
 Evaluation after every epoch prints the COCO AP table (sigmas by keypoint name) next to the mean-pose baseline.
 """
 import argparse
-import math
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.engine import add_common_args, output_dirs, setup_device_and_distributed, train
+from common.engine import add_common_args, output_dirs, planned_steps, setup_device_and_distributed, train
 from pose_spi.dataset import add_data_args, build_datasets
 from pose_spi.eval import coco_ap, decode_output, mean_pose, mean_pose_ap, predict
 from pose_spi.model import PoseSPI, add_model_args, model_config
@@ -54,7 +53,7 @@ def keypoint_loss(output, target, kind="l1", raw_targets=False, vis_weight=0.1):
     return coord + vis_weight * vis, {"coord": float(coord.detach()), "vis": float(vis.detach())}
 
 
-def make_optimizer(args, model, steps_per_epoch):
+def make_optimizer(args, model, total_steps):
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -62,13 +61,11 @@ def make_optimizer(args, model, steps_per_epoch):
         optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    # the schedule spans the run: whichever of --epochs and --max-steps ends it first
-    total = min(n for n in (args.max_steps, args.epochs and args.epochs * steps_per_epoch) if n)
     if args.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=max(total, 1),
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps,
                                                         pct_start=0.15)
     elif args.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     else:
         scheduler = None
     return optimizer, scheduler
@@ -148,8 +145,8 @@ def main(args, model_name=MODEL_NAME):
     print(f"model: {args.head} head, {args.encoder} encoder{' + reduce' if args.reduce else ''}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
-    steps_per_epoch = max(1, len(train_set) // (args.batch_size * getattr(args, "world_size", 1)))
-    optimizer, scheduler = make_optimizer(args, model, math.ceil(steps_per_epoch / args.accumulate))
+    # the schedule spans the run: whichever of --epochs and --max-steps ends it first
+    optimizer, scheduler = make_optimizer(args, model, planned_steps(args, len(train_set)))
     baseline = mean_pose_ap(mean_pose(train_set), val_set)
     print(f"mean-pose baseline AP on the validation split: {baseline:.4f}")
     device = torch.device(args.device)

@@ -298,3 +298,19 @@ def test_pretrained_imagenet_from_cache_and_from_path(offline):
     assert all(torch.equal(d["w"], weights["w"]) for d in loaded) and len(loaded) == 2
     with pytest.raises(SystemExit, match="no such file"):
         pretrained.resolve_pretrained(str(offline / "missing.pt"), filename="tiny.pth", load_fn=print)
+
+
+def test_planned_steps_match_what_the_loop_runs():
+    from argparse import Namespace
+
+    def plan(epochs, max_steps, accumulate=1, world_size=1):
+        return engine.planned_steps(Namespace(batch_size=16, epochs=epochs, max_steps=max_steps,
+                                              accumulate=accumulate, world_size=world_size), 1000)
+
+    assert plan(4, None) == 4 * 62          # 1000 // 16 full batches per epoch
+    assert plan(6, 1000) == 372 and plan(6, 300) == 300   # whichever limit ends the run first
+    assert plan(None, 50) == 50
+    assert plan(2, None, accumulate=4) == 2 * 16          # ceil(62 / 4): the leftover micro-batches step too
+    assert plan(1, None, world_size=2) == 31
+    with pytest.raises(SystemExit, match="--epochs or --max-steps"):
+        plan(None, None)
