@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from common.drawing import BLUE, RED, draw_keypoints, make_grid
-from common.engine import add_common_args, newest_checkpoint, output_dirs, setup_device_and_distributed, train
+from common.engine import (add_common_args, newest_checkpoint, output_dirs, planned_steps, setup_device_and_distributed,
+                           train)
 from common.heatmaps import decode_heatmaps
 from common.keypoints import COCO17, LIP16
 from simple_baseline.dataset import TopDownDataset, denormalize, load_split
@@ -104,14 +105,19 @@ def main(args):
     val_set = TopDownDataset(val_split["records"], layout.flip_index, args.input_size, stride, args.sigma)
     val_set.official_head_boxes = val_split.get("official_head_boxes", False)
 
-    # Model, optimizer, schedule: Adam without weight decay, LR x0.1 at the milestones (stepped per epoch).
+    # Model, optimizer, schedule: Adam without weight decay; 'step' multiplies the LR by --lr-factor at the
+    # milestone epochs (the paper), 'onecycle' warms up then anneals over the run (stepped per batch).
     # Under torchrun only rank 0 fetches ImageNet weights; DDP copies rank 0's weights to the others.
     model = build_model(args.backbone, layout.num_keypoints, args.deconv_filters, 4, args.sigmoid_output,
                         args.pretrained if is_main or args.pretrained != "imagenet" else "none")
     args.arch = model.arch  # saved in every checkpoint's config: eval/infer rebuild the model from it
     model = model.to(memory_format=torch.channels_last)  # ~10% faster convolutions on CPU, and on GPU with AMP
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_factor)
+    if args.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=args.warmup,
+                                                        total_steps=planned_steps(args, len(train_set)))
+    else:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_factor)
 
     mean_pose = mean_pose_in_crop(train_split["records"], val_set)
     metrics_path = dirs["outputs"] / "metrics.json"
@@ -129,7 +135,7 @@ def main(args):
 
     metric = "AP" if args.format == "coco" else "PCKh@0.5"
     model, summary = train(args, model, train_set, compute_loss, optimizer, scheduler=scheduler,
-                           scheduler_interval="epoch", evaluate=evaluate, best_metric=metric,
+                           scheduler_interval="step" if args.schedule == "onecycle" else "epoch", evaluate=evaluate, best_metric=metric,
                            log_images=log_images, model_name=MODEL_NAME)
     if is_main:
         final = summary["metrics"]
@@ -161,6 +167,9 @@ def parse_args(argv=None):
     parser.add_argument("--sigmoid-output", action="store_true", help="squash heatmaps with a sigmoid (the seed)")
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("W", "H"), help="network input size")
     parser.add_argument("--sigma", type=float, default=2.0, help="Gaussian target sigma in heatmap pixels")
+    parser.add_argument("--schedule", choices=("step", "onecycle"), default="step",
+                        help="step: x --lr-factor at --milestones (paper); onecycle: warm-up, then anneal to ~0")
+    parser.add_argument("--warmup", type=float, default=0.15, help="onecycle: fraction of the run spent warming up")
     parser.add_argument("--milestones", type=int, nargs="*", help="epochs after which the LR is multiplied by --lr-factor")
     parser.add_argument("--lr-factor", type=float, default=0.1, help="LR decay factor (default: %(default)s)")
     parser.add_argument("--scale-factor", type=float, default=None, help="scale augmentation (default: by format)")

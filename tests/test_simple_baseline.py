@@ -179,6 +179,40 @@ def test_mpii_json_reader_on_the_shared_sample():
 
 # ---------------------------------------------------------------------------------------------- metrics
 
+def _mean_pose_pckh(train_records, val_records):
+    """PCKh@0.5 Mean of the mean-pose baseline (train mean pose placed in every val person's crop)."""
+    from simple_baseline.eval import mean_pose_in_crop, mean_pose_predictions, pckh_table
+    dataset = TopDownDataset(train_records, LIP16.flip_index, input_size=(128, 128))
+    mean_pose = mean_pose_in_crop(train_records, dataset)
+    val_records = [r for r in val_records if (r["joints"][:, 2] > 0).sum() >= 2]
+    centers, sizes = zip(*[dataset.crop_box(r, 1, 1) for r in val_records])
+    pred = mean_pose_predictions(mean_pose, {"pred": np.zeros((len(val_records), 16, 2), np.float32),
+                                             "center": centers, "size": sizes}, dataset.heatmap_size)
+    gt = np.stack([r["joints"] for r in val_records])
+    return pckh_table(pred, gt, np.array([r["head_size"] for r in val_records]))["Mean"]
+
+
+def test_built_in_poses_vary_as_much_as_lip_poses(tmp_path):
+    """The built-in crops' pose spread is calibrated to LIP: the mean-pose baseline scores about what it
+    scores on the real LIP annotations, and clearly more than at the renderer's full angle range."""
+    from common import synthetic
+    source = SHARED_DATA / "lip_annotations" / "val_annotations.csv"
+    if not source.is_file():
+        pytest.skip("../shared/data is not available")
+    lip, _ = read_lip_csv(source, tmp_path, check_images=False)
+    lip_baseline = _mean_pose_pckh(lip[: len(lip) // 2], lip[len(lip) // 2:])
+
+    def built_in_baseline(spread):
+        splits = [synthetic.build_single_person_crops(tmp_path / str(spread), split, count, pose_spread=spread)
+                  for split, count in (("train", 400), ("val", 300))]
+        train, val = (read_lip_csv(s["lip"], s["images"])[0] for s in splits)
+        return _mean_pose_pckh(train, val)
+
+    calibrated = built_in_baseline(synthetic._DEFAULTS["single_person"]["pose_spread"])
+    assert abs(calibrated - lip_baseline) < 0.03, (calibrated, lip_baseline)
+    assert built_in_baseline(1.0) < calibrated - 0.02
+
+
 def test_pckh_on_hand_made_cases():
     from simple_baseline.eval import pckh_table
     gt = np.zeros((2, 16, 3), np.float32)
