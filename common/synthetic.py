@@ -564,11 +564,12 @@ def ensure_dataset(kind, root=None, **params):
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
         return target
     build = build_multi_person_scenes if kind == "multi_person" else build_single_person_crops
-    extra = {k: v for k, v in settings.items() if k == "pose_spread"}
+    # every setting except the split sizes is a keyword of the builder (image_size, seed, pose_spread, ...)
+    build_params = {k: v for k, v in settings.items() if k not in ("kind", "version", "num_images", "num_val")}
     tmp = base / f".{kind}.tmp-{os.getpid()}"  # a half-written set is never mistaken for a finished one
     try:
         for split, count in (("train", settings["num_images"]), ("val", settings["num_val"])):
-            build(tmp, split, count, settings["image_size"], settings["seed"], progress=True, **extra)
+            build(tmp, split, count, progress=True, **build_params)
         _write_json(tmp / "params.json", settings)
         if stamp.exists() and json.loads(stamp.read_text()) == settings:  # another process finished first
             return target

@@ -117,8 +117,10 @@ def main(args):
     if args.schedule == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=args.warmup,
                                                         total_steps=planned_steps(args, len(train_set)))
+        scheduler_interval = "step"
     else:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_factor)
+        scheduler_interval = "epoch"
 
     mean_pose = mean_pose_in_crop(train_split["records"], val_set)
     metrics_path = dirs["outputs"] / "metrics.json"
@@ -136,7 +138,7 @@ def main(args):
 
     metric = "AP" if args.format == "coco" else "PCKh@0.5"
     model, summary = train(args, model, train_set, compute_loss, optimizer, scheduler=scheduler,
-                           scheduler_interval="step" if args.schedule == "onecycle" else "epoch", evaluate=evaluate, best_metric=metric,
+                           scheduler_interval=scheduler_interval, evaluate=evaluate, best_metric=metric,
                            log_images=log_images, model_name=MODEL_NAME)
     if is_main:
         final = summary["metrics"]
