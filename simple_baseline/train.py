@@ -78,6 +78,8 @@ def main(args):
     if any(side % 32 for side in args.input_size):
         raise SystemExit(f"--input-size {args.input_size[0]} {args.input_size[1]}: both sides must be multiples "
                          f"of 32 (the ResNet's stride), e.g. 256 192")
+    if not 0.0 <= args.warmup <= 1.0:
+        raise SystemExit(f"--warmup {args.warmup}: the warm-up is a fraction of the run, between 0 and 1")
     setup_device_and_distributed(args)
     is_main = args.rank == 0
     if args.run_name is None:

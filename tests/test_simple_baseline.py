@@ -376,8 +376,12 @@ def test_coco_topdown_reader_and_ap_of_ground_truth_predictions():
     assert coco_keypoint_ap(coco, coco_results(predictions, records), COCO17.sigmas, print_table=False)["AP"] == 1.0
 
 
-def test_train_rejects_an_input_size_the_resnet_cannot_tile(monkeypatch, tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--input-size", "48", "64"], "--input-size 48 64: both sides must be multiples of 32"),
+    (["--warmup", "1.5"], "--warmup 1.5: the warm-up is a fraction of the run"),
+])
+def test_train_rejects_bad_settings_before_touching_data(tmp_path, flags, message):
     import simple_baseline.train as train_script
-    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
-    with pytest.raises(SystemExit, match="multiples of 32"):
-        train_script.main(train_script.parse_args(["--input-size", "48", "64"]))
+    with pytest.raises(SystemExit, match=message):
+        train_script.main(train_script.parse_args(flags + ["--out", str(tmp_path)]))
+    assert not any(tmp_path.iterdir())  # no data rendered, no run folders made
