@@ -174,7 +174,7 @@ def parse_args(argv=None):
     parser.add_argument("--sigmoid-output", action="store_true", help="squash heatmaps with a sigmoid (the seed)")
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("W", "H"), help="network input size")
     parser.add_argument("--sigma", type=float, default=2.0,
-                        help="Gaussian target sigma in heatmap pixels (default: 2 as in the paper; cpu preset: 1.5)")
+                        help="Gaussian target sigma in heatmap pixels (default: %(default)s; the paper uses 2)")
     parser.add_argument("--schedule", choices=("step", "onecycle"), default="step",
                         help="step: x --lr-factor at --milestones (paper); onecycle: warm-up, then anneal to ~0")
     parser.add_argument("--warmup", type=float, default=0.15, help="onecycle: fraction of the run spent warming up")
