@@ -7,8 +7,10 @@ COCO's pixel-corner coordinates (pixel (col, row) covers [col, col + 1) x [row, 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import zlib
@@ -498,24 +500,57 @@ def _write_image(image_dir, image_id, image, size):
     return {"id": image_id, "file_name": name, "width": size, "height": size}
 
 
-def build_multi_person_scenes(root, split, num_images, image_size=256, seed=0, progress=False):
+def _render_in_order(render_one, count, workers, desc, progress):
+    """[render_one(i) for i in range(count)], spread over `workers` processes (default: one per core) when
+    there are enough images to pay for starting them. Every image has its own random stream
+    (_image_rng), so the files are the same whatever the number of workers."""
+    workers = workers or os.cpu_count() or 1
+    if workers > 1 and count >= 64 and "fork" in multiprocessing.get_all_start_methods():
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return list(tqdm(pool.imap(render_one, range(count), chunksize=16), total=count, desc=desc,
+                             disable=not progress))
+    return [render_one(i) for i in tqdm(range(count), desc=desc, disable=not progress)]
+
+
+def _scene_item(image_dir, split, image_size, seed, i):
+    image, anns = _render_scene(_image_rng(seed, split, i), image_size)
+    return _write_image(image_dir, i + 1, image, image_size), anns
+
+
+def build_multi_person_scenes(root, split, num_images, image_size=256, seed=0, progress=False, workers=None):
     """Render `num_images` scenes into root/images/{split}/%06d.jpg (the image id) and write
     root/annotations/person_keypoints_{split}.json (COCO keypoints). Returns the JSON path."""
     root = Path(root)
     image_dir = root / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
+    items = _render_in_order(functools.partial(_scene_item, image_dir, split, image_size, seed), num_images,
+                             workers, f"multi_person {split}", progress)
     images, annotations = [], []
-    for i in tqdm(range(num_images), desc=f"multi_person {split}", disable=not progress):
-        image, anns = _render_scene(_image_rng(seed, split, i), image_size)
-        images.append(_write_image(image_dir, i + 1, image, image_size))
+    for image, anns in items:
+        images.append(image)
         # ids from 1: pycocotools' COCOeval treats annotation id 0 as "unmatched"
-        annotations += [{"id": len(annotations) + k, "image_id": i + 1, **ann} for k, ann in enumerate(anns, 1)]
+        annotations += [{"id": len(annotations) + k, "image_id": image["id"], **ann} for k, ann in enumerate(anns, 1)]
     path = root / "annotations" / f"person_keypoints_{split}.json"
     _write_coco(path, f"posezoo synthetic multi-person scenes, seed {seed}", images, annotations)
     return path
 
 
-def build_single_person_crops(root, split, num_images, image_size=128, seed=0, progress=False, pose_spread=1.0):
+def _crop_item(image_dir, split, image_size, seed, pose_spread, i):
+    """One crop written to disk: its COCO image entry, COCO annotation and LIP CSV row."""
+    image, points, v, mask = _render_crop(_image_rng(seed, split, i), image_size, pose_spread)
+    info = _write_image(image_dir, i + 1, image, image_size)
+    kps = np.concatenate([points[:17], v[:17, None]], 1).astype(np.int64)
+    kps[kps[:, 2] == 0] = 0
+    annotation = {"id": i + 1, "image_id": i + 1, **_annotation(mask, kps, (kps[:, 2] > 0).sum(), 0)}
+    fields = [info["file_name"]]
+    for k in LIP_FROM_HUMAN:
+        fields += (["nan"] * 3 if v[k] == 0 else [str(int(points[k, 0])), str(int(points[k, 1])),
+                                                  "1" if v[k] == 1 else "0"])
+    return info, annotation, ",".join(fields)
+
+
+def build_single_person_crops(root, split, num_images, image_size=128, seed=0, progress=False, pose_spread=1.0,
+                              workers=None):
     """Render single-person crops into root/images/{split}/%06d.jpg with COCO-17 JSON and a LIP CSV.
 
     LIP CSV: no header, `name, x0,y0,v0 ... x15,y15,v15` in MPII joint order; as in the real LIP
@@ -525,18 +560,9 @@ def build_single_person_crops(root, split, num_images, image_size=128, seed=0, p
     root = Path(root)
     image_dir = root / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations, rows = [], [], []
-    for i in tqdm(range(num_images), desc=f"single_person {split}", disable=not progress):
-        image, points, v, mask = _render_crop(_image_rng(seed, split, i), image_size, pose_spread)
-        images.append(_write_image(image_dir, i + 1, image, image_size))
-        kps = np.concatenate([points[:17], v[:17, None]], 1).astype(np.int64)
-        kps[kps[:, 2] == 0] = 0
-        annotations.append({"id": i + 1, "image_id": i + 1, **_annotation(mask, kps, (kps[:, 2] > 0).sum(), 0)})
-        fields = [images[-1]["file_name"]]
-        for k in LIP_FROM_HUMAN:
-            fields += (["nan"] * 3 if v[k] == 0 else [str(int(points[k, 0])), str(int(points[k, 1])),
-                                                      "1" if v[k] == 1 else "0"])
-        rows.append(",".join(fields))
+    items = _render_in_order(functools.partial(_crop_item, image_dir, split, image_size, seed, pose_spread),
+                             num_images, workers, f"single_person {split}", progress)
+    images, annotations, rows = (list(column) for column in zip(*items)) if items else ([], [], [])
     coco = root / "annotations" / f"person_keypoints_{split}.json"
     _write_coco(coco, f"posezoo synthetic single-person crops, seed {seed}", images, annotations)
     lip = root / "annotations" / f"lip_{split}.csv"

@@ -99,6 +99,13 @@ def test_same_seed_gives_identical_files_and_splits_differ(tmp_path):
         assert not set(train) & set(val)
 
 
+def test_rendering_in_worker_processes_writes_the_same_files(tmp_path):
+    syn.build_single_person_crops(tmp_path / "serial", "val", 70, image_size=64, workers=1)
+    syn.build_single_person_crops(tmp_path / "forked", "val", 70, image_size=64, workers=2)
+    serial, forked = _files(tmp_path / "serial"), _files(tmp_path / "forked")
+    assert len(serial) == 72 and serial == forked    # 70 images, the COCO JSON and the LIP CSV
+
+
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     root = tmp_path_factory.mktemp("scenes")
