@@ -99,11 +99,13 @@ def test_same_seed_gives_identical_files_and_splits_differ(tmp_path):
         assert not set(train) & set(val)
 
 
-def test_rendering_in_worker_processes_writes_the_same_files(tmp_path):
-    syn.build_single_person_crops(tmp_path / "serial", "val", 70, image_size=64, workers=1)
-    syn.build_single_person_crops(tmp_path / "forked", "val", 70, image_size=64, workers=2)
+@pytest.mark.parametrize("build, annotation_files", [(syn.build_single_person_crops, 2),   # COCO JSON, LIP CSV
+                                                     (syn.build_multi_person_scenes, 1)])
+def test_rendering_in_worker_processes_writes_the_same_files(tmp_path, build, annotation_files):
+    build(tmp_path / "serial", "val", 70, image_size=64, workers=1)
+    build(tmp_path / "forked", "val", 70, image_size=64, workers=2)   # 70 >= 64: a pool of two processes
     serial, forked = _files(tmp_path / "serial"), _files(tmp_path / "forked")
-    assert len(serial) == 72 and serial == forked    # 70 images, the COCO JSON and the LIP CSV
+    assert len(serial) == 70 + annotation_files and serial == forked
 
 
 @pytest.fixture(scope="module")
