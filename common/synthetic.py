@@ -504,7 +504,8 @@ def _render_in_order(render_one, count, workers, desc, progress):
     """[render_one(i) for i in range(count)], spread over `workers` processes (default: one per core) when
     there are enough images to pay for starting them. Every image has its own random stream
     (_image_rng), so the files are the same whatever the number of workers."""
-    workers = workers or os.cpu_count() or 1
+    if not workers:   # the cores this process may run on (a container can allow fewer than the host has)
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if workers > 1 and count >= 64 and "fork" in multiprocessing.get_all_start_methods():
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             return list(tqdm(pool.imap(render_one, range(count), chunksize=16), total=count, desc=desc,
