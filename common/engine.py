@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import ctypes
 import math
 import os
 import pickle
@@ -130,6 +131,29 @@ def setup_device_and_distributed(args) -> torch.device:
         where = f", {world} processes ({dist.get_backend()})" if world > 1 else ""
         print(f"device: {device}{where}")
     return device
+
+
+def keep_freed_memory(libc_name: str = "libc.so.6") -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
+
+    By default glibc serves blocks of more than a few MB with fresh mmap()s and trims the heap on free,
+    so on CPU every training step page-faults its activation tensors in again. Measured on our 2 cores,
+    100 steps of simple_baseline's default run: 2.3-2.5 million minor page faults and 8.6-9.8 s of kernel
+    time before, 0.39 million and 3.3-3.7 s with this (the wall-clock gain, about 2%, is within the
+    machine's noise). Numerics are unchanged.
+    The same as starting python with MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set, which a
+    user's environment still overrides. Returns False where there is no glibc (macOS, Windows, musl).
+    """
+    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")):
+        return False   # someone tuned the allocator already (or swapped it for jemalloc/tcmalloc)
+    try:
+        mallopt = ctypes.CDLL(libc_name).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3    # from glibc's <malloc.h>
+    # 32 MiB is glibc's largest mmap threshold: bigger blocks (checkpoint loading) still use mmap.
+    return bool(mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30)
+                and mallopt(m_top_pad, 64 << 20))
 
 
 def seed_everything(seed: int) -> None:
@@ -441,6 +465,8 @@ def train(args, model: nn.Module, train_set, compute_loss, optimizer, *, schedul
     dirs = run_dirs(args, model_name)     # a resumed run keeps writing into its own run folder
     ckpt_dir = dirs["checkpoints"]
 
+    if device.type == "cpu":
+        keep_freed_memory()
     model.to(device)
     if args.sync_bn and world > 1:
         if device.type == "cuda":
