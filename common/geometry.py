@@ -1,6 +1,6 @@
-"""Affine crops around a centre, their inverse, and horizontal flips.
+"""Affine crops around a center, their inverse, and horizontal flips.
 
-A crop is described by a centre (x, y) and a size (w, h) in original-image pixels, plus a
+A crop is described by a center (x, y) and a size (w, h) in original-image pixels, plus a
 rotation; `get_affine_transform` maps that box onto the network input. The same matrix warps the
 image, masks and keypoints, and its inverse maps predictions back to original pixels.
 """
@@ -11,7 +11,7 @@ import numpy as np
 
 
 def box_to_center_scale(box_xywh, aspect_ratio, padding=1.25):
-    """Centre and (w, h) of a box grown to `aspect_ratio` (w / h), then padded (x1.25 in the papers)."""
+    """Center and (w, h) of a box grown to `aspect_ratio` (w / h), then padded (x1.25 in the papers)."""
     x, y, w, h = [float(v) for v in box_xywh]
     center = np.array([x + w * 0.5, y + h * 0.5], np.float32)
     if w > aspect_ratio * h:
@@ -32,7 +32,7 @@ def get_affine_transform(center, size, rotation_deg, output_size, inverse=False)
     scale = out_w / float(size[0])
     theta = np.deg2rad(rotation_deg)
     cos, sin = np.cos(theta), np.sin(theta)
-    # original -> output: translate centre to origin, rotate, scale, move to output centre
+    # original -> output: translate center to origin, rotate, scale, move to output center
     linear = scale * np.array([[cos, sin], [-sin, cos]])
     offset = np.array([out_w * 0.5, out_h * 0.5]) - linear @ center
     matrix = np.hstack([linear, offset[:, None]]).astype(np.float32)
@@ -61,7 +61,7 @@ def flip_image(image):
 
 
 def flip_keypoints(keypoints, image_width, flip_index):
-    """Mirror x (x -> width - 1 - x, pixel-centre convention) and swap left/right joints."""
+    """Mirror x (x -> width - 1 - x, pixel-center convention) and swap left/right joints."""
     keypoints = np.array(keypoints, dtype=np.float32, copy=True)
     keypoints[..., 0] = image_width - 1 - keypoints[..., 0]
     return keypoints[..., list(flip_index), :]

@@ -1,12 +1,14 @@
-"""Gaussian heatmap targets and their decoding.
+"""Gaussian heatmap targets and their decoding, and the codec that owns one folder's target settings.
 
-Two centre conventions exist in the literature and each model folder picks one:
+Two center conventions exist in the literature and each model folder picks one:
 - "truncate": the official HigherHRNet / Simple Baselines target generators put the peak on the
   pixel int(x), int(y), so a target is biased by up to one pixel towards the origin.
-- "subpixel": the Gaussian is centred on the exact float position (no quantisation bias).
-Decoding is argmax plus the classic quarter-pixel step towards the higher neighbour.
+- "subpixel": the Gaussian is centered on the exact float position (no quantization bias).
+Decoding is argmax plus the classic quarter-pixel step towards the higher neighbor.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ def make_heatmaps(joints, heatmap_size, sigma, center="subpixel", occluded_negat
     Peak 1, support +-3 sigma; with several people the per-joint maximum is kept.
     occluded_negative: joints with v == 1 get a negative Gaussian (peak -1), the CPM seed's way to
     teach visibility. Returns heatmaps (K, H, W) float32 and weights (K,) float32: 1 where some
-    person has the joint labelled (v > 0) with its centre on the map.
+    person has the joint labelled (v > 0) with its center on the map.
     """
     if center not in ("subpixel", "truncate"):
         raise ValueError(f"center must be 'subpixel' or 'truncate', not {center!r}")
@@ -68,7 +70,7 @@ def make_heatmaps(joints, heatmap_size, sigma, center="subpixel", occluded_negat
 
 
 def decode_heatmaps(heatmaps: torch.Tensor):
-    """Argmax per map plus a quarter-pixel step towards the higher neighbour.
+    """Argmax per map plus a quarter-pixel step towards the higher neighbor.
 
     heatmaps: (B, K, H, W). Returns coords (B, K, 2) float in heatmap pixels and maxvals (B, K).
     """
@@ -113,3 +115,26 @@ def topk_peaks(heatmaps: torch.Tensor, k):
     batch, joints, height, width = heatmaps.shape
     scores, index = heatmaps.reshape(batch, joints, -1).topk(k, dim=2)
     return scores, index % width, torch.div(index, width, rounding_mode="floor")
+
+
+@dataclass(frozen=True)
+class HeatmapCodec:
+    """The one owner of a folder's target settings (MMPose's heatmap-codec idea, without its registry): the
+    input size (W, H), the heatmap size (W, H) it maps to, the Gaussian sigma in heatmap pixels and the
+    center convention. Training encodes with it; checkpoints store `as_dict()`, eval and infer rebuild it."""
+    input_size: tuple
+    heatmap_size: tuple
+    sigma: float
+    center: str = "subpixel"
+
+    def encode(self, joints, occluded_negative=False):
+        """make_heatmaps of joints (x, y, v) given in heatmap pixels: (heatmaps (K, H, W), weights (K,))."""
+        return make_heatmaps(joints, self.heatmap_size, self.sigma, self.center, occluded_negative)
+
+    def as_dict(self) -> dict:
+        return {"input_size": [int(v) for v in self.input_size], "heatmap_size": [int(v) for v in self.heatmap_size],
+                "sigma": float(self.sigma), "center": self.center}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeatmapCodec":
+        return cls(tuple(d["input_size"]), tuple(d["heatmap_size"]), float(d["sigma"]), d["center"])

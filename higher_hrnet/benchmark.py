@@ -15,14 +15,18 @@ import time
 import numpy as np
 import torch
 
+from common.evaluation import count_flops, count_parameters
+from common.runs import pick_device
 from higher_hrnet.grouping import GroupingParams, group_by_tags, group_by_tags_reference
+from higher_hrnet.inference import InferenceConfig, predict_people
+from higher_hrnet.model import build_model
 
 
 def render_fake_maps(people, size, sigma=6.0, tags=None, tag_noise=0.05, heat_noise=0.01, seed=0):
     """Network-like outputs for known people.
 
     people: (N, K, 3) array (x, y, v) in map pixels, v > 0 drawn; size (W, H). Heatmaps are peak-1
-    Gaussians centred on the exact positions of joints with v > 0; tag map j holds, at each pixel,
+    Gaussians centered on the exact positions of joints with v > 0; tag map j holds, at each pixel,
     the tag of the person whose joint j (labelled or not) is nearest, plus noise: a trained network
     embeds a person's whole body region, also where a joint is not visible. tags: (N, L) per-person values
     (default: 0, 2, 4, ... in every dimension). Returns heatmaps (K, H, W) and tags (K, H, W, L), float32.
@@ -100,20 +104,16 @@ def benchmark_grouping(counts=(1, 15, 30), size=(704, 512), repeat=3):
 
 def benchmark_model(args):
     """Params and GFLOPs (meta device, no compute), forward time fp32 channels_last (+ AMP on CUDA), and
-    image -> keypoints end to end with the official preset (flip test on)."""
-    from common.evaluation import count_flops, count_parameters
-    from higher_hrnet.inference import InferenceConfig, predict_people
-    from higher_hrnet.model import build_higher_hrnet
-
+    image -> keypoints end to end with the official test settings (flip test on)."""
     width, height = args.input_size
     with torch.device("meta"):
-        meta_model = build_higher_hrnet(args.width)
+        meta_model = build_model(args.width)
         flops = count_flops(meta_model, torch.empty(1, 3, height, width))
     params = count_parameters(meta_model)
     print(f"HigherHRNet-W{args.width}: {params:,} parameters, {flops / 1e9:.1f} GFLOPs at {width}x{height} "
           f"({flops / 2e9:.1f} G multiply-adds)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_higher_hrnet(args.width).eval().to(device).to(memory_format=torch.channels_last)
+    device = pick_device(args.device)
+    model = build_model(args.width).eval().to(device).to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, height, width, device=device).contiguous(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -137,7 +137,7 @@ def benchmark_model(args):
     config = InferenceConfig(input_size=min(width, height))
     _, end_ms = time_call(lambda: predict_people(model, image, config, device=device), args.repeat)
     report["end_to_end_ms"] = end_ms
-    print(f"image -> keypoints end to end (official preset, flip test, {width}x{height}): {end_ms:.1f} ms")
+    print(f"image -> keypoints end to end (official test settings, flip test, {width}x{height}): {end_ms:.1f} ms")
     return report
 
 

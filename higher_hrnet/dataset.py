@@ -11,23 +11,26 @@ import argparse
 import functools
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from common.data import collate_skip_bad, load_coco_keypoints, read_image
+from common.data import IMAGENET_MEAN, IMAGENET_STD, load_coco_keypoints, normalize_image, read_image
+from common.drawing import draw_heatmap_overlay, show_samples
 from common.geometry import affine_points, get_affine_transform, warp_image
-from common.heatmaps import make_heatmaps
+from common.heatmaps import HeatmapCodec
 from common.keypoints import COCO17
+from common.loader import collate_skip_bad
+from common.runs import output_dirs
+from common.synthetic import ensure_dataset
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+TARGET_SIGMA = 2.0  # the official heatmap sigma, in output pixels at both resolutions
 
 
-def normalize_image(image):
-    """RGB uint8 (H, W, 3) -> float tensor (3, H, W) with ImageNet mean/std (the official transform)."""
-    x = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+def target_codecs(input_size, sigma=TARGET_SIGMA, center="truncate"):
+    """The targets' owners at 1/4 and 1/2 of the square input: truncated centers, as the official generator."""
+    return [HeatmapCodec((input_size, input_size), (input_size // s, input_size // s), sigma, center) for s in (4, 2)]
 
 
 def ignore_mask(coco, image_id, annotations, height, width):
@@ -73,14 +76,15 @@ class BottomUpDataset(torch.utils.data.Dataset):
     R = S/4, S/2; tag_rows (M, 2) int64 (person, flat index on the 1/4 map); image_id.
     """
 
-    def __init__(self, image_dir, ann_file, input_size=512, layout=COCO17, sigma=2.0, augment=True,
+    def __init__(self, image_dir, ann_file, input_size=512, layout=COCO17, sigma=TARGET_SIGMA, augment=True,
                  max_rotation=30.0, min_scale=0.75, max_scale=1.5, max_translate=40, flip=0.5,
                  tag_per_joint=True):
         self.image_dir = Path(image_dir)
         self.coco = load_coco_keypoints(ann_file, layout.num_keypoints)
         self.ids = sorted(self.coco.getImgIds())
         self.input_size = input_size
-        self.output_sizes = (input_size // 4, input_size // 2)
+        self.codecs = target_codecs(input_size, sigma)
+        self.output_sizes = tuple(codec.heatmap_size[0] for codec in self.codecs)
         self.layout, self.sigma, self.augment = layout, sigma, augment
         self.max_rotation, self.min_scale, self.max_scale = max_rotation, min_scale, max_scale
         self.max_translate, self.flip, self.tag_per_joint = max_translate, flip, tag_per_joint
@@ -134,7 +138,7 @@ class BottomUpDataset(torch.utils.data.Dataset):
                 if len(points):
                     points = points[:, self.layout.flip_index]
                     points[..., 0] = res - points[..., 0] - 1
-            heatmaps, _ = make_heatmaps(points, (res, res), self.sigma, center="truncate")
+            heatmaps, _ = self.codecs[i].encode(points)
             sample[f"heatmaps_{i}"] = torch.from_numpy(heatmaps)
             sample[f"mask_{i}"] = torch.from_numpy(warped_mask)
             if i == 0:
@@ -164,10 +168,6 @@ collate_skip_bad_bottom_up = functools.partial(collate_skip_bad, collate=collate
 
 def draw_sample(sample, layout=COCO17):
     """RGB picture of a sample: the input with its 1/2 heatmaps overlaid and the ignored area darkened."""
-    import cv2
-
-    from common.drawing import draw_heatmap_overlay
-
     image = sample["image"].numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
     image = (image.clip(0, 1) * 255).astype(np.uint8)
     picture = draw_heatmap_overlay(image, sample["heatmaps_1"].numpy(), alpha=0.5)
@@ -176,10 +176,6 @@ def draw_sample(sample, layout=COCO17):
 
 
 def main(args):
-    from common.data import show_samples
-    from common.engine import output_dirs
-    from common.synthetic import ensure_dataset
-
     if args.data is None:
         root = ensure_dataset("multi_person", args.out)
         image_dir, ann = root / "images" / "train", root / "annotations" / "person_keypoints_train.json"

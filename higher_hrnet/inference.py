@@ -1,7 +1,7 @@
 """The official HigherHRNet test pipeline: image -> people in image pixels (lib/core/inference.py, tools/valid.py).
 
 API (rtpe imports these):
-    config = PRESETS["official"]          # or "seed" (detection 0.05, tag 0.5, no flip), or InferenceConfig(...)
+    config = INFERENCE_SETTINGS["official"]   # or "seed" (detection 0.05, tag 0.5, no flip), or InferenceConfig(...)
     people, scores = predict_people(model, image_rgb, config, layout=COCO17)
     heatmaps, tags, center, box = predict_maps(model, image_rgb, config, flip_index)   # maps only
     people, scores = maps_to_people(heatmaps, tags, center, box, config)                # grouping + inverse affine
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.data import normalize_image
 from common.geometry import affine_points, get_affine_transform, warp_image
 from common.keypoints import COCO17
-from higher_hrnet.dataset import normalize_image
 from higher_hrnet.grouping import GroupingParams, group_by_tags, group_by_tags_reference
 
 
@@ -52,15 +52,17 @@ class InferenceConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-# official: w32_512_adam_lr1e-3.yaml TEST section; seed: the re-implementation we follow
-PRESETS = {"official": InferenceConfig(),
-           "seed": InferenceConfig(detection_threshold=0.05, tag_threshold=0.5, flip=False)}
+# Test settings by name (--inference): official = w32_512_adam_lr1e-3.yaml's TEST section; seed = the
+# re-implementation we follow.
+INFERENCE_SETTINGS = {"official": InferenceConfig(),
+                      "seed": InferenceConfig(detection_threshold=0.05, tag_threshold=0.5, flip=False)}
 
 
-def preset(name, **overrides):
-    if name not in PRESETS:
-        raise SystemExit(f"unknown inference preset '{name}'; choose from {sorted(PRESETS)}")
-    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+def inference_settings(name, **overrides):
+    """INFERENCE_SETTINGS[name] with the overrides that are not None."""
+    if name not in INFERENCE_SETTINGS:
+        raise SystemExit(f"unknown inference settings '{name}'; choose from {sorted(INFERENCE_SETTINGS)}")
+    return replace(INFERENCE_SETTINGS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
 def multi_scale_size(height, width, input_size, current_scale, min_scale):
@@ -86,18 +88,14 @@ def resize_align(image, input_size, current_scale=1.0, min_scale=1.0):
     return warp_image(image, matrix, size), center, box
 
 
-def _split_outputs(outputs, num_joints):
-    outputs = [outputs] if torch.is_tensor(outputs) else list(outputs)
-    return outputs
-
-
 def network_maps(model, x, num_joints, flip_index=None, size_projected=None):
     """Official get_multi_stage_outputs: ([heatmaps, (flipped heatmaps)], [tags, (flipped tags)]), each
     (B, C, H, W) at the largest output's (or the projected) resolution."""
     heatmaps, tags = [], []
     passes = [False, True] if flip_index is not None else [False]
     for flipped in passes:
-        outputs = _split_outputs(model(torch.flip(x, [3]) if flipped else x), num_joints)
+        outputs = model(torch.flip(x, [3]) if flipped else x)
+        outputs = [outputs] if torch.is_tensor(outputs) else list(outputs)
         target = outputs[-1].shape[2:]
         heat_sum, heat_count = 0, 0
         for output in outputs:
@@ -124,7 +122,7 @@ def network_maps(model, x, num_joints, flip_index=None, size_projected=None):
 def predict_maps(model, image, config=None, flip_index=None, num_joints=17, device=None):
     """Heatmaps (K, H, W) and tags (K or 1, H, W, L) torch on CPU for one RGB uint8 image, plus the
     center and box that map the maps back to the image. flip_index=None turns flip test off."""
-    config = config or PRESETS["official"]
+    config = config or INFERENCE_SETTINGS["official"]
     device = device or next(model.parameters()).device
     scales = sorted(config.scales, reverse=True)
     min_scale = min(scales)
@@ -153,7 +151,7 @@ def predict_maps(model, image, config=None, flip_index=None, num_joints=17, devi
 
 def maps_to_people(heatmaps, tags, center, box, config=None, num_joints=None):
     """Group one image's maps and map the people back to image pixels (official get_final_preds)."""
-    config = config or PRESETS["official"]
+    config = config or INFERENCE_SETTINGS["official"]
     num_joints = num_joints or heatmaps.shape[0]
     group = group_by_tags_reference if config.reference_grouping else group_by_tags
     people, scores = group(heatmaps, tags, config.grouping_params(num_joints))
@@ -166,7 +164,7 @@ def maps_to_people(heatmaps, tags, center, box, config=None, num_joints=None):
 
 def predict_people(model, image, config=None, layout=COCO17, device=None):
     """Image (RGB uint8) -> (people (N, K, 3 + L) in image pixels, scores (N,))."""
-    config = config or PRESETS["official"]
+    config = config or INFERENCE_SETTINGS["official"]
     heatmaps, tags, center, box = predict_maps(model, image, config, layout.flip_index, layout.num_keypoints, device)
     return maps_to_people(heatmaps, tags, center, box, config, layout.num_keypoints)
 

@@ -6,7 +6,7 @@
 `--data` holds `train/<class>/*` and `val/<class>/*` (see prepare_data.py for the ImageNet archive).
 Preset `official` (HRNet-Image-Classification, cls_hrnet_w32_sgd_lr5e-2_wd1e-4_bs32_x100): SGD lr
 0.05, momentum 0.9, weight decay 1e-4, Nesterov, 100 epochs, LR x0.1 at 30/60/90, 32 images per
-GPU on 4 GPUs, RandomResizedCrop 224 + flip; evaluation resizes to 256 and centre-crops 224.
+GPU on 4 GPUs, RandomResizedCrop 224 + flip; evaluation resizes to 256 and center-crops 224.
 Preset `builtin` is the same recipe at CPU size. Any flag given overrides the preset.
 """
 
@@ -21,15 +21,16 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
 
-from common.data import SeededSamples, collate_skip_bad, exit_on_bad_input, read_image
+from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input, read_image
 from common.drawing import make_grid
-from common.engine import add_common_args, output_dirs, setup_device_and_distributed, train
+from common.engine import fit
+from common.loader import SeededSamples, collate_skip_bad
 from common.pretrained import resolve_pretrained
+from common.runs import add_common_args, output_dirs, parse_with_preset, setup_device_and_distributed
 from higher_hrnet.checkpoints import load_official_checkpoint
 from higher_hrnet.model import ClassificationHRNet
 
 MODEL_NAME = "hrnet_classification"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OFFICIAL_IMAGENET_FILE = "hrnetv2_w32_imagenet_pretrained.pth"
 
 PRESETS = {
@@ -49,18 +50,18 @@ SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "stripes")
 BUILTIN_SIZE, BUILTIN_TRAIN_PER_CLASS, BUILTIN_VAL_PER_CLASS = 80, 40, 10
 
 
-def _random_colour(rng, avoid=None):
+def _random_color(rng, avoid=None):
     while True:
-        colour = rng.integers(0, 256, 3)
-        if avoid is None or np.abs(colour - avoid).sum() > 200:
-            return colour
+        color = rng.integers(0, 256, 3)
+        if avoid is None or np.abs(color - avoid).sum() > 200:
+            return color
 
 
 def render_shape(shape, rng, size=BUILTIN_SIZE):
-    """One RGB image of `shape` with random colours, size, position and rotation over noise."""
-    background = _random_colour(rng)
+    """One RGB image of `shape` with random colors, size, position and rotation over noise."""
+    background = _random_color(rng)
     image = np.clip(background + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-    colour = tuple(int(c) for c in _random_colour(rng, avoid=background))
+    color = tuple(int(c) for c in _random_color(rng, avoid=background))
     radius = rng.uniform(0.18, 0.38) * size
     cx, cy = rng.uniform(radius, size - radius, 2)
     angle = rng.uniform(0, 2 * np.pi)
@@ -71,22 +72,22 @@ def render_shape(shape, rng, size=BUILTIN_SIZE):
         return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1).round().astype(np.int32)
 
     if shape == "circle":
-        cv2.circle(image, (int(cx), int(cy)), int(radius), colour, -1, cv2.LINE_AA)
+        cv2.circle(image, (int(cx), int(cy)), int(radius), color, -1, cv2.LINE_AA)
     elif shape == "ring":
-        cv2.circle(image, (int(cx), int(cy)), int(radius), colour, thickness, cv2.LINE_AA)
+        cv2.circle(image, (int(cx), int(cy)), int(radius), color, thickness, cv2.LINE_AA)
     elif shape in ("square", "triangle"):
-        cv2.fillPoly(image, [polygon(4 if shape == "square" else 3)], colour, cv2.LINE_AA)
+        cv2.fillPoly(image, [polygon(4 if shape == "square" else 3)], color, cv2.LINE_AA)
     elif shape == "cross":
         for phase in (angle, angle + np.pi / 2):
             a, b = polygon(2, phase=phase)
-            cv2.line(image, tuple(map(int, a)), tuple(map(int, b)), colour, thickness, cv2.LINE_AA)
+            cv2.line(image, tuple(map(int, a)), tuple(map(int, b)), color, thickness, cv2.LINE_AA)
     elif shape == "stripes":
         direction = np.array([np.cos(angle), np.sin(angle)])
         normal = np.array([-direction[1], direction[0]])
         for offset in (-1.0, 0.0, 1.0):
-            centre = np.array([cx, cy]) + offset * radius * 0.6 * normal
-            a, b = centre - radius * direction, centre + radius * direction
-            cv2.line(image, tuple(map(int, a)), tuple(map(int, b)), colour, max(2, thickness // 2),
+            center = np.array([cx, cy]) + offset * radius * 0.6 * normal
+            a, b = center - radius * direction, center + radius * direction
+            cv2.line(image, tuple(map(int, a)), tuple(map(int, b)), color, max(2, thickness // 2),
                      cv2.LINE_AA)
     else:
         raise ValueError(f"unknown shape {shape!r}")
@@ -121,7 +122,7 @@ def train_transform(image_size, crop_min_scale=0.08):
         v2.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.Normalize(IMAGENET_MEAN.tolist(), IMAGENET_STD.tolist()),
     ])
 
 
@@ -130,7 +131,7 @@ def eval_transform(image_size, resize_size):
         v2.Resize(resize_size, antialias=True),
         v2.CenterCrop(image_size),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.Normalize(IMAGENET_MEAN.tolist(), IMAGENET_STD.tolist()),
     ])
 
 
@@ -211,23 +212,15 @@ def draw_predictions(image, probabilities, class_names, top=5):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("auto", *PRESETS), default="auto",
-                        help="recipe defaults; auto = official with --data, builtin without (default: auto)")
-    parser.add_argument("--width", type=int, default=None, help="HRNet width: 32, 48, or tiny 8/16")
-    parser.add_argument("--image-size", type=int, default=None, help="training/eval crop size")
-    parser.add_argument("--resize-size", type=int, default=None, help="eval resize of the short side")
-    parser.add_argument("--crop-min-scale", type=float, default=None,
-                        help="smallest image fraction a RandomResizedCrop keeps (official: 0.08)")
-    parser.add_argument("--lr-steps", type=int, nargs="+", default=None, help="epochs where LR drops x0.1")
-    # The preset fills everything left at None; add_common_args' own defaults are replaced here.
-    add_common_args(parser, epochs=None, batch_size=None, lr=None, workers=None, val_every="1e")
-    args = parser.parse_args(argv)
-    preset = args.preset if args.preset != "auto" else ("official" if args.data else "builtin")
-    args.preset = preset
-    for name, value in PRESETS[preset].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    parser.add_argument("--width", type=int, help="HRNet width: 32, 48, or tiny 8/16 (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, help="training/eval crop size (default: %(default)s)")
+    parser.add_argument("--resize-size", type=int, help="eval resize of the short side (default: %(default)s)")
+    parser.add_argument("--crop-min-scale", type=float,
+                        help="smallest image fraction a RandomResizedCrop keeps (official: 0.08) (default: %(default)s)")
+    parser.add_argument("--lr-steps", type=int, nargs="+", help="epochs where LR drops x0.1 (default: %(default)s)")
+    add_common_args(parser, val_every="1e")
+    # official with --data (ImageNet), builtin without
+    return parse_with_preset(parser, PRESETS, argv, default="builtin", default_with_data="official")
 
 
 def main(args):
@@ -246,9 +239,7 @@ def main(args):
     if (data_root / "val").is_dir():
         val_set = ImageFolderSamples(data_root / "val", eval_transform(args.image_size, args.resize_size),
                                      classes=train_set.classes)
-    # Stored in the checkpoint's config, so eval_classification.py needs no data folder.
-    args.class_names = train_set.classes
-    args.data_root = str(data_root)
+    args.data_root = str(data_root)     # in the checkpoint's config: eval_classification.py finds the data
 
     model = ClassificationHRNet(args.width, num_classes=len(train_set.classes))
     resolve_pretrained(args.pretrained, filename=OFFICIAL_IMAGENET_FILE, url=None,
@@ -274,9 +265,10 @@ def main(args):
                  for img, p in zip(denormalize(batch["image"][:8]), probabilities)]
         return {"predictions": make_grid(drawn)}
 
-    model, summary = train(args, model, train_set, compute_loss, optimizer, scheduler=scheduler,
-                           evaluate=evaluate, best_metric="top1" if evaluate else None,
-                           log_images=log_images, model_name=MODEL_NAME)
+    settings = {"image_size": args.image_size, "resize_size": args.resize_size, "class_names": train_set.classes}
+    model, summary = fit(args, model, train_set, compute_loss, optimizer, model_name=MODEL_NAME,
+                         arch=model.arch, settings=settings, scheduler=scheduler, evaluate=evaluate,
+                         best_metric="top1" if evaluate else None, log_images=log_images)
     if args.rank == 0:
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
         print(f"final: {metrics}" if metrics else "final: no validation folder, no metrics")

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import (AnnotationError, BadImageError, exit_on_bad_input, load_coco_keypoints, make_loader,
-                         read_image)
+from common.data import AnnotationError, BadImageError, exit_on_bad_input, load_coco_keypoints, read_image
 from common.evaluation import COCO_METRIC_NAMES, coco_keypoint_ap, count_flops, count_parameters, pck
 from common.geometry import (affine_points, box_to_center_scale, flip_image, flip_keypoints, get_affine_transform,
                              warp_image)
 from common.heatmaps import decode_heatmaps, flip_heatmaps_back, heatmap_nms, make_heatmaps, topk_peaks
 from common.keypoints import (AP10K17, CAT16, COCO17, COCO_SIGMAS, LAYOUTS, MPII16, POSE_SPI13, get_layout,
-                              layout_from_coco_category)
+                              layout_from_coco_category, layout_from_dict)
+from common.loader import make_loader
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEST_DATA = Path(__file__).resolve().parent / "data"
@@ -39,6 +39,7 @@ def test_every_layout_flip_pairs_are_symmetric(name):
         assert any("left" in n or n.startswith("l_") for n in names), names
     assert len(layout.sigmas) == layout.num_keypoints
     assert all(0 <= a < layout.num_keypoints and 0 <= b < layout.num_keypoints for a, b in layout.skeleton)
+    assert layout_from_dict(json.loads(json.dumps(layout.as_dict()))) == layout   # as checkpoints store it
 
 
 def test_pose_spi_sigmas_follow_names_not_positions():
@@ -339,27 +340,3 @@ def test_malformed_annotations_give_one_line_naming_file_and_id(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         exit_on_bad_input(main)
     assert str(exit_info.value).startswith("error: ") and "annotation 7" in str(exit_info.value)
-
-
-def test_iter_inputs_image_folder_and_video(tmp_path, capsys):
-    from common.data import VideoWriter, iter_inputs, video_properties
-
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(3):
-        cv2.imwrite(str(folder / f"{i}.png"), np.full((20, 30, 3), 40 * i, np.uint8))
-    (folder / "3.png").write_bytes(b"")  # bad: one error line, the others continue
-    errors = []
-    names = [name for name, _ in iter_inputs(folder, errors=errors)]
-    assert names == ["0", "1", "2"] and len(errors) == 1 and "3.png" in errors[0]
-    assert capsys.readouterr().err.count("error: ") == 1
-    assert [name for name, _ in iter_inputs(folder, limit=2)] == ["0", "1"]
-    assert [(p.name, f) for _, _, p, f in iter_inputs(folder / "1.png", detail=True)] == [("1.png", None)]
-    writer = VideoWriter(tmp_path / "clip.mp4", fps=10)
-    for i in range(10):
-        writer.write(np.full((32, 48, 3), 20 * i, np.uint8))
-    writer.close()
-    frames = list(iter_inputs(tmp_path / "clip.mp4"))
-    assert len(frames) == 10 and frames[0][1].shape == (32, 48, 3)
-    assert [f for _, _, _, f in iter_inputs(tmp_path / "clip.mp4", limit=2, detail=True)] == list(range(10))
-    assert video_properties(tmp_path / "clip.mp4") == (10.0, 10)

@@ -252,7 +252,7 @@ class FakeHigherHRNet(torch.nn.Module):
 
 
 def test_whole_pipeline_recovers_known_people_on_a_non_square_image():
-    from higher_hrnet.dataset import normalize_image
+    from common.data import normalize_image
     from higher_hrnet.inference import resize_align
     from common.geometry import affine_points, get_affine_transform
 
@@ -310,14 +310,14 @@ def tiny_scenes(tmp_path_factory):
 
 
 def test_tiny_model_training_loss_drops(tiny_scenes):
-    from higher_hrnet.model import build_higher_hrnet
+    from higher_hrnet.model import build_model
 
     root, train, _ = tiny_scenes
     torch.manual_seed(0)
     np.random.seed(0)
     dataset = BottomUpDataset(root / "images" / "train", train, input_size=64, augment=False)
     batch = collate_bottom_up([dataset[i] for i in range(len(dataset))])
-    model = build_higher_hrnet(4)
+    model = build_model(4)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(12):

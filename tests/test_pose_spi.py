@@ -243,7 +243,7 @@ def test_efficientnet_head_builds_offline_and_trains_one_step():
 
 
 def test_pretrained_efficientnet_policy(tmp_path):
-    from pose_spi.train_keypointrcnn import load_pretrained_trunk
+    from pose_spi.model import load_pretrained_trunk
 
     model = PoseSPI(input_size=32, head="efficientnet")
     assert load_pretrained_trunk(model, "none") is None
@@ -272,11 +272,16 @@ def test_train_two_steps_then_eval_and_infer(small_builtin, out_root, capsys):
     eval_script.main([])  # defaults: newest checkpoint, built-in val
     printed = capsys.readouterr().out
     assert "Average Precision" in printed and "mean-pose baseline AP" in printed
-    predictions = out_root / "outputs" / "pose_spi" / "tiny" / "predictions.json"
-    assert str(predictions) in printed.strip().splitlines()[-1]
-    assert len(json.loads(predictions.read_text())) == 8
+    results = out_root / "outputs" / "pose_spi" / "tiny" / "results.json"
+    assert str(results) in printed.strip().splitlines()[-1]
+    assert len(json.loads(results.read_text())) == 8
     assert infer_script.main(["--limit", "3"]) == 0
-    assert len(list((out_root / "outputs" / "pose_spi" / "tiny" / "infer").glob("*.png"))) == 3
+    infer_dir = out_root / "outputs" / "pose_spi" / "infer-tiny"
+    assert len(list(infer_dir.glob("*_pose.jpg"))) == 3
+    predictions = json.loads((infer_dir / "predictions.json").read_text())
+    assert predictions["keypoint_names"] == list(POSE_SPI13.names) and len(predictions["images"]) == 3
+    person = predictions["images"][0]["people"][0]
+    assert len(person["keypoints"]) == 13 and len(person["box"]) == 4 and 0 <= person["score"] <= 1
 
 
 def test_eval_without_checkpoint_says_how_to_get_one(out_root, capsys):

@@ -1,4 +1,4 @@
-"""rtpe: student architecture, colour conversion, teacher cache geometry, losses, LR schedule, AP paths,
+"""rtpe: student architecture, color conversion, teacher cache geometry, losses, LR schedule, AP paths,
 ONNX parity and a tiny end-to-end distillation on built-in scenes."""
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_frozen_stem_and_trainable_parts():
     for name, value in model.stem.state_dict().items():
         assert torch.equal(value, stem_buffers[name]), name
     for name, child in model.named_children():
-        if name in ("stem", "colour_transform"):
+        if name in ("stem", "color_transform"):
             continue
         grads = [p.grad for p in child.parameters()]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
@@ -60,7 +60,7 @@ def test_middle_attention_branch_matters():
     assert not torch.allclose(before, after)
 
 
-def test_colour_conversions_match_opencv():
+def test_color_conversions_match_opencv():
     rng = np.random.default_rng(0)
     rgb = rng.random((16, 16, 3), dtype=np.float32)
     tensor = torch.from_numpy(rgb).permute(2, 0, 1)[None]
@@ -104,7 +104,7 @@ def test_restarting_cosine_lr_values():
 
 
 def test_masked_loss_is_zero_on_zero_weight_pixels():
-    from rtpe.train import keypoint_loss, segmentation_loss
+    from rtpe.loss import keypoint_loss, segmentation_loss
 
     torch.manual_seed(0)
     gt = torch.rand(2, 17, 8, 8)
@@ -128,7 +128,7 @@ def test_masked_loss_is_zero_on_zero_weight_pixels():
 
 
 def test_associative_embedding_loss():
-    from rtpe.train import associative_embedding_loss
+    from rtpe.loss import associative_embedding_loss
 
     tags = torch.zeros(1, 1, 4, 4)
     tags.view(-1)[[0, 1]] = 1.0    # person 0: joints at pixels 0 and 1, tags 1 and 1
@@ -262,7 +262,8 @@ def test_one_training_step_all_losses(tmp_path):
     from rtpe.dataset import DistillationDataset, collate_people
     from rtpe.teacher_inference import build_cache, coco_items
     from common.data import load_coco_keypoints
-    from rtpe.train import DistillationObjective, trainable_parameters
+    from rtpe.loss import DistillationObjective
+    from rtpe.train import trainable_parameters
 
     image_dir, ann = _write_scene(tmp_path, [_person(45, 60), _person(110, 55)])
     coco = load_coco_keypoints(ann)
@@ -304,11 +305,14 @@ def test_tiny_distillation_end_to_end(tmp_path, monkeypatch):
     from argparse import Namespace
 
     from common.data import load_coco_keypoints
-    from common.engine import train
+    from common.engine import fit
     from common.synthetic import ensure_dataset
     from rtpe.dataset import DistillationDataset, collate_people
+    from rtpe.eval import evaluate_student, oracle_ap
+    from rtpe.infer import decoding_settings
+    from rtpe.loss import DistillationObjective
     from rtpe.teacher_inference import build_cache, coco_items, people_keypoints
-    from rtpe.train import DistillationObjective, evaluate_student, oracle_ap, warmup_cosine
+    from rtpe.train import warmup_cosine
 
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
     data = Path(ensure_dataset("multi_person", root=tmp_path, num_images=30, num_val=2, image_size=128, seed=3))
@@ -334,11 +338,13 @@ def test_tiny_distillation_end_to_end(tmp_path, monkeypatch):
     batch = collate_people([dataset[i] for i in range(len(ids))])
     with torch.no_grad():
         first_loss = float(objective(model.train(), batch)[0])
-    model, _ = train(args, model, dataset, objective, optimizer, scheduler=warmup_cosine(optimizer, lr, lr / 30, 10, steps),
-                     scheduler_interval="step", collate_fn=collate_people, model_name="rtpe")
+    settings = decoding_settings(128)
+    model, _ = fit(args, model, dataset, objective, optimizer, model_name="rtpe", arch=model.arch, settings=settings,
+                   scheduler=warmup_cosine(optimizer, lr, lr / 30, 10, steps), scheduler_interval="step",
+                   collate_fn=collate_people)
     with torch.no_grad():
         assert float(objective(model.eval(), batch)[0]) < first_loss / 5
 
-    metrics, _ = evaluate_student(model, coco, data / "images" / "train", ids, input_size=128)
+    metrics, _ = evaluate_student(model, settings, coco, data / "images" / "train", ids, input_size=128)
     teacher_ap = oracle_ap(coco, ids)
     assert metrics["AP"] >= 0.3 and metrics["AP"] >= 0.5 * teacher_ap, (metrics["AP"], teacher_ap)

@@ -12,8 +12,8 @@ import torch
 
 from common.heatmaps import flip_heatmaps_back
 from common.keypoints import LIP16
-from simple_baseline.dataset import TopDownDataset, read_lip_csv, read_mpii_json
-from simple_baseline.model import PoseResNet, build_model
+from simple_baseline.dataset import TopDownDataset, read_lip_csv, read_mpii_json, target_codec
+from simple_baseline.model import PoseResNet, build_model, load_pretrained_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -59,7 +59,8 @@ def test_pretrained_none_never_touches_the_network(monkeypatch, tmp_path):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     monkeypatch.setattr(torch.hub, "get_dir", no_network)  # not even the cache is looked at
-    model = build_model(**TINY, pretrained="none")
+    model = build_model(**TINY)
+    load_pretrained_backbone(model, "none")
     assert isinstance(model, PoseResNet)
 
 
@@ -69,7 +70,7 @@ def test_pretrained_imagenet_offline_stops_with_one_line_naming_the_file(monkeyp
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(SystemExit) as info:
-        build_model(**TINY, pretrained="imagenet")
+        load_pretrained_backbone(build_model(**TINY), "imagenet")
     message = str(info.value)
     assert "resnet18-f37072fd.pth" in message and "--pretrained none" in message and "\n" not in message
 
@@ -77,7 +78,8 @@ def test_pretrained_imagenet_offline_stops_with_one_line_naming_the_file(monkeyp
 def test_pretrained_path_loads_backbone_weights(tmp_path):
     source = PoseResNet(**TINY)
     torch.save(source.backbone.state_dict(), tmp_path / "backbone.pth")
-    model = build_model(**TINY, pretrained=str(tmp_path / "backbone.pth"))
+    model = build_model(**TINY)
+    load_pretrained_backbone(model, str(tmp_path / "backbone.pth"))
     assert torch.equal(model.backbone.conv1.weight, source.backbone.conv1.weight)
 
 
@@ -95,7 +97,7 @@ def test_targets_full_peak_on_the_last_row_and_column_and_zero_weight_for_missin
     joints[2] = (-40, 10, 1)     # outside the crop
     # joints[3:] unlabelled (nan in the CSV -> weight 0)
     record = {"image": str(tmp_path / "a.png"), "joints": joints, "box": (0, 0, 64, 64)}
-    dataset = TopDownDataset([record], LIP16.flip_index, input_size=(64, 64), stride=4, padding=1.0)
+    dataset = TopDownDataset([record], LIP16.flip_index, target_codec((64, 64), 4, 2.0), padding=1.0)
     sample = dataset[0]
     target, weight = sample["target"].numpy(), sample["target_weight"].numpy()
     assert target.shape == (16, 16, 16)
@@ -172,7 +174,7 @@ def test_mpii_json_reader_on_the_shared_sample():
         pytest.skip("../shared/data is not available")
     records = read_mpii_json(folder / "test_mpii.json", folder)
     assert len(records) == 5 and all(Path(r["image"]).is_file() for r in records)
-    dataset = TopDownDataset(records, LIP16.flip_index, input_size=(64, 64))
+    dataset = TopDownDataset(records, LIP16.flip_index, target_codec((64, 64), 4, 2.0))
     sample = dataset[0]
     assert sample["image"].shape == (3, 64, 64) and sample["target_weight"].sum() > 8
 
@@ -182,7 +184,7 @@ def test_mpii_json_reader_on_the_shared_sample():
 def _mean_pose_pckh(train_records, val_records):
     """PCKh@0.5 Mean of the mean-pose baseline (train mean pose placed in every val person's crop)."""
     from simple_baseline.eval import mean_pose_in_crop, mean_pose_predictions, pckh_table
-    dataset = TopDownDataset(train_records, LIP16.flip_index, input_size=(128, 128))
+    dataset = TopDownDataset(train_records, LIP16.flip_index, target_codec((128, 128), 4, 2.0))
     mean_pose = mean_pose_in_crop(train_records, dataset)
     val_records = [r for r in val_records if (r["joints"][:, 2] > 0).sum() >= 2]
     centers, sizes = zip(*[dataset.crop_box(r, 1, 1) for r in val_records])
@@ -324,8 +326,11 @@ def test_infer_on_an_image_a_folder_and_a_10_frame_video(trained_run, monkeypatc
     out = root / "outputs" / "simple_baseline"
     assert len(list((out / "one").glob("*_pose.jpg"))) == 1
     assert len(list((out / "folder").glob("*_pose.jpg"))) == 2
-    predictions = json.loads((out / "video" / "keypoints.json").read_text())["predictions"]
-    assert len(predictions) == 10 and len(predictions[0]["keypoints"]) == 16
+    predictions = json.loads((out / "video" / "predictions.json").read_text())
+    assert predictions["keypoint_names"] == list(LIP16.names) and predictions["model"] == "simple_baseline"
+    frames = predictions["images"]
+    assert len(frames) == 10 and [f["frame"] for f in frames] == list(range(10))
+    assert len(frames[0]["people"]) == 1 and len(frames[0]["people"][0]["keypoints"]) == 16
     capture = cv2.VideoCapture(str(out / "video" / "clip_pose.mp4"))
     frames = 0
     while capture.read()[0]:
@@ -340,7 +345,7 @@ def test_overfit_a_few_built_in_images(trained_run):
     root, _, _ = trained_run
     data = root / "data" / "single_person"
     records, _ = read_lip_csv(data / "annotations" / "lip_train.csv", data / "images" / "train")
-    dataset = TopDownDataset(records[:2], LIP16.flip_index, input_size=(64, 64), stride=2)
+    dataset = TopDownDataset(records[:2], LIP16.flip_index, target_codec((64, 64), 2, 2.0))
     batch = {k: torch.stack([dataset[i][k] for i in range(2)]) for k in ("image", "target", "target_weight")}
     torch.manual_seed(0)
     model = PoseResNet("resnet18", 16, (16, 16, 16, 16))  # 4 deconvolutions: 32x32 heatmaps
@@ -369,7 +374,7 @@ def test_coco_topdown_reader_and_ap_of_ground_truth_predictions():
         pytest.skip("../shared/data is not available")
     records, coco = read_coco_topdown(folder / "test_coco.json", folder)
     assert len(records) == 12  # 14 people, of which 12 are non-crowd with keypoints
-    dataset = TopDownDataset(records[:1], COCO17.flip_index, input_size=(48, 64), train=True)
+    dataset = TopDownDataset(records[:1], COCO17.flip_index, target_codec((48, 64), 4, 2.0), train=True)
     assert dataset[0]["image"].shape == (3, 64, 48) and dataset[0]["target"].shape == (17, 16, 12)
     gt = np.stack([r["joints"] for r in records])
     predictions = {"index": np.arange(len(records)), "pred": gt[..., :2], "scores": gt[..., 2]}
