@@ -116,7 +116,8 @@ def parse_args(argv=None):
     add_common_args(parser, role="infer", limit=8, threshold=0.1)
     parser.add_argument("--inference", default="official", choices=sorted(INFERENCE_SETTINGS),
                         help="test settings (default: %(default)s)")
-    parser.add_argument("--input-size", type=int, default=None, help="short side (default: the checkpoint's training size)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="short side (default: the checkpoint's training size)")
     parser.add_argument("--layout", default=None, help="keypoint layout (default: the checkpoint's, else coco17)")
     return parser.parse_args(argv)
 

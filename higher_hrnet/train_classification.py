@@ -216,7 +216,8 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, help="training/eval crop size (default: %(default)s)")
     parser.add_argument("--resize-size", type=int, help="eval resize of the short side (default: %(default)s)")
     parser.add_argument("--crop-min-scale", type=float,
-                        help="smallest image fraction a RandomResizedCrop keeps (official: 0.08) (default: %(default)s)")
+                        help="smallest image fraction a RandomResizedCrop keeps (official: 0.08; "
+                             "default: %(default)s)")
     parser.add_argument("--lr-steps", type=int, nargs="+", help="epochs where LR drops x0.1 (default: %(default)s)")
     add_common_args(parser, val_every="1e")
     # official with --data (ImageNet), builtin without

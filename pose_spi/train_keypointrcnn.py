@@ -10,4 +10,5 @@ from pose_spi.model import EFFICIENTNET_MODEL_NAME
 from pose_spi.train import KEYPOINTRCNN_PRESETS, main, parse_args
 
 if __name__ == "__main__":
-    exit_on_bad_input(main, parse_args(KEYPOINTRCNN_PRESETS, "efficientnet", __doc__), model_name=EFFICIENTNET_MODEL_NAME)
+    args = parse_args(KEYPOINTRCNN_PRESETS, "efficientnet", __doc__)
+    exit_on_bad_input(main, args, model_name=EFFICIENTNET_MODEL_NAME)

@@ -176,7 +176,8 @@ def parse_args(argv=None):
     parser.add_argument("--deconv-filters", type=int, nargs="+",
                         help="channels of each stride-2 deconvolution (default: %(default)s)")
     parser.add_argument("--sigmoid-output", action="store_true", help="squash heatmaps with a sigmoid (the seed)")
-    parser.add_argument("--input-size", type=int, nargs=2, metavar=("W", "H"), help="network input size (default: %(default)s)")
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("W", "H"),
+                        help="network input size (default: %(default)s)")
     parser.add_argument("--sigma", type=float, default=PAPER_SIGMA,
                         help="Gaussian target sigma in heatmap pixels (default: %(default)s; the paper uses 2)")
     parser.add_argument("--schedule", choices=("step", "onecycle"), default="step",

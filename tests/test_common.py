@@ -6,6 +6,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from common.data import AnnotationError, BadImageError, exit_on_bad_input, load_coco_keypoints, read_image
 from common.evaluation import COCO_METRIC_NAMES, coco_keypoint_ap, count_flops, count_parameters, pck
@@ -176,9 +178,6 @@ def test_coco_ground_truth_as_predictions_gives_ap_one():
 
 
 def test_coco_perturbed_matches_pycocotools_called_directly(capsys):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     ann_file = shared("coco_sample/test_coco.json")
     results = json.loads((TEST_DATA / "coco_sample_perturbed_results.json").read_text())
     ours = coco_keypoint_ap(str(ann_file), results, COCO17.sigmas)

@@ -3,6 +3,7 @@ keypoints on their pixels, signed targets, PCK, the preset overrides, a short ov
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import cv2
@@ -11,7 +12,10 @@ import pytest
 import torch
 
 from common.keypoints import CAT16
-from cpm_animal.dataset import ImageCache, KeypointCrops, check_heatmap_size, denormalize, load_seed_json
+from cpm_animal import eval as cpm_eval
+from cpm_animal import infer, train
+from cpm_animal.dataset import (ImageCache, KeypointCrops, check_heatmap_size, denormalize, load_coco_records,
+                                load_seed_json)
 from cpm_animal.eval import compute_metrics, ground_truth, predict
 from cpm_animal.infer import decode_predictions
 from cpm_animal.model import CPM, NORMS, SIZES, config_from_dict, heatmap_size, target_codec
@@ -84,8 +88,6 @@ def test_real_cat_json_drops_the_entry_outside_its_image(capsys):
 
 
 def test_coco_animal_reader_crops_ap10k_boxes(tmp_path):
-    from cpm_animal.dataset import load_coco_records
-
     folder = SHARED / "ap10k_sample"
     if not folder.is_dir():
         pytest.skip("../shared/data is absent")
@@ -130,8 +132,6 @@ def color_centroid(image, color):
 
 
 def test_crop_and_rotation_keep_keypoints_on_their_pixels(tmp_path):
-    import random
-
     augmentations = {"all": [{"name": "random_crop", "scale": [0.9, 1.1], "shift": 0.05},
                              {"name": "rotation", "degrees": 30}]}
     dataset, colors = dots_dataset(tmp_path, augmentations)
@@ -279,9 +279,6 @@ def test_short_overfit_learns_two_quadrupeds(tmp_path, one_thread):
 
 
 def test_train_eval_infer_scripts(tmp_path, monkeypatch, capsys, one_thread):
-    from cpm_animal import eval as cpm_eval
-    from cpm_animal import infer, train
-
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
     small_data = ["dataset.builtin_train_images=8", "dataset.builtin_val_images=4", "dataset.builtin_image_size=64",
                   "model.size=tiny", "dataset.heatmap_size=15", "dataset.batch_size=4",
@@ -306,8 +303,6 @@ def test_train_eval_infer_scripts(tmp_path, monkeypatch, capsys, one_thread):
 
 
 def test_eval_without_checkpoint_says_how_to_get_one(tmp_path, monkeypatch, capsys):
-    from cpm_animal import eval as cpm_eval
-
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
     with pytest.raises(SystemExit) as done:
         cpm_eval.main([])

@@ -309,10 +309,8 @@ def test_pretrained_imagenet_from_cache_and_from_path(offline):
 
 
 def test_planned_steps_match_what_the_loop_runs():
-    from argparse import Namespace
-
     def plan(epochs, max_steps, accumulate=1, world_size=1):
-        return engine.planned_steps(Namespace(batch_size=16, epochs=epochs, max_steps=max_steps,
+        return engine.planned_steps(argparse.Namespace(batch_size=16, epochs=epochs, max_steps=max_steps,
                                               accumulate=accumulate, world_size=world_size), 1000)
 
     assert plan(4, None) == 4 * 62          # 1000 // 16 full batches per epoch

@@ -11,15 +11,22 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 
-from common.geometry import flip_keypoints
+from common.data import normalize_image
+from common.evaluation import coco_keypoint_ap
+from common.geometry import affine_points, flip_keypoints, get_affine_transform
+from common.heatmaps import heatmap_nms
 from common.keypoints import COCO17
+from common.synthetic import build_multi_person_scenes
+from higher_hrnet import eval as hh_eval
 from higher_hrnet.benchmark import random_people, render_fake_maps, same_people
 from higher_hrnet.dataset import BottomUpDataset, collate_bottom_up, tag_rows
-from higher_hrnet.grouping import (GroupingParams, group_by_tags, group_by_tags_reference,
-                                   local_maxima_nms)
-from higher_hrnet.inference import InferenceConfig, multi_scale_size, predict_people
+from higher_hrnet.grouping import GroupingParams, group_by_tags, group_by_tags_reference, local_maxima_nms
+from higher_hrnet.inference import (InferenceConfig, multi_scale_size, people_to_coco_results, predict_people,
+                                    resize_align)
 from higher_hrnet.loss import ae_loss, heatmap_loss, multi_resolution_loss
+from higher_hrnet.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +116,6 @@ def test_targets_peak_truncation_out_of_bounds_and_crowd_mask(tmp_path):
              "segmentation": {"counts": [], "size": [120, 160]}}
     mask = np.zeros((120, 160), np.uint8, order="F")
     mask[20:60, 100:140] = 1
-    from pycocotools import mask as mask_utils
     rle = mask_utils.encode(mask)
     crowd["segmentation"] = {"counts": rle["counts"].decode(), "size": rle["size"]}
     unlabelled = {**person({}, 8), "segmentation": [[10, 80, 40, 80, 40, 110, 10, 110]]}
@@ -175,7 +181,6 @@ def test_tag_rows_per_joint_and_shared():
 # ---------------------------------------------------------------------------------------------- grouping
 
 def test_fast_nms_equals_max_pool_nms():
-    from common.heatmaps import heatmap_nms
     rng = np.random.default_rng(0)
     det = rng.random((3, 37, 41)).astype(np.float32)
     det[0, 5:9, 5:9] = 0.7   # plateaus: every equal maximum survives in both
@@ -252,10 +257,6 @@ class FakeHigherHRNet(torch.nn.Module):
 
 
 def test_whole_pipeline_recovers_known_people_on_a_non_square_image():
-    from common.data import normalize_image
-    from higher_hrnet.inference import resize_align
-    from common.geometry import affine_points, get_affine_transform
-
     height, width = 150, 230
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
@@ -280,10 +281,6 @@ def test_whole_pipeline_recovers_known_people_on_a_non_square_image():
 
 
 def test_ground_truth_as_predictions_gives_ap_one(tmp_path):
-    from common.evaluation import coco_keypoint_ap
-    from common.synthetic import build_multi_person_scenes
-    from higher_hrnet.inference import people_to_coco_results
-
     ann = build_multi_person_scenes(tmp_path, "val", 6, image_size=96, seed=5)
     data = json.loads(Path(ann).read_text())
     results = []
@@ -301,8 +298,6 @@ def test_ground_truth_as_predictions_gives_ap_one(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_scenes(tmp_path_factory):
-    from common.synthetic import build_multi_person_scenes
-
     root = tmp_path_factory.mktemp("scenes")
     train = build_multi_person_scenes(root, "train", 4, image_size=96, seed=1)
     val = build_multi_person_scenes(root, "val", 2, image_size=96, seed=1)
@@ -310,8 +305,6 @@ def tiny_scenes(tmp_path_factory):
 
 
 def test_tiny_model_training_loss_drops(tiny_scenes):
-    from higher_hrnet.model import build_model
-
     root, train, _ = tiny_scenes
     torch.manual_seed(0)
     np.random.seed(0)
@@ -342,7 +335,6 @@ def test_torchrun_one_step_then_eval_writes_its_files(tiny_scenes, tmp_path):
     assert checkpoint.is_file()
     assert torch.load(checkpoint, weights_only=True)["step"] == 1
 
-    from higher_hrnet import eval as hh_eval
     args = hh_eval.parse_args(["--checkpoint", str(checkpoint), "--data", str(root / "images" / "val"),
                                "--ann", str(val), "--run-name", "e", "--out", str(tmp_path), "--device", "cpu"])
     assert hh_eval.main(args) == 0

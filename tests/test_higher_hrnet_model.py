@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from higher_hrnet import eval_classification, prepare_data, train_classification
 from higher_hrnet.checkpoints import (CheckpointError, convert_seed_state_dict, higher_hrnet_config,
                                       load_higher_hrnet, load_imagenet_backbone, load_official_checkpoint)
+from higher_hrnet.eval_classification import read_synset_names
 from higher_hrnet.model import ClassificationHRNet, HigherHRNet, build_model
+from higher_hrnet.train_classification import render_shape
 
 REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
 REPO = Path(__file__).resolve().parents[1]
@@ -286,8 +289,6 @@ def test_imagenet_backbone_loads_1752_of_1810_by_name():
 # --- ImageNet scripts on a tiny ImageFolder ---------------------------------------------------
 
 def _tiny_imagefolder(root):
-    from higher_hrnet.train_classification import render_shape
-
     for split, count in (("train", 4), ("val", 2)):
         for c, shape in enumerate(("circle", "square", "cross")):
             (root / split / shape).mkdir(parents=True)
@@ -298,8 +299,6 @@ def _tiny_imagefolder(root):
 
 
 def test_classification_train_eval_and_backbone_transfer(tmp_path, monkeypatch, capsys):
-    from higher_hrnet import eval_classification, train_classification
-
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path / "root"))
     data = _tiny_imagefolder(tmp_path / "folder")
     args = train_classification.parse_args(
@@ -344,8 +343,6 @@ def test_classification_train_eval_and_backbone_transfer(tmp_path, monkeypatch, 
 
 
 def test_classification_defaults_and_builtin_data(tmp_path, monkeypatch, capsys):
-    from higher_hrnet import eval_classification, train_classification
-
     args = train_classification.parse_args([])
     assert (args.preset, args.width, args.image_size) == ("builtin", 8, 32)
     first = train_classification.ensure_builtin_imagefolder(tmp_path / "a")
@@ -377,8 +374,6 @@ def _zip(path, members):
 
 
 def test_prepare_coco_from_zips(tmp_path, monkeypatch, capsys):
-    from higher_hrnet import prepare_data
-
     src = tmp_path / "downloads"
     src.mkdir()
     _zip(src / "train2017.zip", {"train2017/000000000009.jpg": b"a" * 100, "train2017/000000000025.jpg": b"b"})
@@ -404,8 +399,6 @@ def test_prepare_coco_from_zips(tmp_path, monkeypatch, capsys):
 
 
 def test_prepare_imagenet_from_kaggle_zip(tmp_path, capsys):
-    from higher_hrnet import prepare_data
-
     cls = "ILSVRC/Data/CLS-LOC"
     archive = tmp_path / prepare_data.IMAGENET_ARCHIVE
     _zip(archive, {
@@ -427,7 +420,6 @@ def test_prepare_imagenet_from_kaggle_zip(tmp_path, capsys):
     assert (dest / "train/n01443537/n01443537_7.JPEG").read_bytes() == b"t2"
     assert not (dest / "test").exists()
     assert (dest / "LOC_synset_mapping.txt").read_text().startswith("n01440764 tench")
-    from higher_hrnet.eval_classification import read_synset_names
     assert read_synset_names(dest / "LOC_synset_mapping.txt") == {"n01440764": "tench", "n01443537": "goldfish"}
     with pytest.raises(SystemExit, match="LOC_synset_mapping"):
         prepare_data.prepare_imagenet(_empty_zip(tmp_path), dest)

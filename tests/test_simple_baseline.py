@@ -10,10 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+import simple_baseline.eval as eval_script
+import simple_baseline.infer as infer_script
+import simple_baseline.train as train_script
+from common import synthetic
+from common.evaluation import coco_keypoint_ap
 from common.heatmaps import flip_heatmaps_back
-from common.keypoints import LIP16
-from simple_baseline.dataset import TopDownDataset, read_lip_csv, read_mpii_json, target_codec
+from common.keypoints import COCO17, LIP16
+from simple_baseline.dataset import TopDownDataset, read_coco_topdown, read_lip_csv, read_mpii_json, target_codec
+from simple_baseline.eval import coco_results, mean_pose_in_crop, mean_pose_predictions, pckh_table, run_predictions
 from simple_baseline.model import PoseResNet, build_model, load_pretrained_backbone
+from simple_baseline.train import compute_loss
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -183,7 +190,6 @@ def test_mpii_json_reader_on_the_shared_sample():
 
 def _mean_pose_pckh(train_records, val_records):
     """PCKh@0.5 Mean of the mean-pose baseline (train mean pose placed in every val person's crop)."""
-    from simple_baseline.eval import mean_pose_in_crop, mean_pose_predictions, pckh_table
     dataset = TopDownDataset(train_records, LIP16.flip_index, target_codec((128, 128), 4, 2.0))
     mean_pose = mean_pose_in_crop(train_records, dataset)
     val_records = [r for r in val_records if (r["joints"][:, 2] > 0).sum() >= 2]
@@ -197,7 +203,6 @@ def _mean_pose_pckh(train_records, val_records):
 def test_built_in_poses_vary_as_much_as_lip_poses(tmp_path):
     """The built-in crops' pose spread is calibrated to LIP: the mean-pose baseline scores about what it
     scores on the real LIP annotations, and clearly more than at the renderer's full angle range."""
-    from common import synthetic
     source = SHARED_DATA / "lip_annotations" / "val_annotations.csv"
     if not source.is_file():
         pytest.skip("../shared/data is not available")
@@ -216,7 +221,6 @@ def test_built_in_poses_vary_as_much_as_lip_poses(tmp_path):
 
 
 def test_pckh_on_hand_made_cases():
-    from simple_baseline.eval import pckh_table
     gt = np.zeros((2, 16, 3), np.float32)
     gt[..., 0] = np.arange(16) * 10.0
     gt[..., 1] = 50.0
@@ -241,7 +245,6 @@ def test_pckh_on_hand_made_cases():
 def trained_run(tmp_path_factory):
     """One tiny `train.py --max-steps 2` run on a tiny built-in set, shared by the script tests.
     compute_loss is wrapped to record whether every BatchNorm is in train mode at each step."""
-    import simple_baseline.train as train_script
     root = tmp_path_factory.mktemp("simple_baseline")
     modes = []
     original = train_script.compute_loss
@@ -272,7 +275,6 @@ def test_train_max_steps_2_writes_checkpoints_and_keeps_bn_training_after_valida
 
 
 def test_eval_defaults_to_newest_checkpoint_and_visualizes(trained_run, monkeypatch, capsys):
-    import simple_baseline.eval as eval_script
     root, _, _ = trained_run
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(root))
     metrics = eval_script.main(eval_script.parse_args(["--visualize", "2", "--batch-size", "4"]))
@@ -284,7 +286,6 @@ def test_eval_defaults_to_newest_checkpoint_and_visualizes(trained_run, monkeypa
 
 
 def test_eval_refuses_a_checkpoint_of_another_architecture(trained_run, monkeypatch, tmp_path):
-    import simple_baseline.eval as eval_script
     root, summary, _ = trained_run
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(root))
     with pytest.raises(SystemExit, match="another architecture: backbone: checkpoint 'resnet18' vs requested 'resnet34'"):
@@ -297,7 +298,6 @@ def test_eval_refuses_a_checkpoint_of_another_architecture(trained_run, monkeypa
 
 
 def test_eval_without_any_checkpoint_says_how_to_get_one(monkeypatch, tmp_path, capsys):
-    import simple_baseline.eval as eval_script
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
     with pytest.raises(SystemExit) as info:
         eval_script.main(eval_script.parse_args([]))
@@ -305,7 +305,6 @@ def test_eval_without_any_checkpoint_says_how_to_get_one(monkeypatch, tmp_path, 
 
 
 def test_infer_on_an_image_a_folder_and_a_10_frame_video(trained_run, monkeypatch, tmp_path):
-    import simple_baseline.infer as infer_script
     root, _, _ = trained_run
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(root))
     images = sorted((root / "data" / "single_person" / "images" / "val").glob("*.jpg"))[:3]
@@ -340,8 +339,6 @@ def test_infer_on_an_image_a_folder_and_a_10_frame_video(trained_run, monkeypatc
 
 def test_overfit_a_few_built_in_images(trained_run):
     """A small network memorises 2 built-in crops: PCKh@0.5 > 90% on them (no augmentation)."""
-    from simple_baseline.eval import pckh_table, run_predictions
-    from simple_baseline.train import compute_loss
     root, _, _ = trained_run
     data = root / "data" / "single_person"
     records, _ = read_lip_csv(data / "annotations" / "lip_train.csv", data / "images" / "train")
@@ -365,10 +362,6 @@ OVERFIT_STEPS = 250  # 200 steps reached 93% in a trial run; the margin keeps th
 
 
 def test_coco_topdown_reader_and_ap_of_ground_truth_predictions():
-    from common.keypoints import COCO17
-    from simple_baseline.dataset import read_coco_topdown
-    from simple_baseline.eval import coco_results
-    from common.evaluation import coco_keypoint_ap
     folder = SHARED_DATA / "coco_sample"
     if not folder.is_dir():
         pytest.skip("../shared/data is not available")
@@ -386,7 +379,6 @@ def test_coco_topdown_reader_and_ap_of_ground_truth_predictions():
     (["--warmup", "1.5"], "--warmup 1.5: the warm-up is a fraction of the run"),
 ])
 def test_train_rejects_bad_settings_before_touching_data(tmp_path, flags, message):
-    import simple_baseline.train as train_script
     with pytest.raises(SystemExit, match=message):
         train_script.main(train_script.parse_args(flags + ["--out", str(tmp_path)]))
     assert not any(tmp_path.iterdir())  # no data rendered, no run folders made
