@@ -21,7 +21,7 @@ from common.data import exit_on_bad_input
 from common.engine import add_common_args, run_dirs, setup_device_and_distributed, train
 from common.keypoints import get_layout
 from higher_hrnet.dataset import BottomUpDataset, collate_skip_bad_bottom_up
-from higher_hrnet.eval import evaluate_model
+from higher_hrnet.eval import evaluate_model, oracle_metrics, summary_line
 from higher_hrnet.inference import preset
 from higher_hrnet.loss import multi_resolution_loss
 from higher_hrnet.model import build_higher_hrnet
@@ -102,9 +102,12 @@ def main(args):
                            scheduler_interval=interval, evaluate=evaluate, best_metric="AP",
                            collate_fn=collate_skip_bad_bottom_up, model_name=MODEL_NAME)
     if args.rank == 0:
-        ap = summary["metrics"].get("AP")
-        if ap is not None:
-            print(f"final COCO AP {ap:.4f} on {val_ann} ({eval_config.input_size} px, flip {eval_config.flip})")
+        if summary["metrics"].get("AP") is not None:
+            print(f"final COCO {summary_line(summary['metrics'])} on {val_ann} ({eval_config.input_size} px, "
+                  f"flip {eval_config.flip})")
+            if not args.data:   # built-in scenes: the stride-4 ceiling on the same images
+                ceiling = oracle_metrics(val_images, val_ann, eval_config, layout, args.val_images)
+                print(f"stride-4 oracle on the same images and settings: AP {ceiling['AP']:.4f} (the ceiling)")
         print(f"outputs: {dirs['outputs']} (checkpoints {dirs['checkpoints']})")
     return 0
 
