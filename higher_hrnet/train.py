@@ -33,13 +33,13 @@ MODEL_NAME = "higher_hrnet"
 PRESETS = {
     "official": dict(width=32, input_size=512, batch_size=12, lr=1e-3, epochs=300, milestones=(200, 260),
                      max_steps=None, val_every="10e", workers=4, eval_preset="official", ae_loss="exp",
-                     push_factor=1e-3, pull_factor=1e-3),
+                     push_factor=1e-3, pull_factor=1e-3, foreground_weight=0.0),
     # Two CPU cores, built-in 256 px scenes at their own resolution (small people keep their pixels).
     # 1,200 steps of 8 images (6.4 epochs) fit the 30-minute budget on an idle machine; see README for what
     # it reaches.
     "cpu": dict(width=8, input_size=256, batch_size=8, lr=2e-3, epochs=None, max_steps=1200,
                 milestones=(1000, 1150), val_every="0", workers=1, eval_preset="official", ae_loss="exp",
-                push_factor=1e-3, pull_factor=1e-3),
+                push_factor=1e-3, pull_factor=1e-3, foreground_weight=0.0),
 }
 
 
@@ -88,7 +88,8 @@ def main(args):
 
     def compute_loss(net, batch):
         losses = multi_resolution_loss(net(batch["image"]), batch, layout.num_keypoints, push_factor=args.push_factor,
-                                       pull_factor=args.pull_factor, ae_type=args.ae_loss)
+                                       pull_factor=args.pull_factor, ae_type=args.ae_loss,
+                                       foreground_weight=args.foreground_weight)
         return losses["total"], {k: float(v.detach()) for k, v in losses.items() if k != "total"}
 
     evaluate = None
@@ -129,6 +130,8 @@ def parse_args(argv=None):
                         help="associative-embedding push: exp(-d^2) or max(0, 1 - |d|) (default: %(default)s)")
     parser.add_argument("--push-factor", type=float, default=chosen["push_factor"], help="AE push weight (default: %(default)s)")
     parser.add_argument("--pull-factor", type=float, default=chosen["pull_factor"], help="AE pull weight (default: %(default)s)")
+    parser.add_argument("--foreground-weight", type=float, default=chosen["foreground_weight"],
+                        help="heatmap loss weight 1 + this * target per pixel; 0 = official (default: %(default)s)")
     parser.add_argument("--eval-preset", default=chosen["eval_preset"], help="inference preset for validation")
     parser.add_argument("--val-data", default=None, help="validation image folder (with --data)")
     parser.add_argument("--val-ann", default=None, help="validation COCO keypoint JSON (with --data)")
