@@ -16,17 +16,24 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
 from common.data import BadImageError, exit_on_bad_input, load_coco_keypoints, read_image
 from common.evaluation import coco_keypoint_ap, count_parameters, write_results_json
+from common.geometry import affine_points, get_affine_transform
+from common.heatmaps import make_heatmaps
 from common.keypoints import COCO17, get_layout, layout_from_dict
 from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
 from common.synthetic import ensure_dataset
 from higher_hrnet.checkpoints import load_for_inference
+from higher_hrnet.dataset import TARGET_SIGMA
 from higher_hrnet.infer import NO_CHECKPOINT_HINT
-from higher_hrnet.inference import INFERENCE_SETTINGS, inference_settings, people_to_coco_results, predict_people
+from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, multi_scale_size,
+                                    people_to_coco_results, predict_people)
 from higher_hrnet.model import MODEL_NAME
 
 
@@ -68,6 +75,55 @@ def evaluate_model(model, image_dir, ann_file, config, layout=COCO17, device=Non
     return metrics, results
 
 
+def summary_line(metrics):
+    return "  ".join(f"{name} {metrics[key]:.4f}" for name, key in (("AP", "AP"), ("AP50", "AP50"), ("AP_M", "APm"),
+                                                                    ("AP_L", "APl"), ("AR", "AR")))
+
+
+def oracle_maps(people, image_shape, config, sigma=TARGET_SIGMA):
+    """The ground truth as the network's 1/4 output would show it at best, through the test pipeline's
+    projection: sigma-2 heatmaps on truncated stride-4 joint positions (the training targets), and per
+    joint a tag map holding 3 * (person index) around each person's joint. Returns predict_maps' values."""
+    height, width = image_shape[:2]
+    size, center, box = multi_scale_size(height, width, config.input_size, 1.0, 1.0)
+    quarter = (size[0] // 4, size[1] // 4)
+    joints = affine_points(people, get_affine_transform(center, box, 0, quarter)) if len(people) else people
+    heatmaps, _ = make_heatmaps(joints, quarter, sigma, center="truncate")
+    num_joints = heatmaps.shape[0]
+    tags = np.zeros_like(heatmaps)
+    ys, xs = np.mgrid[0:quarter[1], 0:quarter[0]]
+    for k in range(num_joints):
+        labelled = np.flatnonzero(joints[:, k, 2] > 0) if len(joints) else []
+        if len(labelled):   # each pixel takes the tag of the person whose joint k is nearest
+            distance = (xs - np.trunc(joints[labelled, k, 0])[:, None, None]) ** 2 + \
+                       (ys - np.trunc(joints[labelled, k, 1])[:, None, None]) ** 2
+            tags[k] = 3.0 * labelled[distance.argmin(0)]
+    maps = torch.from_numpy(np.concatenate([heatmaps, tags]))[None]
+    maps = F.interpolate(maps, size=(size[1], size[0]), mode="bilinear", align_corners=False)[0]
+    # A peak upsampled x4 is flat over 2x2 pixels, all kept by the NMS (one person found four times); a
+    # network's peaks are never that symmetric. Ties go to the top-left pixel of each 4x4 block.
+    ys, xs = np.mgrid[0:size[1], 0:size[0]]
+    maps[:num_joints] -= torch.from_numpy(1e-5 * ((ys % 4) * 4 + xs % 4) / 16).float()
+    return maps[:num_joints], maps[num_joints:, ..., None], center, box
+
+
+def oracle_metrics(image_dir, ann_file, config, layout=COCO17, max_images=None):
+    """COCO AP of the stride-4 oracle (oracle_maps grouped like the network's maps): the ceiling of a
+    network whose outputs equal its training targets, on the same images and settings."""
+    coco = load_coco_keypoints(ann_file, layout.num_keypoints)
+    image_ids = sorted(coco.getImgIds())[:max_images]
+    results = []
+    for image_id in image_ids:
+        info = coco.loadImgs(image_id)[0]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
+        people = np.array([a["keypoints"] for a in anns if a.get("num_keypoints", 0) > 0], np.float32)
+        heatmaps, tags, center, box = oracle_maps(people.reshape(-1, layout.num_keypoints, 3),
+                                                  (info["height"], info["width"]), config)
+        people, scores = maps_to_people(heatmaps, tags, center, box, config, layout.num_keypoints)
+        results += people_to_coco_results(people, scores, image_id)
+    return coco_keypoint_ap(coco, results, layout.sigmas, print_table=False, image_ids=image_ids)
+
+
 def default_data(args):
     """(image_dir, ann_file): --data/--ann, else the built-in validation scenes."""
     if args.data:
@@ -104,8 +160,12 @@ def main(args):
     if metrics is None:   # image_info files: results.json only
         print(f"{len(results)} detections (no annotations to score)")
     else:
+        print(f"{summary_line(metrics)}  ({seconds:.0f} s)")
+        if args.data is None:   # the built-in scenes: say how far the model is from the stride-4 ceiling
+            ceiling = oracle_metrics(image_dir, ann_file, config, layout, args.max_images)
+            print(f"stride-4 oracle on the same images and settings: AP {ceiling['AP']:.4f} (the ceiling)")
+            report["oracle_metrics"] = ceiling
         (out_dir / "config.yaml").write_text(yaml.safe_dump(report, sort_keys=False))
-        print(f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AR {metrics['AR']:.4f}  ({seconds:.0f} s)")
     print(f"outputs: {out_dir}")
     return 0
 
