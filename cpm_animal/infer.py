@@ -109,7 +109,8 @@ def main(argv=None):
         _, val_records, _ = resolve_sources(saved["settings"]["preset"], data_dir(args.out) / MODEL_NAME)
         sources = [r["image"] for r in val_records[:8]]
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
-    return run_inference(predictor, sources, out_dir, checkpoint, draw_visibility(predictor.layout.skeleton))
+    draw = draw_visibility(predictor.layout.skeleton)
+    return run_inference(predictor, sources, out_dir, checkpoint, draw, args.limit)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def main(argv=None):
     baseline = mean_pose_ap(mean_pose(train_set), val_set)
     print(f"AP {stats['AP']:.4f}  (mean-pose baseline AP {baseline:.4f})")
     path = write_results_json(to_results(val_set, points, scores), Path(dirs["outputs"]) / "results.json")
-    print(f"predictions written to {path}")
+    print(f"results written to {path}")
 
 
 if __name__ == "__main__":

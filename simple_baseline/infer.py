@@ -119,7 +119,7 @@ def main(args):
         return {"pose": draw_prediction(image, person.keypoints, person.scores, None, not args.no_skeleton,
                                         args.threshold, predictor.layout)}
 
-    return run_inference(predictor, sources, out_dir, checkpoint, draw)
+    return run_inference(predictor, sources, out_dir, checkpoint, draw, args.limit)
 
 
 def parse_args(argv=None):
