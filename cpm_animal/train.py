@@ -10,6 +10,7 @@ shared flags (--epochs, --lr, ...) override the preset's values for them (--help
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from cpm_animal.infer import decode_predictions
 from cpm_animal.model import MODEL_NAME, CPM, config_from_dict, target_codec
 from cpm_animal.presets import dump_preset, load_preset
 
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")   # group.key=value on the command line
 # The shared flags whose defaults a preset sets: flag -> (group, key) in the YAML ("" = top level).
 PRESET_FLAGS = {"epochs": ("trainer", "max_epochs"), "max_steps": ("trainer", "max_steps"),
                 "batch_size": ("dataset", "batch_size"), "lr": ("optimizer", "lr"), "seed": ("", "seed"),
@@ -92,7 +94,7 @@ def parse_args(argv=None):
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset", default="cpu")
     known, rest = first.parse_known_args(argv)
-    preset = load_preset(known.preset, [a for a in rest if "=" in a and not a.startswith("-")])
+    preset = load_preset(known.preset, [a for a in rest if OVERRIDE.match(a)])
     trainer = preset["trainer"]
     defaults = {dest: preset_group(preset, group)[key] for dest, (group, key) in PRESET_FLAGS.items()}
     defaults["val_every"] = f"{trainer['val_every']}e"
