@@ -2,7 +2,7 @@
 
 Follows the official COCOKeypoints + transforms: ignore mask from crowd regions and zero-keypoint people,
 random affine (rotation, scale of the short side, translation), horizontal flip with the layout's flip
-index, heatmaps (sigma 2, truncated centres) at 1/4 and 1/2 of the input, warped padding ignored.
+index, heatmaps (sigma 2, truncated centers) at 1/4 and 1/2 of the input, warped padding ignored.
     python higher_hrnet/dataset.py --show 8        # grid of augmented samples with targets drawn
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def tag_rows(joints, map_size, tag_per_joint=True):
 class BottomUpDataset(torch.utils.data.Dataset):
     """COCO keypoint images as square augmented crops with multi-resolution targets.
 
-    Each sample: image (3, S, S) normalised; heatmaps_i (K, R_i, R_i) and mask_i (R_i, R_i) for
+    Each sample: image (3, S, S) normalized; heatmaps_i (K, R_i, R_i) and mask_i (R_i, R_i) for
     R = S/4, S/2; tag_rows (M, 2) int64 (person, flat index on the 1/4 map); image_id.
     """
 

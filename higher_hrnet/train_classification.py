@@ -188,7 +188,7 @@ def evaluate_topk(model, dataset, batch_size, workers, device):
 
 
 def denormalize(images):
-    """(B,3,H,W) normalised float -> list of HxWx3 uint8 RGB."""
+    """(B,3,H,W) normalized float -> list of HxWx3 uint8 RGB."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=images.device)[:, None, None]
     pixels = ((images * std + mean).clamp(0, 1) * 255).round().byte()

@@ -142,7 +142,7 @@ def evaluate_split(model, dataset, records, data_format, mean_pose=None, coco_gt
                 print(f"mean-pose baseline on the same boxes: AP {base['AP']:.4f}")
     else:
         official = data_format == "mpii" and getattr(dataset, "official_head_boxes", False)
-        label = "PCKh (head box x 0.6)" if official else "PCKh (neck-to-head-top normalised, NOT the official MPII PCKh)"
+        label = "PCKh (head box x 0.6)" if official else "PCKh (neck-to-head-top normalized, NOT the official MPII PCKh)"
         rows = pckh_table(predictions["pred"], predictions["gt"], predictions["head_size"])
         metrics = {f"PCKh@0.5/{k}" if k != "Mean@0.1" else "PCKh@0.1/Mean": v for k, v in rows.items()}
         metrics["PCKh@0.5"] = rows["Mean"]

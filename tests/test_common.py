@@ -72,7 +72,7 @@ def test_heatmap_round_trip_subpixel_within_quarter_pixel():
     joints = np.concatenate([rng.uniform(2, 45, (20, 2)), np.full((20, 1), 2.0)], 1)
     maps, weights = make_heatmaps(joints, (48, 48), sigma=2.0, center="subpixel")
     assert maps.shape == (20, 48, 48) and weights.tolist() == [1.0] * 20
-    assert np.all(maps.max((1, 2)) > 0.88)  # nearest pixel within 0.71 px of the centre
+    assert np.all(maps.max((1, 2)) > 0.88)  # nearest pixel within 0.71 px of the center
     coords, maxvals = decode_heatmaps(torch.from_numpy(maps)[None])
     assert np.abs(coords[0].numpy() - joints[:, :2]).max() <= 0.25 + 1e-6
 
@@ -225,7 +225,7 @@ def test_parameter_and_flop_counts():
 
 # ---- reading images and annotations -------------------------------------------------------------
 
-def test_read_image_decodes_by_content_and_normalises_formats(tmp_path):
+def test_read_image_decodes_by_content_and_normalizes_formats(tmp_path):
     rgb = np.zeros((8, 10, 3), np.uint8)
     rgb[..., 0] = 200  # red
     cv2.imwrite(str(tmp_path / "rgb.png"), rgb[..., ::-1])

@@ -194,7 +194,7 @@ def test_crowd_and_zero_keypoint_masks(tmp_path):
     dataset = DistillationDataset(image_dir, ann, None, crop_size=160, augment=False)
     sample = dataset[0]
     weight, segmentation = sample["weight"][0].numpy(), sample["segmentation"][0].numpy()
-    # map = input / 4, the 160x120 image fills the 160 crop at scale 1 (centred vertically)
+    # map = input / 4, the 160x120 image fills the 160 crop at scale 1 (centered vertically)
     dy = (160 - 120) / 2 / 4
     assert weight[int(60 / 4 + dy), int(125 / 4)] == 0          # inside the crowd box
     assert weight[int(35 / 4 + dy), int(25 / 4)] == 0           # inside the zero-keypoint person (10..40, 10..60)

@@ -100,7 +100,7 @@ def test_targets_full_peak_on_the_last_row_and_column_and_zero_weight_for_missin
     write_image(tmp_path / "a.png")
     joints = np.zeros((16, 3), np.float32)
     joints[0] = (60, 60, 1)      # maps to heatmap pixel (15, 15): the last row and column
-    joints[1] = (32, 32, 1)      # heatmap centre (8, 8)
+    joints[1] = (32, 32, 1)      # heatmap center (8, 8)
     joints[2] = (-40, 10, 1)     # outside the crop
     # joints[3:] unlabelled (nan in the CSV -> weight 0)
     record = {"image": str(tmp_path / "a.png"), "joints": joints, "box": (0, 0, 64, 64)}
