@@ -76,12 +76,14 @@ def _dilate(det, kernel):
     return pooled
 
 
-def top_k_candidates(det, tag, params):
+def top_k_candidates(det, tag, params, suppressed=None):
     """The official top_k: max_pool2d NMS, then torch.topk per joint. det (K,H,W), tag (K,H,W,L) torch;
-    returns tag_k (K,k,L), loc_k (K,k,2) int64 (x, y), val_k (K,k) as numpy."""
+    returns tag_k (K,k,L), loc_k (K,k,2) int64 (x, y), val_k (K,k) as numpy. `suppressed`: the NMS'd
+    maps if already computed (local_maxima_nms gives the same maps)."""
     num_joints, height, width = det.shape
     k = min(params.max_num_people, height * width)
-    val, xs, ys = topk_peaks(heatmap_nms(det[None], params.nms_kernel), k)
+    suppressed = heatmap_nms(det[None], params.nms_kernel) if suppressed is None else suppressed[None]
+    val, xs, ys = topk_peaks(suppressed, k)
     val, xs, ys = val[0], xs[0], ys[0]
     flat = tag.reshape(num_joints, height * width, -1)
     tag_k = torch.gather(flat, 1, (ys * width + xs)[..., None].expand(-1, -1, flat.shape[2]))
@@ -96,16 +98,17 @@ def peak_candidates(det, tag, params):
     num_joints, height, width = det.shape
     k = min(params.max_num_people, height * width)
     det_np, tag_np = det.numpy(), tag.numpy()
-    if params.detection_threshold < 0 or params.nms_kernel % 2 == 0:
+    if params.nms_kernel % 2 == 0:
         return top_k_candidates(det, tag, params)
-    joint, flat = np.nonzero(((_dilate(det_np, params.nms_kernel) == det_np)
-                              & (det_np > params.detection_threshold)).reshape(num_joints, -1))
+    local_max = _dilate(det_np, params.nms_kernel) == det_np
+    if params.detection_threshold < 0:
+        return top_k_candidates(det, tag, params, torch.from_numpy(det_np * local_max))
+    joint, flat = np.divmod(np.flatnonzero(local_max & (det_np > params.detection_threshold)), height * width)
     values = det_np.reshape(num_joints, -1)[joint, flat]
     order = np.lexsort((-values, joint))                # by joint, then by descending score
     joint, flat, values = joint[order], flat[order], values[order]
-    same_joint = joint[1:] == joint[:-1]
-    if np.any(same_joint & (values[1:] == values[:-1])):
-        return top_k_candidates(det, tag, params)
+    if np.any((joint[1:] == joint[:-1]) & (values[1:] == values[:-1])):
+        return top_k_candidates(det, tag, params, torch.from_numpy(det_np * local_max))
     rank = np.arange(len(joint)) - np.searchsorted(joint, joint)
     keep = rank < k
     joint, flat, values, rank = joint[keep], flat[keep], values[keep], rank[keep]
@@ -416,71 +419,101 @@ def person_scores(people):
     return np.ascontiguousarray(people[:, :, 2]).mean(axis=1, dtype=np.float32)
 
 
-def _tile_bounds(det, tag, block):
-    """Per joint and block x block tile: the highest score (K, T) and the box [lo, hi] (K, T, L) its
-    tags span. Padding repeats the edge, which only widens a box (bounds stay valid)."""
-    num_joints, height, width = det.shape
-    if height % block or width % block:
-        pad = ((0, 0), (0, -height % block), (0, -width % block))
-        det = np.pad(det, pad, constant_values=-np.inf)
-        tag = np.pad(tag, pad + ((0, 0),), mode="edge")
-    _, bh, bw = (det.shape[0], det.shape[1] // block, det.shape[2] // block)
+class _Tiles:
+    """Bounds of one image's maps over tiles at two sizes, for refine_people's pruning: per joint and
+    fine x fine tile the highest score and the box [lo, hi] its tags span; coarse tiles are
+    factor x factor fine tiles. Maps are padded to whole coarse tiles (scores with -inf, tags by
+    repeating the edge, which only widens a box); pixel lists are clamped to the map."""
 
-    def per_tile(maps, reduce):
-        # rows of tiles first (contiguous runs), then the columns one slice at a time: numpy's own
-        # reduction over a short strided axis is several times slower
-        rows = reduce.reduce(maps.reshape(num_joints, bh, block, *maps.shape[2:]), axis=2)
-        rows = rows.reshape(num_joints, bh, bw, block, -1)
-        out = rows[:, :, :, 0].copy()
-        for i in range(1, block):
-            reduce(out, rows[:, :, :, i], out=out)
-        return out.reshape(num_joints, bh * bw, -1)
+    def __init__(self, det, tag, fine=4, factor=4):
+        _, height, width = det.shape
+        block = fine * factor
+        self.pad = ((0, -height % block), (0, -width % block))
+        self.det, self.tag, self.fine_size, self.factor = det, tag, fine, factor
+        fh, fw = (height + self.pad[0][1]) // fine, (width + self.pad[1][1]) // fine
+        self.grid = (fh, fw)
+        offsets = np.arange(fine)
+        ys = np.minimum(np.arange(fh)[:, None, None, None] * fine + offsets[None, None, :, None], height - 1)
+        xs = np.minimum(np.arange(fw)[None, :, None, None] * fine + offsets[None, None, None, :], width - 1)
+        self.fine_pixels = (ys * width + xs).reshape(fh * fw, fine * fine)
+        fine_ids = np.arange(fh * fw).reshape(fh // factor, factor, fw // factor, factor)
+        self.children = fine_ids.transpose(0, 2, 1, 3).reshape(-1, factor * factor)   # coarse -> fine tiles
 
-    return (per_tile(det, np.maximum)[..., 0], per_tile(tag, np.minimum), per_tile(tag, np.maximum),
-            (bh, bw))
+    def bounds(self, joint):
+        """((max, lo, hi) over coarse tiles, (max, lo, hi) over fine tiles) of one joint's maps."""
+        det, tag = self.det[joint], self.tag[joint]
+        if self.pad[0][1] or self.pad[1][1]:
+            det = np.pad(det, self.pad, constant_values=-np.inf)
+            tag = np.pad(tag, self.pad + ((0, 0),), mode="edge")
+        (fh, fw), fine, factor = self.grid, self.fine_size, self.factor
+
+        def per_tile(maps, reduce):
+            # rows of tiles first (contiguous runs), then the columns one slice at a time: numpy's own
+            # reduction over a short strided axis is several times slower
+            rows = reduce.reduce(maps.reshape(fh, fine, -1), axis=1).reshape(fh, fw, fine, -1)
+            out = rows[:, :, 0].copy()
+            for i in range(1, fine):
+                reduce(out, rows[:, :, i], out=out)
+            return out                                      # (fh, fw, C)
+
+        def coarsen(tiles, reduce):
+            grouped = tiles.reshape(fh // factor, factor, fw // factor, factor, -1)
+            return reduce.reduce(reduce.reduce(grouped, axis=1), axis=2).reshape(-1, tiles.shape[-1])
+
+        fine_max, fine_lo, fine_hi = per_tile(det, np.maximum), per_tile(tag, np.minimum), per_tile(tag, np.maximum)
+        coarse = (coarsen(fine_max, np.maximum)[:, 0], coarsen(fine_lo, np.minimum), coarsen(fine_hi, np.maximum))
+        return coarse, (fine_max.reshape(-1), fine_lo.reshape(fh * fw, -1), fine_hi.reshape(fh * fw, -1))
 
 
-def _tile_pixels(grid, block, height, width):
-    """(T, block * block) flat pixel indices of each tile, clamped to the map (edge tiles repeat edge
-    pixels, which are real pixels with their real scores)."""
-    bh, bw = grid
-    offsets = np.arange(block)
-    ys = np.minimum(np.arange(bh)[:, None, None, None] * block + offsets[None, None, :, None], height - 1)
-    xs = np.minimum(np.arange(bw)[None, :, None, None] * block + offsets[None, None, None, :], width - 1)
-    return (ys * width + xs).reshape(bh * bw, block * block)
+def _tile_scores(tile_max, tag_lo, tag_hi, prev):
+    """What a tile's pixels can score for a person with mean tag prev: (upper, exact). upper: no pixel
+    scores above it; exact: every pixel's round(distance) is the same, so upper is the best score in
+    the tile (reached at its highest pixel). Sound in float32: every step of the reference's
+    score - round(distance) is monotone, and per tag dimension the box's nearest and farthest
+    corners bound the distance of every tag inside it."""
+    below, above = (tag_lo - prev) ** 2, (tag_hi - prev) ** 2
+    inside = (prev >= tag_lo) & (prev <= tag_hi)
+    near = np.round(_sum_last(np.where(inside, np.float32(0), np.minimum(below, above))) ** 0.5)
+    far = np.round(_sum_last(np.maximum(below, above)) ** 0.5)
+    return tile_max - near, near == far
 
 
-def _distance(tags, prev):
-    """Euclidean tag distance with the reference's float32 additions: numpy sums a last axis shorter
+def _sum_last(squared):
+    """Sum over the tag axis with the reference's float32 additions: numpy sums a last axis shorter
     than 8 left to right, so the channels are added one by one (numpy's strided .sum is slow)."""
-    squared = (tags - prev) ** 2
     if squared.shape[-1] >= 8:
-        return np.ascontiguousarray(squared).sum(axis=-1) ** 0.5
+        return np.ascontiguousarray(squared).sum(axis=-1)
     total = squared[..., 0]
     for c in range(1, squared.shape[-1]):
         total = total + squared[..., c]
-    return total ** 0.5
+    return total
 
 
-def _best_pixels(det_j, tag_j, pixels, owner, prev):
-    """score - round(tag distance) at `pixels` (Q, P) for person owner[q] (mean tag prev[owner]), in the
-    reference's float32 arithmetic. Returns per row the best score and the first pixel that has it."""
-    score = det_j[pixels] - np.round(_distance(tag_j[pixels], prev[owner][:, None]))
+def _distance(tags, prev):
+    return _sum_last((tags - prev) ** 2) ** 0.5
+
+
+def _best_pixels(det_j, tag_j, pixels, prev):
+    """score - round(tag distance) at `pixels` (Q, P) for the mean tags prev (Q, L), in the reference's
+    float32 arithmetic. Returns per row the best score and the first pixel that has it."""
+    score = det_j[pixels] - np.round(_distance(tag_j[pixels], prev[:, None]))
     best = score.max(axis=1)
     first = np.where(score == best[:, None], pixels, np.iinfo(np.int64).max).min(axis=1)
     return best, first
 
 
-def refine_people(det, tag, people, peaks=None, block=16, chunk=4096):
+def refine_people(det, tag, people, peaks=None, chunk=8192):
     """Vectorised refine_reference for all people. det (K,H,W), tag (K,H,W,L) numpy float32;
-    peaks (K, k) flat pixel indices of the joint's candidates, used as first guesses.
+    peaks (K, k) flat pixel indices of each joint's candidates, used as first guesses.
 
-    Exact search with pruning. Every block x block tile gets an upper bound per person: its highest
-    score minus round(distance from the person's tag to the box of the tile's tags); every step of
-    the score's float32 arithmetic is monotone, so no pixel of the tile scores above it. A lower bound
-    B comes from scoring the peaks and each person's most promising tile; then only tiles whose upper
-    bound reaches B are scored. Pixels elsewhere score strictly below B, so the argmax, and its
-    first-index rule among equal scores, is the reference's.
+    Exact search with pruning. For each person missing the joint, every 16x16 tile gets an upper
+    bound on its pixels' score - round(distance) from its highest score and the box its tags span;
+    where round(distance) is the same over the whole box the bound is the tile's best score
+    (_tile_scores). A lower bound B on the person's best comes from the peaks and such exact tiles;
+    tiles whose bound stays below B are dropped, the others are split into 4x4 tiles, and pixels are
+    scored only in 4x4 tiles that are neither dropped nor exact. Every pixel left out scores strictly
+    below B, or sits in an exact tile scored at the end if it ties for the best, so the argmax, and
+    its first-index rule among equal scores, is the reference's.
     """
     num_joints, height, width = det.shape
     num_people = len(people)
@@ -498,33 +531,50 @@ def refine_people(det, tag, people, peaks=None, block=16, chunk=4096):
 
     flat_det = det.reshape(num_joints, -1)
     flat_tag = tag.reshape(num_joints, height * width, -1)
-    det_max, tag_lo, tag_hi, grid = _tile_bounds(det, tag, block)
-    tile_pixels = _tile_pixels(grid, block, height, width)
+    tiles = _Tiles(det, tag)
+    coarse_pixels = tiles.fine_pixels[tiles.children].reshape(len(tiles.children), -1)
     for j in range(num_joints):
         missing = np.flatnonzero((people[:, j, 2] == 0) & searchable)
         if len(missing) == 0:
             continue
         prev = prev_tag[missing]
-        nearest = np.clip(prev[:, None], tag_lo[j][None], tag_hi[j][None])          # (M, T, L)
-        upper = det_max[j][None] - np.round(_distance(nearest, prev[:, None]))       # (M, T)
         everyone = np.arange(len(missing))
-        # first guesses: the joint's peaks, and each person's most promising tile, scored in full
+        (coarse_max, coarse_lo, coarse_hi), (fine_max, fine_lo, fine_hi) = tiles.bounds(j)
+
+        def score(pixels, owner):
+            for start in range(0, len(owner), chunk):
+                part = slice(start, start + chunk)
+                candidates.append((owner[part], *_best_pixels(flat_det[j], flat_tag[j], pixels[part], prev[owner[part]])))
+
         probes = np.unique(np.concatenate([[np.argmax(flat_det[j])], [] if peaks is None else peaks[j]]))
-        best, first = _best_pixels(flat_det[j], flat_tag[j], np.broadcast_to(probes, (len(missing), len(probes))),
-                                   everyone, prev)
-        top_best, top_first = _best_pixels(flat_det[j], flat_tag[j], tile_pixels[np.argmax(upper, axis=1)],
-                                           everyone, prev)
-        owners, values, pixels = [everyone, everyone], [best, top_best], [first, top_first]
-        bound = np.maximum(best, top_best)
-        person, tile = np.nonzero(upper >= bound[:, None])
-        for start in range(0, len(person), chunk):
-            part = slice(start, start + chunk)
-            value, pixel = _best_pixels(flat_det[j], flat_tag[j], tile_pixels[tile[part]], person[part], prev)
-            owners.append(person[part]), values.append(value), pixels.append(pixel)
-        owners, values, pixels = np.concatenate(owners), np.concatenate(values), np.concatenate(pixels)
+        candidates = []
+        score(np.broadcast_to(probes, (len(missing), len(probes))), everyone)
+        bound = candidates[0][1].copy()
+        upper, exact = _tile_scores(coarse_max[None], coarse_lo[None], coarse_hi[None], prev[:, None])   # (M, T)
+        bound = np.maximum(bound, np.where(exact, upper, -np.inf).max(axis=1))
+        person, coarse = np.nonzero(~exact & (upper >= bound[:, None]))
+        exact_tiles = [(coarse_pixels, *np.nonzero(exact & (upper >= bound[:, None])), upper[exact & (upper >= bound[:, None])])]
+        fine = tiles.children[coarse]                                                          # (Q, 16)
+        fine_upper, fine_exact = _tile_scores(fine_max[fine], fine_lo[fine], fine_hi[fine], prev[person][:, None])
+        np.maximum.at(bound, person, np.where(fine_exact, fine_upper, -np.inf).max(axis=1, initial=-np.inf))
+        keep = fine_upper >= bound[person][:, None]
+        pick, child = np.nonzero(keep & fine_exact)
+        exact_tiles.append((tiles.fine_pixels, person[pick], fine[pick, child], fine_upper[pick, child]))
+        pick, child = np.nonzero(keep & ~fine_exact)
+        score(tiles.fine_pixels[fine[pick, child]], person[pick])
+        best = np.full(len(missing), -np.inf, np.float32)
+        for owner, value, _ in candidates:
+            np.maximum.at(best, owner, value)
+        for pixels, owner, tile, value in exact_tiles:
+            np.maximum.at(best, owner, value)
+        for pixels, owner, tile, value in exact_tiles:   # exact tiles that tie for the best: find their pixel
+            ties = value == best[owner]
+            score(pixels[tile[ties]], owner[ties])
+        owners = np.concatenate([owner for owner, _, _ in candidates])
+        values = np.concatenate([value for _, value, _ in candidates])
+        pixels = np.concatenate([pixel for _, _, pixel in candidates])
         order = np.lexsort((pixels, -values, owners))   # per person: highest score, then first pixel
-        first_of_owner = order[np.searchsorted(owners[order], everyone)]
-        best = pixels[first_of_owner]
+        best = pixels[order[np.searchsorted(owners[order], everyone)]]
         y, x = best // width, best % width
         val = flat_det[j, best]
         tmp = det[j]
