@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.geometry import affine_points, get_affine_transform, warp_image
+from common.geometry import official_affine_points, official_affine_transform, warp_image
 from common.keypoints import COCO17
 from higher_hrnet.dataset import normalize_image
 from higher_hrnet.grouping import GroupingParams, group_by_tags, group_by_tags_reference
@@ -65,25 +65,26 @@ def preset(name, **overrides):
 
 def multi_scale_size(height, width, input_size, current_scale, min_scale):
     """Official get_multi_scale_size: ((w, h) resized, center, box (w, h) in image pixels). The short side
-    becomes input_size * scale; the long side keeps the aspect ratio, rounded up to a multiple of 64."""
+    becomes input_size * scale; the long side keeps the aspect ratio, rounded up to a multiple of 64.
+    box is the official scale (in units of 200 pixels) times 200, computed in the same order."""
     center = np.array([int(width / 2.0 + 0.5), int(height / 2.0 + 0.5)], np.float64)
     min_input = int((min_scale * input_size + 63) // 64 * 64)
     if width < height:
         w_resized = int(min_input * current_scale / min_scale)
         h_resized = int(int((min_input / width * height + 63) // 64 * 64) * current_scale / min_scale)
-        box = np.array([width, h_resized / w_resized * width], np.float64)
+        scale = np.array([width / 200.0, h_resized / w_resized * width / 200.0])
     else:
         h_resized = int(min_input * current_scale / min_scale)
         w_resized = int(int((min_input / height * width + 63) // 64 * 64) * current_scale / min_scale)
-        box = np.array([w_resized / h_resized * height, height], np.float64)
-    return (w_resized, h_resized), center, box
+        scale = np.array([w_resized / h_resized * height / 200.0, height / 200.0])
+    return (w_resized, h_resized), center, scale * 200.0
 
 
 def resize_align(image, input_size, current_scale=1.0, min_scale=1.0):
-    """Warp the image to the aligned size: (resized image, center, box)."""
+    """Official resize_align_multi_scale: the image warped to the aligned size with the official float64
+    matrix (bit for bit the official resized image). Returns (resized image, center, box)."""
     size, center, box = multi_scale_size(image.shape[0], image.shape[1], input_size, current_scale, min_scale)
-    matrix = get_affine_transform(center, box, 0, size)
-    return warp_image(image, matrix, size), center, box
+    return warp_image(image, official_affine_transform(center, box, 0, size), size), center, box
 
 
 def _split_outputs(outputs, num_joints):
@@ -159,8 +160,7 @@ def maps_to_people(heatmaps, tags, center, box, config=None, num_joints=None):
     people, scores = group(heatmaps, tags, config.grouping_params(num_joints))
     if len(people):
         map_size = (heatmaps.shape[2], heatmaps.shape[1])
-        inverse = get_affine_transform(center, box, 0, map_size, inverse=True)
-        people = affine_points(people, inverse)
+        people = official_affine_points(people, official_affine_transform(center, box, 0, map_size, inverse=True))
     return people, scores
 
 
