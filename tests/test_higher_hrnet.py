@@ -16,12 +16,14 @@ from common.geometry import flip_keypoints
 from common.keypoints import COCO17
 from higher_hrnet.benchmark import random_people, render_fake_maps, same_people
 from higher_hrnet.dataset import BottomUpDataset, collate_bottom_up, tag_rows
-from higher_hrnet.grouping import (GroupingParams, group_by_tags, group_by_tags_reference,
-                                   local_maxima_nms)
+from higher_hrnet.grouping import (GroupingParams, group_by_tags, group_by_tags_reference, local_maxima_nms,
+                                   munkres_assignment)
 from higher_hrnet.inference import InferenceConfig, multi_scale_size, predict_people
 from higher_hrnet.loss import ae_loss, heatmap_loss, multi_resolution_loss
 
 REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / ".." / "shared" / "reference"
+SHARED_DATA = REPO / ".." / "shared" / "data"
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -174,28 +176,96 @@ def test_tag_rows_per_joint_and_shared():
 
 # ---------------------------------------------------------------------------------------------- grouping
 
+def official_vectors():
+    path = REFERENCE / "official_grouping_vectors.npz"
+    if not path.is_file():
+        pytest.skip("../shared/reference/official_grouping_vectors.npz is not here")
+    return np.load(path)
+
+
+# (suffix of the stored outputs, adjust, refine): the three calls official_vectors.md describes
+OFFICIAL_CALLS = (("", True, True), ("_adjust_norefine", True, False), ("_noadjust_norefine", False, False))
+
+
+def assert_official_outputs(case, heatmaps, tags, params=None):
+    """Both parsers return exactly what the official parser (munkres 1.1.4) returned for this case."""
+    for suffix, adjust, refine in OFFICIAL_CALLS:
+        params = GroupingParams(adjust=adjust, refine=refine)
+        for group in (group_by_tags, group_by_tags_reference):
+            people, scores = group(heatmaps, tags, params)
+            expected, expected_scores = case(f"people{suffix}"), case(f"scores{suffix}")
+            assert people.dtype == np.float32 and scores.dtype == np.float32
+            assert people.shape == expected.shape, (group.__name__, suffix)
+            assert np.array_equal(people, expected) and np.array_equal(scores, expected_scores), (group.__name__, suffix)
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_grouping_equals_the_official_parser_on_its_vectors(case):
+    vectors = official_vectors()
+    assert_official_outputs(lambda key: vectors[f"case{case}_{key}"], vectors[f"case{case}_heatmaps"],
+                            vectors[f"case{case}_tags"])
+
+
+def test_grouping_equals_the_official_parser_on_the_in_repo_vector():
+    # case 6 of the official vectors, kept in the repository: equal tags merge as in the official dict
+    vector = np.load(REPO / "tests" / "data" / "official_grouping_case6.npz")
+    assert_official_outputs(lambda key: vector[key], vector["heatmaps"], vector["tags"])
+    created, _ = group_by_tags(vector["heatmaps"], vector["tags"], GroupingParams(merge_equal_tags=False))
+    literal, _ = group_by_tags_reference(vector["heatmaps"], vector["tags"], GroupingParams(merge_equal_tags=False))
+    assert np.array_equal(created, literal) and len(created) == 5 > len(vector["people"]) == 3
+
+
+def random_tied_costs(rng, count):
+    """Cost matrices as the official matcher builds them (round(distance) * 100 - score, 1e10 columns
+    when candidates outnumber people) and plain small-integer ones: tied optima everywhere."""
+    for i in range(count):
+        rows, cols = (int(v) for v in rng.integers(1, 31, 2))
+        if i % 3 == 0:
+            cost = rng.integers(0, 4, (rows, cols)).astype(np.float64)
+        else:
+            distance = rng.choice([0.2, 0.7, 1.3, 2.2, 3.0], (rows, cols))
+            scores = rng.integers(10, 100, (rows, 1 + (i % 3 == 2) * (cols - 1))) / 128
+            cost = np.round(distance) * 100 - scores
+        if rows > cols:
+            cost = np.concatenate((cost, np.zeros((rows, rows - cols)) + 1e10), axis=1)
+        yield cost
+
+
+def test_munkres_assignment_equals_munkres_1_1_4_on_tied_matrices():
+    import munkres
+
+    assert munkres.__version__ == "1.1.4"   # the release the official parser ran with (requirements.txt)
+    for cost in random_tied_costs(np.random.default_rng(0), 400):
+        expected = np.array(munkres.Munkres().compute(cost.copy())).reshape(-1, 2)
+        rows, cols = munkres_assignment(cost)
+        assert np.array_equal(rows, expected[:, 0]) and np.array_equal(cols, expected[:, 1]), cost.shape
+
+
 def test_fast_nms_equals_max_pool_nms():
     from common.heatmaps import heatmap_nms
     rng = np.random.default_rng(0)
     det = rng.random((3, 37, 41)).astype(np.float32)
     det[0, 5:9, 5:9] = 0.7   # plateaus: every equal maximum survives in both
+    det[1, :3, :3] = 2.0     # a maximum on the border
     expected = heatmap_nms(torch.from_numpy(det)[None], 5)[0].numpy()
     assert np.array_equal(local_maxima_nms(det, 5), expected)
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(6))
 def test_fast_grouping_equals_reference_on_random_maps(seed):
     rng = np.random.default_rng(seed)
     tag_dim = 1 + seed % 2
     heat = rng.random((17, 32, 44)).astype(np.float32) ** 3
     tags = (rng.normal(0, 1.5, (17, 32, 44, tag_dim))).astype(np.float32)
-    if seed == 4:
-        tags = np.round(tags)   # many exact ties in tag distance and identical tag values
-    params = GroupingParams(max_num_people=30 if seed < 3 else 12, detection_threshold=0.1 if seed else 0.3)
+    if seed >= 4:
+        tags = np.round(tags)   # many exact ties in tag distance and equal tag values (merged people)
+        heat = np.round(heat * 8) / 8   # equal scores: the candidates' order is torch.topk's
+    params = GroupingParams(max_num_people=30 if seed < 3 else 12, detection_threshold=0.1 if seed else 0.3,
+                            merge_equal_tags=seed != 5)
     fast, fast_scores = group_by_tags(heat, tags, params)
     ref, ref_scores = group_by_tags_reference(heat, tags, params)
-    assert len(ref) > 1 and same_people(fast, ref, tol=0)
-    assert np.allclose(fast_scores, ref_scores, atol=1e-6)
+    assert len(ref) > 1 and np.array_equal(fast, ref)
+    assert np.array_equal(fast_scores, ref_scores)
 
 
 @pytest.mark.parametrize("num_people,shared_tag", [(3, False), (12, False), (40, False), (6, True)])
@@ -207,7 +277,7 @@ def test_fast_grouping_equals_reference_on_rendered_people(num_people, shared_ta
         tags = tags[:1]      # one tag map for all joints (rtpe's layout)
     fast, _ = group_by_tags(heat, tags)
     ref, _ = group_by_tags_reference(heat, tags)
-    assert same_people(fast, ref, tol=0)
+    assert np.array_equal(fast, ref)
 
 
 def test_grouping_separates_rendered_people():
@@ -249,6 +319,41 @@ class FakeHigherHRNet(torch.nn.Module):
                 out = torch.cat([out, torch.from_numpy(tags[..., 0])])
             outputs.append(out[None])
         return outputs
+
+
+def test_resize_equals_the_official_resize_vectors():
+    import hashlib
+
+    from common.data import read_image
+    from common.geometry import official_affine_transform
+    from higher_hrnet.inference import resize_align
+
+    path = REFERENCE / "official_resize_vectors.json"
+    if not path.is_file() or not (SHARED_DATA / "coco_sample").is_dir():
+        pytest.skip("../shared/reference/official_resize_vectors.json or ../shared/data/coco_sample is not here")
+    vectors = json.loads(path.read_text())
+    sha256 = lambda array: hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+    for entry in vectors["images"]:
+        image = read_image(SHARED_DATA / "coco_sample" / entry["file"])
+        assert sha256(image) == entry["input_sha256"]          # same decoding as cv2.imread + BGR2RGB
+        size, center, box = multi_scale_size(*image.shape[:2], vectors["input_size"], 1.0, 1.0)
+        assert list(size) == entry["resized_wh"] and center.tolist() == entry["center"]
+        assert (box / 200).tolist() == [float(v) for v in entry["scale_repr"]]
+        matrix = official_affine_transform(center, box, 0, size)
+        assert matrix.dtype == np.float64 and [[v.hex() for v in row] for row in matrix.tolist()] == entry["affine_hex"]
+        resized, _, _ = resize_align(image, vectors["input_size"])
+        assert sha256(resized) == entry["resized_sha256"], entry["file"]
+
+
+def test_official_affine_matrix_in_repo():
+    # official_resize_vectors.json, 000000197388.jpg (392 x 640): the diagonal differs in the last bit
+    from common.geometry import official_affine_transform
+
+    size, center, box = multi_scale_size(392, 640, 512, 1.0, 1.0)
+    assert size == (896, 512) and center.tolist() == [320, 196] and (box / 200).tolist() == [3.43, 1.96]
+    expected = [["0x1.4e5e0a72f053ap+0", "-0x0.0p+0", "0x1.e0a72f0539784p+4"],
+                ["-0x1.999999999999ap-54", "0x1.4e5e0a72f0539p+0", "0x0.0p+0"]]
+    assert [[v.hex() for v in row] for row in official_affine_transform(center, box, 0, size).tolist()] == expected
 
 
 def test_whole_pipeline_recovers_known_people_on_a_non_square_image():
