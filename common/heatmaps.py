@@ -45,23 +45,26 @@ def make_heatmaps(joints, heatmap_size, sigma, center="subpixel", occluded_negat
         lo_x, hi_x, lo_y, hi_y = -0.5, width - 0.5, -0.5, height - 0.5
     drawn = labelled & (x >= lo_x) & (x < hi_x) & (y >= lo_y) & (y < hi_y)
 
-    xs = np.arange(width, dtype=np.float64)
-    ys = np.arange(height, dtype=np.float64)
-    px = np.where(drawn, x, 0.0)[..., None]
-    py = np.where(drawn, y, 0.0)[..., None]
-    gx = np.exp(-((xs - px) ** 2) / (2 * sigma ** 2)) * (np.abs(xs - px) <= 3 * sigma + 0.5)
-    gy = np.exp(-((ys - py) ** 2) / (2 * sigma ** 2)) * (np.abs(ys - py) <= 3 * sigma + 0.5)
-    gx = (gx * drawn[..., None]).astype(np.float32)
-    gy = gy.astype(np.float32)
-    negative = np.zeros_like(heatmaps)
-    for person in range(num_people):  # one (K, H, W) outer product at a time bounds the memory
-        gauss = gy[person][:, :, None] * gx[person][:, None, :]
-        if occluded_negative:
-            occluded = (v[person] == 1)[:, None, None]
-            np.maximum(negative, np.where(occluded, gauss, 0), out=negative)
-            gauss = np.where(occluded, 0, gauss)
-        np.maximum(heatmaps, gauss, out=heatmaps)
+    # Each drawn joint writes only its window of pixels within +-radius of the centre: the same
+    # float64 Gaussian per axis, cast to float32 and multiplied, as the full-map outer product gave.
+    radius = 3 * sigma + 0.5
+    person, joint = np.nonzero(drawn)
+    span = int(np.floor(2 * radius)) + 2
+    windows = []
+    for centre, size in ((x[person, joint], width), (y[person, joint], height)):
+        pixels = np.ceil(centre - radius)[:, None] + np.arange(span)        # (n, span), float64
+        offset = pixels - centre[:, None]
+        gauss = np.exp(-(offset ** 2) / (2 * sigma ** 2)) * (np.abs(offset) <= radius)
+        on_map = (pixels >= 0) & (pixels < size)
+        windows.append((np.where(on_map, pixels, 0).astype(np.int64), (gauss * on_map).astype(np.float32)))
+    (win_x, gx), (win_y, gy) = windows
+    values = gy[:, :, None] * gx[:, None, :]                                   # (n, span, span) float32
+    index = (joint[:, None, None] * height + win_y[:, :, None]) * width + win_x[:, None, :]
+    occluded = (v[person, joint] == 1) if occluded_negative else np.zeros(len(person), bool)
+    np.maximum.at(heatmaps.reshape(-1), index[~occluded].reshape(-1), values[~occluded].reshape(-1))
     if occluded_negative:
+        negative = np.zeros_like(heatmaps)
+        np.maximum.at(negative.reshape(-1), index[occluded].reshape(-1), values[occluded].reshape(-1))
         heatmaps[:] = np.where(negative > heatmaps, -negative, heatmaps)
     weights[:] = drawn.any(0)
     return heatmaps, weights

@@ -174,6 +174,83 @@ def test_tag_rows_per_joint_and_shared():
     assert tag_rows(joints, (8, 4), tag_per_joint=False).tolist() == [[0, 2 * 8 + 3]]
 
 
+def heatmaps_before_issue17(joints, heatmap_size, sigma, center, occluded_negative):
+    """common.heatmaps.make_heatmaps as it was before it wrote windows (full-map outer products per
+    person): a training recipe is tuned on its values, so the fast version must give the same bits."""
+    joints = np.asarray(joints, dtype=np.float64)
+    joints = joints[None] if joints.ndim == 2 else joints
+    num_people, num_joints = joints.shape[:2]
+    width, height = int(heatmap_size[0]), int(heatmap_size[1])
+    heatmaps = np.zeros((num_joints, height, width), np.float32)
+    weights = np.zeros(num_joints, np.float32)
+    if num_people == 0:
+        return heatmaps, weights
+    x, y, v = joints[..., 0], joints[..., 1], joints[..., 2]
+    labelled = (v > 0) & np.isfinite(x) & np.isfinite(y)
+    if center == "truncate":
+        x, y = np.trunc(np.nan_to_num(x, nan=-1.0)), np.trunc(np.nan_to_num(y, nan=-1.0))
+        lo_x, hi_x, lo_y, hi_y = 0, width, 0, height
+    else:
+        lo_x, hi_x, lo_y, hi_y = -0.5, width - 0.5, -0.5, height - 0.5
+    drawn = labelled & (x >= lo_x) & (x < hi_x) & (y >= lo_y) & (y < hi_y)
+    xs, ys = np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64)
+    px, py = np.where(drawn, x, 0.0)[..., None], np.where(drawn, y, 0.0)[..., None]
+    gx = np.exp(-((xs - px) ** 2) / (2 * sigma ** 2)) * (np.abs(xs - px) <= 3 * sigma + 0.5)
+    gy = np.exp(-((ys - py) ** 2) / (2 * sigma ** 2)) * (np.abs(ys - py) <= 3 * sigma + 0.5)
+    gx, gy = (gx * drawn[..., None]).astype(np.float32), gy.astype(np.float32)
+    negative = np.zeros_like(heatmaps)
+    for person in range(num_people):
+        gauss = gy[person][:, :, None] * gx[person][:, None, :]
+        if occluded_negative:
+            occluded = (v[person] == 1)[:, None, None]
+            np.maximum(negative, np.where(occluded, gauss, 0), out=negative)
+            gauss = np.where(occluded, 0, gauss)
+        np.maximum(heatmaps, gauss, out=heatmaps)
+    if occluded_negative:
+        heatmaps[:] = np.where(negative > heatmaps, -negative, heatmaps)
+    weights[:] = drawn.any(0)
+    return heatmaps, weights
+
+
+def tag_rows_before_issue17(joints, map_size, tag_per_joint=True):
+    width, height = map_size
+    rows = []
+    for person, kps in enumerate(joints):
+        x, y = np.trunc(kps[:, 0]), np.trunc(kps[:, 1])
+        ok = (kps[:, 2] > 0) & (x >= 0) & (y >= 0) & (x < width) & (y < height)
+        flat = y[ok].astype(np.int64) * width + x[ok].astype(np.int64)
+        if tag_per_joint:
+            flat = flat + np.flatnonzero(ok) * height * width
+        rows += [(person, int(f)) for f in flat]
+    return np.array(rows, np.int64).reshape(-1, 2)
+
+
+def test_targets_keep_their_values_bit_for_bit():
+    from common.heatmaps import make_heatmaps
+
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        people, joints = int(rng.integers(0, 12)), int(rng.integers(1, 18))
+        width, height = (int(v) for v in rng.integers(5, 140, 2))
+        points = np.zeros((people, joints, 3), np.float32)
+        points[..., 0] = rng.uniform(-10, width + 10, (people, joints))
+        points[..., 1] = rng.uniform(-10, height + 10, (people, joints))
+        points[..., 2] = rng.integers(0, 3, (people, joints))
+        if i % 4 == 0:
+            points[..., :2] = np.round(points[..., :2])   # centres on pixels: support edges exactly at +-radius
+        if i % 7 == 0 and people:
+            points[0, 0, 0] = np.nan
+        sigma = float(rng.choice([1.0, 2.0, 2.5, 3.7]))
+        for center in ("subpixel", "truncate"):
+            for occluded in (False, True):
+                new = make_heatmaps(points, (width, height), sigma, center, occluded)
+                old = heatmaps_before_issue17(points, (width, height), sigma, center, occluded)
+                assert all(a.dtype == b.dtype and a.tobytes() == b.tobytes() for a, b in zip(new, old))
+        for per_joint in (True, False):
+            assert np.array_equal(tag_rows(points, (width, height), per_joint),
+                                  tag_rows_before_issue17(points, (width, height), per_joint))
+
+
 # ---------------------------------------------------------------------------------------------- grouping
 
 def official_vectors():
