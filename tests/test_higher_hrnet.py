@@ -14,7 +14,7 @@ import torch
 
 from common.geometry import flip_keypoints
 from common.keypoints import COCO17
-from higher_hrnet.benchmark import random_people, render_fake_maps, same_people
+from higher_hrnet.benchmark import random_people, render_fake_maps
 from higher_hrnet.dataset import BottomUpDataset, collate_bottom_up, tag_rows
 from higher_hrnet.grouping import (GroupingParams, group_by_tags, group_by_tags_reference, local_maxima_nms,
                                    munkres_assignment)
