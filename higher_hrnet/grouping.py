@@ -48,7 +48,9 @@ class GroupingParams:
 
 
 def _as_maps(heatmaps, tags, num_joints):
-    """torch float32 (K,H,W) heatmaps and (K,H,W,L) tags; a shared tag map is repeated per joint."""
+    """torch float32 (K,H,W) heatmaps and tag planes (L,K,H,W), each contiguous; a shared tag map is
+    repeated per joint. Planes keep each tag dimension's maps contiguous (predict_maps hands them over
+    as a (K,H,W,L) view of planes, so nothing is copied)."""
     det = torch.as_tensor(heatmaps).detach().float().cpu()
     tag = torch.as_tensor(tags).detach().float().cpu()
     if det.dim() != 3 or det.shape[0] != num_joints:
@@ -57,9 +59,10 @@ def _as_maps(heatmaps, tags, num_joints):
         tag = tag[..., None]
     if tag.dim() != 4 or tag.shape[1:3] != det.shape[1:]:
         raise ValueError(f"tags must be (K, H, W, L) matching heatmaps {tuple(det.shape)}, got {tuple(tag.shape)}")
-    if tag.shape[0] == 1 and num_joints > 1:
-        tag = tag.expand(num_joints, -1, -1, -1)
-    return det.contiguous(), tag.contiguous()
+    planes = tag.permute(3, 0, 1, 2)
+    if planes.shape[1] == 1 and num_joints > 1:
+        planes = planes.expand(-1, num_joints, -1, -1)
+    return det.contiguous(), planes.contiguous()
 
 
 def local_maxima_nms(det, kernel=5):
@@ -76,8 +79,8 @@ def _dilate(det, kernel):
     return pooled
 
 
-def top_k_candidates(det, tag, params, suppressed=None):
-    """The official top_k: max_pool2d NMS, then torch.topk per joint. det (K,H,W), tag (K,H,W,L) torch;
+def top_k_candidates(det, planes, params, suppressed=None):
+    """The official top_k: max_pool2d NMS, then torch.topk per joint. det (K,H,W), planes (L,K,H,W) torch;
     returns tag_k (K,k,L), loc_k (K,k,2) int64 (x, y), val_k (K,k) as numpy. `suppressed`: the NMS'd
     maps if already computed (local_maxima_nms gives the same maps)."""
     num_joints, height, width = det.shape
@@ -85,39 +88,46 @@ def top_k_candidates(det, tag, params, suppressed=None):
     suppressed = heatmap_nms(det[None], params.nms_kernel) if suppressed is None else suppressed[None]
     val, xs, ys = topk_peaks(suppressed, k)
     val, xs, ys = val[0], xs[0], ys[0]
-    flat = tag.reshape(num_joints, height * width, -1)
-    tag_k = torch.gather(flat, 1, (ys * width + xs)[..., None].expand(-1, -1, flat.shape[2]))
+    flat = planes.reshape(len(planes), num_joints, height * width)
+    tag_k = torch.stack([torch.gather(plane, 1, ys * width + xs) for plane in flat], dim=2)
     return tag_k.numpy(), torch.stack((xs, ys), dim=2).numpy(), val.numpy()
 
 
-def peak_candidates(det, tag, params):
+def peak_candidates(det, planes, params):
     """top_k_candidates for the entries the matching uses (score > detection threshold), without sorting
     whole maps: local maxima above the threshold, sorted by score. Entries past a joint's candidates have
-    score -inf. Where the result could depend on torch.topk's order among equal scores (equal candidate
-    scores, or a threshold below 0), it returns top_k_candidates itself."""
+    score -inf. A joint with equal candidate scores takes torch.topk's order, as the official code (on
+    that joint's NMS'd map); with an even kernel or a threshold below 0 this is top_k_candidates."""
     num_joints, height, width = det.shape
     k = min(params.max_num_people, height * width)
-    det_np, tag_np = det.numpy(), tag.numpy()
+    det_np = det.numpy()
     if params.nms_kernel % 2 == 0:
-        return top_k_candidates(det, tag, params)
+        return top_k_candidates(det, planes, params)
     local_max = _dilate(det_np, params.nms_kernel) == det_np
     if params.detection_threshold < 0:
-        return top_k_candidates(det, tag, params, torch.from_numpy(det_np * local_max))
+        return top_k_candidates(det, planes, params, torch.from_numpy(det_np * local_max))
     joint, flat = np.divmod(np.flatnonzero(local_max & (det_np > params.detection_threshold)), height * width)
     values = det_np.reshape(num_joints, -1)[joint, flat]
     order = np.lexsort((-values, joint))                # by joint, then by descending score
     joint, flat, values = joint[order], flat[order], values[order]
-    if np.any((joint[1:] == joint[:-1]) & (values[1:] == values[:-1])):
-        return top_k_candidates(det, tag, params, torch.from_numpy(det_np * local_max))
     rank = np.arange(len(joint)) - np.searchsorted(joint, joint)
-    keep = rank < k
-    joint, flat, values, rank = joint[keep], flat[keep], values[keep], rank[keep]
+    tied = np.unique(joint[1:][(joint[1:] == joint[:-1]) & (values[1:] == values[:-1])])
+    keep = (rank < k) & ~np.isin(joint, tied)
+    joint, flat, values, rank = [a[keep] for a in (joint, flat, values, rank)]
+    for j in tied:     # torch.topk orders equal scores its own way: ask it, for this joint only
+        top_values, top_flat = torch.topk(torch.from_numpy((det_np[j] * local_max[j]).reshape(1, -1)), k, dim=1)
+        above = (top_values[0] > params.detection_threshold).numpy()
+        count = int(above.sum())
+        joint = np.concatenate([joint, np.full(count, j)])
+        flat = np.concatenate([flat, top_flat[0].numpy()[above]])
+        values = np.concatenate([values, top_values[0].numpy()[above]])
+        rank = np.concatenate([rank, np.arange(count)])
     val_k = np.full((num_joints, k), -np.inf, np.float32)
     loc_k = np.zeros((num_joints, k, 2), np.int64)
-    tag_k = np.zeros((num_joints, k, tag_np.shape[3]), np.float32)
+    tag_k = np.zeros((num_joints, k, len(planes)), np.float32)
     val_k[joint, rank] = values
     loc_k[joint, rank, 0], loc_k[joint, rank, 1] = flat % width, flat // width
-    tag_k[joint, rank] = tag_np.reshape(num_joints, height * width, -1)[joint, flat]
+    tag_k[joint, rank] = planes.numpy().reshape(len(planes), -1)[:, joint * height * width + flat].T
     return tag_k, loc_k, val_k
 
 
@@ -294,9 +304,9 @@ def refine_reference(det, tag, keypoints):
 def group_by_tags_reference(heatmaps, tags, params=None):
     """The official parse(): top-k, match, adjust, person scores, refine; slow but literal."""
     params = params or GroupingParams()
-    det, tag = _as_maps(heatmaps, tags, params.num_joints)
-    people = match_by_tag_reference(*top_k_candidates(det, tag, params), params)
-    det_np, tag_np = det.numpy(), tag.numpy()
+    det, planes = _as_maps(heatmaps, tags, params.num_joints)
+    people = match_by_tag_reference(*top_k_candidates(det, planes, params), params)
+    det_np, tag_np = det.numpy(), planes.permute(1, 2, 3, 0).contiguous().numpy()
     if params.adjust:
         people = adjust_reference(people, det_np)
     scores = np.array([person[:, 2].mean() for person in people], np.float32)
@@ -425,11 +435,11 @@ class _Tiles:
     factor x factor fine tiles. Maps are padded to whole coarse tiles (scores with -inf, tags by
     repeating the edge, which only widens a box); pixel lists are clamped to the map."""
 
-    def __init__(self, det, tag, fine=4, factor=4):
+    def __init__(self, det, planes, fine=4, factor=4):
         _, height, width = det.shape
         block = fine * factor
         self.pad = ((0, -height % block), (0, -width % block))
-        self.det, self.tag, self.fine_size, self.factor = det, tag, fine, factor
+        self.det, self.planes, self.fine_size, self.factor = det, planes, fine, factor
         fh, fw = (height + self.pad[0][1]) // fine, (width + self.pad[1][1]) // fine
         self.grid = (fh, fw)
         offsets = np.arange(fine)
@@ -440,29 +450,28 @@ class _Tiles:
         self.children = fine_ids.transpose(0, 2, 1, 3).reshape(-1, factor * factor)   # coarse -> fine tiles
 
     def bounds(self, joint):
-        """((max, lo, hi) over coarse tiles, (max, lo, hi) over fine tiles) of one joint's maps."""
-        det, tag = self.det[joint], self.tag[joint]
-        if self.pad[0][1] or self.pad[1][1]:
-            det = np.pad(det, self.pad, constant_values=-np.inf)
-            tag = np.pad(tag, self.pad + ((0, 0),), mode="edge")
+        """((max, lo, hi) over coarse tiles, the same over fine tiles) of one joint: max (T,), lo and hi
+        lists of (T,) arrays, one per tag dimension."""
         (fh, fw), fine, factor = self.grid, self.fine_size, self.factor
 
-        def per_tile(maps, reduce):
+        def per_tile(maps, reduce, pad_value):
+            if self.pad[0][1] or self.pad[1][1]:
+                maps = np.pad(maps, self.pad, mode="edge") if pad_value is None else \
+                    np.pad(maps, self.pad, constant_values=pad_value)
             # rows of tiles first (contiguous runs), then the columns one slice at a time: numpy's own
             # reduction over a short strided axis is several times slower
-            rows = reduce.reduce(maps.reshape(fh, fine, -1), axis=1).reshape(fh, fw, fine, -1)
+            rows = reduce.reduce(maps.reshape(fh, fine, -1), axis=1).reshape(fh, fw, fine)
             out = rows[:, :, 0].copy()
             for i in range(1, fine):
                 reduce(out, rows[:, :, i], out=out)
-            return out                                      # (fh, fw, C)
+            grouped = out.reshape(fh // factor, factor, fw // factor, factor)
+            return out.reshape(-1), reduce.reduce(reduce.reduce(grouped, axis=1), axis=2).reshape(-1)
 
-        def coarsen(tiles, reduce):
-            grouped = tiles.reshape(fh // factor, factor, fw // factor, factor, -1)
-            return reduce.reduce(reduce.reduce(grouped, axis=1), axis=2).reshape(-1, tiles.shape[-1])
-
-        fine_max, fine_lo, fine_hi = per_tile(det, np.maximum), per_tile(tag, np.minimum), per_tile(tag, np.maximum)
-        coarse = (coarsen(fine_max, np.maximum)[:, 0], coarsen(fine_lo, np.minimum), coarsen(fine_hi, np.maximum))
-        return coarse, (fine_max.reshape(-1), fine_lo.reshape(fh * fw, -1), fine_hi.reshape(fh * fw, -1))
+        fine_max, coarse_max = per_tile(self.det[joint], np.maximum, -np.inf)
+        lows = [per_tile(plane[joint], np.minimum, None) for plane in self.planes]
+        highs = [per_tile(plane[joint], np.maximum, None) for plane in self.planes]
+        level = lambda pairs, i: [pair[i] for pair in pairs]
+        return (coarse_max, level(lows, 1), level(highs, 1)), (fine_max, level(lows, 0), level(highs, 0))
 
 
 def _tile_scores(tile_max, tag_lo, tag_hi, prev):
@@ -470,40 +479,35 @@ def _tile_scores(tile_max, tag_lo, tag_hi, prev):
     scores above it; exact: every pixel's round(distance) is the same, so upper is the best score in
     the tile (reached at its highest pixel). Sound in float32: every step of the reference's
     score - round(distance) is monotone, and per tag dimension the box's nearest and farthest
-    corners bound the distance of every tag inside it."""
-    below, above = (tag_lo - prev) ** 2, (tag_hi - prev) ** 2
-    inside = (prev >= tag_lo) & (prev <= tag_hi)
-    near = np.round(_sum_last(np.where(inside, np.float32(0), np.minimum(below, above))) ** 0.5)
-    far = np.round(_sum_last(np.maximum(below, above)) ** 0.5)
+    corners bound the distance of every tag inside it. tag_lo, tag_hi, prev: one array per tag
+    dimension, broadcasting together."""
+    near, far = [], []
+    for lo, hi, p in zip(tag_lo, tag_hi, prev):
+        near.append((np.clip(p, lo, hi) - p) ** 2)
+        far.append(np.maximum((lo - p) ** 2, (hi - p) ** 2))
+    near, far = (np.round(_sum_tag_dims(squares) ** 0.5) for squares in (near, far))
     return tile_max - near, near == far
 
 
-def _sum_last(squared):
-    """Sum over the tag axis with the reference's float32 additions: numpy sums a last axis shorter
-    than 8 left to right, so the channels are added one by one (numpy's strided .sum is slow)."""
-    if squared.shape[-1] >= 8:
-        return np.ascontiguousarray(squared).sum(axis=-1)
-    total = squared[..., 0]
-    for c in range(1, squared.shape[-1]):
-        total = total + squared[..., c]
-    return total
+def _sum_tag_dims(squares):
+    """The reference's float32 sum over the tag axis: numpy adds an axis shorter than 8 left to right
+    (pairwise from 8 on)."""
+    return sum(squares[1:], squares[0]) if len(squares) < 8 else np.stack(squares, axis=-1).sum(axis=-1)
 
 
-def _distance(tags, prev):
-    return _sum_last((tags - prev) ** 2) ** 0.5
-
-
-def _best_pixels(det_j, tag_j, pixels, prev):
+def _best_pixels(det_j, planes_j, pixels, prev):
     """score - round(tag distance) at `pixels` (Q, P) for the mean tags prev (Q, L), in the reference's
-    float32 arithmetic. Returns per row the best score and the first pixel that has it."""
-    score = det_j[pixels] - np.round(_distance(tag_j[pixels], prev[:, None]))
+    float32 arithmetic (planes_j: (L, H*W) tag planes of the joint). Returns per row the best score and
+    the first pixel that has it."""
+    squares = [(plane[pixels] - prev[:, None, c]) ** 2 for c, plane in enumerate(planes_j)]
+    score = det_j[pixels] - np.round(_sum_tag_dims(squares) ** 0.5)
     best = score.max(axis=1)
     first = np.where(score == best[:, None], pixels, np.iinfo(np.int64).max).min(axis=1)
     return best, first
 
 
-def refine_people(det, tag, people, peaks=None, chunk=8192):
-    """Vectorised refine_reference for all people. det (K,H,W), tag (K,H,W,L) numpy float32;
+def refine_people(det, planes, people, peaks=None, chunk=8192):
+    """Vectorised refine_reference for all people. det (K,H,W), planes (L,K,H,W) tag planes, numpy float32;
     peaks (K, k) flat pixel indices of each joint's candidates, used as first guesses.
 
     Exact search with pruning. For each person missing the joint, every 16x16 tile gets an upper
@@ -522,16 +526,16 @@ def refine_people(det, tag, people, peaks=None, chunk=8192):
     present = people[:, :, 2] > 0
     cols = people[:, :, 0].astype(np.int32).clip(0, width - 1)
     rows = people[:, :, 1].astype(np.int32).clip(0, height - 1)
-    own_tags = tag[np.arange(num_joints)[None], rows, cols]    # (N, K, L)
+    own_tags = np.stack([plane[np.arange(num_joints)[None], rows, cols] for plane in planes], axis=-1)   # (N, K, L)
     with np.errstate(invalid="ignore", divide="ignore"):
         prev_tag = np.stack([np.mean(own_tags[p][present[p]], axis=0) for p in range(num_people)])
     searchable = np.isfinite(prev_tag).all(axis=1)
     for p in np.flatnonzero(~searchable):   # no finite mean tag: what the reference computes, literally
-        people[p] = refine_reference(det, tag, people[p])
+        people[p] = refine_reference(det, np.ascontiguousarray(np.moveaxis(planes, 0, -1)), people[p])
 
     flat_det = det.reshape(num_joints, -1)
-    flat_tag = tag.reshape(num_joints, height * width, -1)
-    tiles = _Tiles(det, tag)
+    flat_planes = planes.reshape(len(planes), num_joints, height * width)
+    tiles = _Tiles(det, planes)
     coarse_pixels = tiles.fine_pixels[tiles.children].reshape(len(tiles.children), -1)
     for j in range(num_joints):
         missing = np.flatnonzero((people[:, j, 2] == 0) & searchable)
@@ -544,18 +548,19 @@ def refine_people(det, tag, people, peaks=None, chunk=8192):
         def score(pixels, owner):
             for start in range(0, len(owner), chunk):
                 part = slice(start, start + chunk)
-                candidates.append((owner[part], *_best_pixels(flat_det[j], flat_tag[j], pixels[part], prev[owner[part]])))
+                candidates.append((owner[part], *_best_pixels(flat_det[j], flat_planes[:, j], pixels[part], prev[owner[part]])))
 
         probes = np.unique(np.concatenate([[np.argmax(flat_det[j])], [] if peaks is None else peaks[j]]))
         candidates = []
         score(np.broadcast_to(probes, (len(missing), len(probes))), everyone)
         bound = candidates[0][1].copy()
-        upper, exact = _tile_scores(coarse_max[None], coarse_lo[None], coarse_hi[None], prev[:, None])   # (M, T)
+        upper, exact = _tile_scores(coarse_max[None], coarse_lo, coarse_hi, prev.T[:, :, None])   # (M, T)
         bound = np.maximum(bound, np.where(exact, upper, -np.inf).max(axis=1))
         person, coarse = np.nonzero(~exact & (upper >= bound[:, None]))
         exact_tiles = [(coarse_pixels, *np.nonzero(exact & (upper >= bound[:, None])), upper[exact & (upper >= bound[:, None])])]
         fine = tiles.children[coarse]                                                          # (Q, 16)
-        fine_upper, fine_exact = _tile_scores(fine_max[fine], fine_lo[fine], fine_hi[fine], prev[person][:, None])
+        fine_upper, fine_exact = _tile_scores(fine_max[fine], [lo[fine] for lo in fine_lo], [hi[fine] for hi in fine_hi],
+                                              prev[person].T[:, :, None])
         np.maximum.at(bound, person, np.where(fine_exact, fine_upper, -np.inf).max(axis=1, initial=-np.inf))
         keep = fine_upper >= bound[person][:, None]
         pick, child = np.nonzero(keep & fine_exact)
@@ -591,8 +596,8 @@ def refine_people(det, tag, people, peaks=None, chunk=8192):
 def group_by_tags(heatmaps, tags, params=None):
     """Fast grouping with the reference's output (same people in the same order, same values)."""
     params = params or GroupingParams()
-    det, tag = _as_maps(heatmaps, tags, params.num_joints)
-    tag_k, loc_k, val_k = peak_candidates(det, tag, params)
+    det, planes = _as_maps(heatmaps, tags, params.num_joints)
+    tag_k, loc_k, val_k = peak_candidates(det, planes, params)
     people = match_by_tag(tag_k, loc_k, val_k, params)
     det_np = det.numpy()
     if params.adjust:
@@ -600,5 +605,5 @@ def group_by_tags(heatmaps, tags, params=None):
     scores = person_scores(people)
     if params.refine:
         peaks = np.where(val_k > -np.inf, loc_k[..., 1] * det.shape[2] + loc_k[..., 0], 0)
-        people = refine_people(det_np, tag.numpy(), people, peaks)
+        people = refine_people(det_np, planes.numpy(), people, peaks)
     return people, scores

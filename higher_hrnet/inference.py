@@ -160,7 +160,7 @@ def network_maps(model, x, num_joints, flip_index=None, size_projected=None, tim
 
 @torch.no_grad()
 def predict_maps(model, image, config=None, flip_index=None, num_joints=17, device=None, timings=None):
-    """Heatmaps (K, H, W) and tags (K or 1, H, W, L) torch on CPU for one RGB uint8 image, plus the
+    """Heatmaps (K, H, W) and tags (K or 1, H, W, L; a view of per-dimension planes) torch on CPU for one RGB uint8 image, plus the
     center and box that map the maps back to the image. flip_index=None turns flip test off.
     timings: a dict that receives the seconds spent per stage (benchmark.py)."""
     config = config or PRESETS["official"]
@@ -179,7 +179,7 @@ def predict_maps(model, image, config=None, flip_index=None, num_joints=17, devi
             if s == 1 or len(scales) == 1:
                 if final is not None and not config.project_to_image:
                     tags = [F.interpolate(t, size=final.shape[2:], mode="bilinear", align_corners=False) for t in tags]
-                tag_list += [t[..., None] for t in tags]
+                tag_list += tags
             average = (heatmaps[0] + heatmaps[1]) / 2.0 if len(heatmaps) == 2 else heatmaps[0]
             if final is None:
                 final = average
@@ -188,9 +188,13 @@ def predict_maps(model, image, config=None, flip_index=None, num_joints=17, devi
             else:
                 final = final + F.interpolate(average, size=final.shape[2:], mode="bilinear", align_corners=False)
     with _stage(timings, "merge outputs", device):
-        final = final / float(len(scales))
-        tags = torch.cat(tag_list, dim=4)
-        final, tags = final[0].float().cpu(), tags[0].float().cpu()
+        if len(scales) > 1:                                # x / 1.0 is x: skip a pass over the maps
+            final = final / float(len(scales))
+        # official: torch.cat of the tag maps on a new last axis. The same (K, H, W, L) values, as a
+        # view of one contiguous map per tag dimension: interleaving them costs more than grouping
+        # needs (it reads the tag dimensions as separate planes).
+        tags = torch.stack([t[0] for t in tag_list]).permute(1, 2, 3, 0)
+        final, tags = final[0].float().cpu(), tags.float().cpu()
     return final, tags, center, box
 
 
