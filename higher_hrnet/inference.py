@@ -135,7 +135,8 @@ def network_maps(model, x, num_joints, flip_index=None, size_projected=None, tim
     with _stage(timings, "merge outputs", x.device):
         heatmaps, tags = [], []
         for flipped, outputs in zip(passes, results):
-            outputs = [outputs] if torch.is_tensor(outputs) else list(outputs)
+            # a channels_last model gives NHWC outputs: back to NCHW while they are small (same values)
+            outputs = [o.contiguous() for o in ([outputs] if torch.is_tensor(outputs) else outputs)]
             target = outputs[-1].shape[2:]
             heat_sum, heat_count = 0, 0
             for output in outputs:
@@ -152,9 +153,13 @@ def network_maps(model, x, num_joints, flip_index=None, size_projected=None, tim
                     tags.append(tag[:, flip_index] if flipped and tag.shape[1] == num_joints else tag)
             heatmaps.append(heat_sum / heat_count)
         if size_projected is not None:
-            size = (size_projected[1], size_projected[0])
-            heatmaps = [F.interpolate(h, size=size, mode="bilinear", align_corners=False) for h in heatmaps]
-            tags = [F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in tags]
+            # one interpolation of all maps stacked on the channel axis: each channel is interpolated
+            # alone either way (same values as one call per map), and the tag maps come out adjacent
+            maps = heatmaps + tags
+            projected = F.interpolate(torch.cat(maps, dim=1), size=(size_projected[1], size_projected[0]),
+                                      mode="bilinear", align_corners=False)
+            projected = list(torch.split(projected, [m.shape[1] for m in maps], dim=1))
+            heatmaps, tags = projected[:len(heatmaps)], projected[len(heatmaps):]
     return heatmaps, tags
 
 
@@ -180,7 +185,7 @@ def predict_maps(model, image, config=None, flip_index=None, num_joints=17, devi
                 if final is not None and not config.project_to_image:
                     tags = [F.interpolate(t, size=final.shape[2:], mode="bilinear", align_corners=False) for t in tags]
                 tag_list += tags
-            average = (heatmaps[0] + heatmaps[1]) / 2.0 if len(heatmaps) == 2 else heatmaps[0]
+            average = heatmaps[0].add_(heatmaps[1]).div_(2.0) if len(heatmaps) == 2 else heatmaps[0]
             if final is None:
                 final = average
             elif config.project_to_image:
