@@ -554,18 +554,10 @@ def refine_people(det, planes, people, peaks=None, chunk=8192):
         candidates = []
         score(np.broadcast_to(probes, (len(missing), len(probes))), everyone)
         bound = candidates[0][1].copy()
-        # a tile cannot beat the bound unless its highest score does: per person, only the tiles
-        # whose highest score reaches it (a prefix of the tiles sorted by highest score) are bounded
-        by_score = np.argsort(-coarse_max, kind="stable")
-        reach = np.searchsorted(-coarse_max[by_score], -bound, side="right")
-        person = np.repeat(everyone, reach)
-        coarse = by_score[np.arange(len(person)) - np.repeat(np.cumsum(reach) - reach, reach)]
-        upper, exact = _tile_scores(coarse_max[coarse], [lo[coarse] for lo in coarse_lo],
-                                    [hi[coarse] for hi in coarse_hi], prev[person].T)
-        np.maximum.at(bound, person, np.where(exact, upper, -np.inf))
-        open_tile = upper >= bound[person]
-        exact_tiles = [(coarse_pixels, person[exact & open_tile], coarse[exact & open_tile], upper[exact & open_tile])]
-        person, coarse = person[~exact & open_tile], coarse[~exact & open_tile]
+        upper, exact = _tile_scores(coarse_max[None], coarse_lo, coarse_hi, prev.T[:, :, None])   # (M, T)
+        bound = np.maximum(bound, np.where(exact, upper, -np.inf).max(axis=1))
+        person, coarse = np.nonzero(~exact & (upper >= bound[:, None]))
+        exact_tiles = [(coarse_pixels, *np.nonzero(exact & (upper >= bound[:, None])), upper[exact & (upper >= bound[:, None])])]
         fine = tiles.children[coarse]                                                          # (Q, 16)
         fine_upper, fine_exact = _tile_scores(fine_max[fine], [lo[fine] for lo in fine_lo], [hi[fine] for hi in fine_hi],
                                               prev[person].T[:, :, None])
