@@ -127,8 +127,9 @@ def _stage(timings, name, device):
 
 
 def network_maps(model, x, num_joints, flip_index=None, size_projected=None, timings=None):
-    """Official get_multi_stage_outputs: ([heatmaps, (flipped heatmaps)], [tags, (flipped tags)]), each
-    (B, C, H, W) at the largest output's (or the projected) resolution."""
+    """Official get_multi_stage_outputs: [heatmaps, (flipped heatmaps)], each (B, K, H, W), and the tags
+    (B, L, T, H, W) of the L passes (plain, flipped), at the largest output's (or the projected)
+    resolution."""
     passes = [False, True] if flip_index is not None else [False]
     with _stage(timings, "network", x.device):
         results = [model(torch.flip(x, [3]) if flipped else x) for flipped in passes]
@@ -152,14 +153,14 @@ def network_maps(model, x, num_joints, flip_index=None, size_projected=None, tim
                     tag = output[:, num_joints:]
                     tags.append(tag[:, flip_index] if flipped and tag.shape[1] == num_joints else tag)
             heatmaps.append(heat_sum / heat_count)
+        # one tensor for all maps, stacked on the channel axis: interpolation treats each channel alone
+        # (the same values as one call per map), and the tag maps of the passes stay adjacent planes
+        maps = torch.cat(heatmaps + tags, dim=1)
         if size_projected is not None:
-            # one interpolation of all maps stacked on the channel axis: each channel is interpolated
-            # alone either way (same values as one call per map), and the tag maps come out adjacent
-            maps = heatmaps + tags
-            projected = F.interpolate(torch.cat(maps, dim=1), size=(size_projected[1], size_projected[0]),
-                                      mode="bilinear", align_corners=False)
-            projected = list(torch.split(projected, [m.shape[1] for m in maps], dim=1))
-            heatmaps, tags = projected[:len(heatmaps)], projected[len(heatmaps):]
+            maps = F.interpolate(maps, size=(size_projected[1], size_projected[0]), mode="bilinear",
+                                 align_corners=False)
+        heatmaps = list(torch.split(maps[:, :num_joints * len(heatmaps)], num_joints, dim=1))
+        tags = maps[:, num_joints * len(heatmaps):].unflatten(1, (len(tags), -1))
     return heatmaps, tags
 
 
@@ -173,7 +174,7 @@ def predict_maps(model, image, config=None, flip_index=None, num_joints=17, devi
     scales = sorted(config.scales, reverse=True)
     min_scale = min(scales)
     base_size, center, box = multi_scale_size(image.shape[0], image.shape[1], config.input_size, 1.0, min_scale)
-    final, tag_list = None, []
+    final, tag_planes = None, None
     for s in scales:
         with _stage(timings, "resize + normalise", device):
             resized, center, box = resize_align(image, config.input_size, s, min_scale)
@@ -183,8 +184,9 @@ def predict_maps(model, image, config=None, flip_index=None, num_joints=17, devi
         with _stage(timings, "merge outputs", device):
             if s == 1 or len(scales) == 1:
                 if final is not None and not config.project_to_image:
-                    tags = [F.interpolate(t, size=final.shape[2:], mode="bilinear", align_corners=False) for t in tags]
-                tag_list += tags
+                    tags = F.interpolate(tags.flatten(1, 2), size=final.shape[2:], mode="bilinear",
+                                         align_corners=False).unflatten(1, tags.shape[1:3])
+                tag_planes = tags[0]
             average = heatmaps[0].add_(heatmaps[1]).div_(2.0) if len(heatmaps) == 2 else heatmaps[0]
             if final is None:
                 final = average
@@ -196,10 +198,9 @@ def predict_maps(model, image, config=None, flip_index=None, num_joints=17, devi
         if len(scales) > 1:                                # x / 1.0 is x: skip a pass over the maps
             final = final / float(len(scales))
         # official: torch.cat of the tag maps on a new last axis. The same (K, H, W, L) values, as a
-        # view of one contiguous map per tag dimension: interleaving them costs more than grouping
-        # needs (it reads the tag dimensions as separate planes).
-        tags = torch.stack([t[0] for t in tag_list]).permute(1, 2, 3, 0)
-        final, tags = final[0].float().cpu(), tags.float().cpu()
+        # view of one contiguous map per tag dimension: interleaving them would cost more than the
+        # grouping, which reads the tag dimensions as separate planes.
+        final, tags = final[0].float().cpu(), tag_planes.permute(1, 2, 3, 0).float().cpu()
     return final, tags, center, box
 
 

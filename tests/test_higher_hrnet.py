@@ -433,6 +433,97 @@ def test_official_affine_matrix_in_repo():
     assert [[v.hex() for v in row] for row in official_affine_transform(center, box, 0, size).tolist()] == expected
 
 
+class RandomOutputs(torch.nn.Module):
+    """Fixed random HigherHRNet-shaped outputs per input size, different for the mirrored input."""
+
+    def __init__(self, num_joints=17):
+        super().__init__()
+        self.num_joints, self.first = num_joints, {}
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        height, width = x.shape[2:]
+        flipped = self.first.setdefault((height, width), x) is not x and not torch.equal(x, self.first[(height, width)])
+        generator = torch.Generator().manual_seed(height * 7 + width * 3 + flipped)
+        k = self.num_joints
+        return [torch.randn(1, 2 * k, height // 4, width // 4, generator=generator),
+                torch.randn(1, k, height // 2, width // 2, generator=generator)]
+
+
+def official_maps(model, image, config, flip_index, k=17):
+    """The official tools/valid.py + get_multi_stage_outputs + aggregate_results arithmetic, literally."""
+    import torch.nn.functional as F
+
+    from common.geometry import official_affine_transform, warp_image
+    from higher_hrnet.dataset import normalize_image
+
+    def resize(s):
+        size, center, box = multi_scale_size(*image.shape[:2], config.input_size, s, min(config.scales))
+        return normalize_image(warp_image(image, official_affine_transform(center, box, 0, size), size))[None]
+
+    up = lambda t, size: F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    base, _, _ = multi_scale_size(*image.shape[:2], config.input_size, 1.0, min(config.scales))
+    final, tag_list = None, []
+    for s in sorted(config.scales, reverse=True):
+        x = resize(s)
+        heatmaps, tags = [], []
+        for flipped in (False, True) if config.flip else (False,):
+            outputs = model(torch.flip(x, [3]) if flipped else x)
+            average = 0
+            for i, output in enumerate(outputs):
+                if i != len(outputs) - 1:
+                    output = up(output, outputs[-1].shape[2:])
+                if flipped:
+                    output = torch.flip(output, [3])
+                average += output[:, :k][:, flip_index] if flipped else output[:, :k]
+                if i == 0:
+                    tags.append(output[:, k:][:, flip_index] if flipped else output[:, k:])
+            heatmaps.append(average / len(outputs))
+        if config.project_to_image:
+            heatmaps = [up(h, (base[1], base[0])) for h in heatmaps]
+            tags = [up(t, (base[1], base[0])) for t in tags]
+        if s == 1:
+            if final is not None and not config.project_to_image:
+                tags = [up(t, final.shape[2:]) for t in tags]
+            tag_list += [t[..., None] for t in tags]
+        average = (heatmaps[0] + heatmaps[1]) / 2.0 if config.flip else heatmaps[0]
+        if final is None:
+            final = average
+        elif config.project_to_image:
+            final += average
+        else:
+            final += up(average, final.shape[2:])
+    return final / float(len(config.scales)), torch.cat(tag_list, dim=4)
+
+
+@pytest.mark.parametrize("scales,flip,project", [((1.0,), True, True), ((1.0,), False, True), ((2.0, 1.0, 0.5), True, True),
+                                                  ((1.0, 0.5), True, False)])
+def test_predict_maps_merges_outputs_as_the_official_code(scales, flip, project):
+    from higher_hrnet.inference import predict_maps
+
+    image = np.random.default_rng(0).integers(0, 256, (90, 150, 3), dtype=np.uint8)
+    config = InferenceConfig(input_size=64, scales=scales, flip=flip, project_to_image=project)
+    heatmaps, tags, _, _ = predict_maps(RandomOutputs(), image, config, COCO17.flip_index)
+    expected_heatmaps, expected_tags = official_maps(RandomOutputs(), image, config, COCO17.flip_index)
+    assert torch.equal(heatmaps, expected_heatmaps[0]) and torch.equal(tags, expected_tags[0])
+
+
+def test_prepared_model_folds_every_batchnorm_and_keeps_outputs():
+    from higher_hrnet.benchmark import randomise_batchnorm
+    from higher_hrnet.inference import prepare_for_inference
+    from higher_hrnet.model import build_higher_hrnet
+
+    model = randomise_batchnorm(build_higher_hrnet(4)).eval()   # outputs of order 1-10, not ~0
+    prepared = prepare_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())   # deconv's too
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())          # a copy was folded
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        plain, fast = model(x), prepared(x.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(plain, fast):
+        assert a.abs().max() > 1 and (a - b).abs().max() < 1e-4
+
+
 def test_whole_pipeline_recovers_known_people_on_a_non_square_image():
     from higher_hrnet.dataset import normalize_image
     from higher_hrnet.inference import resize_align
