@@ -14,8 +14,8 @@ port of the official code, in one run:
     python higher_hrnet/benchmark.py --skip-model      # grouping and targets only
     python higher_hrnet/benchmark.py --threads 1 --repeat 5 --json figures.json
 Times are medians over --repeat runs, the two sides of a ratio alternating. Untrained weights: the network
-costs the same; in the image -> keypoints run 30 rendered people are added to its outputs so that the
-grouping has the work of a 30-person photo.
+costs the same; in the image -> keypoints run --photo-people rendered people (default 30) are added to
+its outputs so that the grouping has the work of a crowded photo.
 """
 from __future__ import annotations
 
@@ -331,7 +331,7 @@ class WithRenderedPeople(torch.nn.Module):
         return [o + r.to(o.device, o.dtype) for o, r in zip(outputs, self.render(x.shape, flipped))]
 
 
-def benchmark_image_to_keypoints(model, device, repeat, label):
+def benchmark_image_to_keypoints(model, device, repeat, label, num_people=30):
     """Share of each stage of predict_people on a 640x480 photo (official preset, flip test)."""
     import cv2
 
@@ -347,7 +347,7 @@ def benchmark_image_to_keypoints(model, device, repeat, label):
         source = "random pixels, 640x480 (../shared/data/coco_sample is absent)"
     config = PRESETS["official"]
     (width, height), _, _ = multi_scale_size(480, 640, config.input_size, 1.0, 1.0)
-    people = random_people(30, (width, height), seed=30)
+    people = random_people(num_people, (width, height), seed=num_people)
     wrapped = WithRenderedPeople(model, people)
     predict_people(wrapped, image, config, device=device)   # warm-up, renders the maps once
     runs = []
@@ -361,13 +361,14 @@ def benchmark_image_to_keypoints(model, device, repeat, label):
     network = stages["network"]
     other = sum(ms for name, ms in stages.items() if name not in ("network", "total"))
     print(f"image -> keypoints ({source}; input {width}x{height}, {label}, official preset with flip test, "
-          f"30 people rendered into the outputs, {len(found)} found):")
+          f"{num_people} people rendered into the outputs, {len(found)} found):")
     for name, ms in stages.items():
         if name != "total":
             print(f"  {name:22s} {ms:8.1f} ms   {100 * ms / stages['total']:5.1f}% of the total")
     print(f"  total                  {stages['total']:8.1f} ms; everything but the network: {other:.1f} ms = "
           f"{100 * other / network:.1f}% of the network's time")
-    return {"stages_ms": stages, "people_found": len(found), "non_network_over_network": other / network}
+    return {"people_rendered": num_people, "stages_ms": stages, "people_found": len(found),
+            "non_network_over_network": other / network}
 
 
 def benchmark_model(args):
@@ -391,7 +392,7 @@ def benchmark_model(args):
     # the official initialisation: outputs near 0, so the rendered people are what the grouping sees
     model = prepare_for_inference(build_higher_hrnet(args.width).eval().to(device))
     report["image_to_keypoints"] = benchmark_image_to_keypoints(
-        model, device, args.repeat, f"HigherHRNet-W{args.width} folded + channels_last")
+        model, device, args.repeat, f"HigherHRNet-W{args.width} folded + channels_last", args.photo_people)
     return report
 
 
@@ -425,6 +426,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, 0 = torch's choice (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu or cuda for the model figures (default: cuda when available)")
     parser.add_argument("--skip-model", action="store_true", help="only the grouping and target figures")
+    parser.add_argument("--photo-people", type=int, default=30,
+                        help="people rendered into the network outputs for image -> keypoints (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return parser.parse_args(argv)
 
