@@ -13,27 +13,15 @@ import torch
 import torch.nn.functional as F
 
 
-def make_heatmaps(joints, heatmap_size, sigma, center="subpixel", occluded_negative=False):
-    """Gaussian targets for one image.
-
-    joints: (K, 3) or (P, K, 3) array of (x, y, v) in heatmap pixels; heatmap_size: (W, H).
-    Peak 1, support +-3 sigma; with several people the per-joint maximum is kept.
-    occluded_negative: joints with v == 1 get a negative Gaussian (peak -1), the CPM seed's way to
-    teach visibility. Returns heatmaps (K, H, W) float32 and weights (K,) float32: 1 where some
-    person has the joint labelled (v > 0) with its centre on the map.
-    """
+def joint_centres(joints, heatmap_size, center="subpixel"):
+    """Where make_heatmaps centres each joint: x, y, v (P, K) float64 and drawn (P, K) bool, the
+    labelled joints whose centre lies on the (W, H) map. joints: (K, 3) or (P, K, 3)."""
     if center not in ("subpixel", "truncate"):
         raise ValueError(f"center must be 'subpixel' or 'truncate', not {center!r}")
     joints = np.asarray(joints, dtype=np.float64)
     if joints.ndim == 2:
         joints = joints[None]
-    num_people, num_joints = joints.shape[:2]
     width, height = int(heatmap_size[0]), int(heatmap_size[1])
-    heatmaps = np.zeros((num_joints, height, width), np.float32)
-    weights = np.zeros(num_joints, np.float32)
-    if num_people == 0:
-        return heatmaps, weights
-
     x, y, v = joints[..., 0], joints[..., 1], joints[..., 2]
     labelled = (v > 0) & np.isfinite(x) & np.isfinite(y)
     if center == "truncate":
@@ -43,7 +31,25 @@ def make_heatmaps(joints, heatmap_size, sigma, center="subpixel", occluded_negat
     else:
         # sub-pixel: a joint belongs to the map iff it falls inside some pixel's area
         lo_x, hi_x, lo_y, hi_y = -0.5, width - 0.5, -0.5, height - 0.5
-    drawn = labelled & (x >= lo_x) & (x < hi_x) & (y >= lo_y) & (y < hi_y)
+    return x, y, v, labelled & (x >= lo_x) & (x < hi_x) & (y >= lo_y) & (y < hi_y)
+
+
+def make_heatmaps(joints, heatmap_size, sigma, center="subpixel", occluded_negative=False):
+    """Gaussian targets for one image.
+
+    joints: (K, 3) or (P, K, 3) array of (x, y, v) in heatmap pixels; heatmap_size: (W, H).
+    Peak 1, support +-3 sigma; with several people the per-joint maximum is kept.
+    occluded_negative: joints with v == 1 get a negative Gaussian (peak -1), the CPM seed's way to
+    teach visibility. Returns heatmaps (K, H, W) float32 and weights (K,) float32: 1 where some
+    person has the joint labelled (v > 0) with its centre on the map.
+    """
+    x, y, v, drawn = joint_centres(joints, heatmap_size, center)
+    num_joints = drawn.shape[1]
+    width, height = int(heatmap_size[0]), int(heatmap_size[1])
+    heatmaps = np.zeros((num_joints, height, width), np.float32)
+    weights = np.zeros(num_joints, np.float32)
+    if drawn.shape[0] == 0:
+        return heatmaps, weights
 
     # Each drawn joint writes only its window of pixels within +-radius of the centre: the same
     # float64 Gaussian per axis, cast to float32 and multiplied, as the full-map outer product gave.

@@ -175,31 +175,21 @@ def test_tag_rows_per_joint_and_shared():
 
 
 def heatmaps_before_issue17(joints, heatmap_size, sigma, center, occluded_negative):
-    """common.heatmaps.make_heatmaps as it was before it wrote windows (full-map outer products per
-    person): a training recipe is tuned on its values, so the fast version must give the same bits."""
-    joints = np.asarray(joints, dtype=np.float64)
-    joints = joints[None] if joints.ndim == 2 else joints
-    num_people, num_joints = joints.shape[:2]
+    """common.heatmaps.make_heatmaps as it drew before issue 17 (full-map outer products per person;
+    the centres are unchanged): a training recipe is tuned on its values, so the fast version must
+    give the same bits."""
+    from common.heatmaps import joint_centres
+
+    x, y, v, drawn = joint_centres(joints, heatmap_size, center)
     width, height = int(heatmap_size[0]), int(heatmap_size[1])
-    heatmaps = np.zeros((num_joints, height, width), np.float32)
-    weights = np.zeros(num_joints, np.float32)
-    if num_people == 0:
-        return heatmaps, weights
-    x, y, v = joints[..., 0], joints[..., 1], joints[..., 2]
-    labelled = (v > 0) & np.isfinite(x) & np.isfinite(y)
-    if center == "truncate":
-        x, y = np.trunc(np.nan_to_num(x, nan=-1.0)), np.trunc(np.nan_to_num(y, nan=-1.0))
-        lo_x, hi_x, lo_y, hi_y = 0, width, 0, height
-    else:
-        lo_x, hi_x, lo_y, hi_y = -0.5, width - 0.5, -0.5, height - 0.5
-    drawn = labelled & (x >= lo_x) & (x < hi_x) & (y >= lo_y) & (y < hi_y)
-    xs, ys = np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64)
+    heatmaps = np.zeros((drawn.shape[1], height, width), np.float32)
+    negative = np.zeros_like(heatmaps)
     px, py = np.where(drawn, x, 0.0)[..., None], np.where(drawn, y, 0.0)[..., None]
+    xs, ys = np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64)
     gx = np.exp(-((xs - px) ** 2) / (2 * sigma ** 2)) * (np.abs(xs - px) <= 3 * sigma + 0.5)
     gy = np.exp(-((ys - py) ** 2) / (2 * sigma ** 2)) * (np.abs(ys - py) <= 3 * sigma + 0.5)
     gx, gy = (gx * drawn[..., None]).astype(np.float32), gy.astype(np.float32)
-    negative = np.zeros_like(heatmaps)
-    for person in range(num_people):
+    for person in range(drawn.shape[0]):
         gauss = gy[person][:, :, None] * gx[person][:, None, :]
         if occluded_negative:
             occluded = (v[person] == 1)[:, None, None]
@@ -208,8 +198,7 @@ def heatmaps_before_issue17(joints, heatmap_size, sigma, center, occluded_negati
         np.maximum(heatmaps, gauss, out=heatmaps)
     if occluded_negative:
         heatmaps[:] = np.where(negative > heatmaps, -negative, heatmaps)
-    weights[:] = drawn.any(0)
-    return heatmaps, weights
+    return heatmaps, drawn.any(0).astype(np.float32)
 
 
 def tag_rows_before_issue17(joints, map_size, tag_per_joint=True):
