@@ -1,7 +1,8 @@
 """Speed of HigherHRNet inference and training targets, each timed side by side against a step-by-step
 port of the official code, in one run:
 
-- grouping (NMS + top-k + matching + adjust + refine) at 1/15/30 people, 704x512 maps, two tag dimensions:
+- grouping (NMS + top-k + matching + adjust + refine) at 1/15/30 people, 704x512 maps, two tag dimensions
+  (laid out as predict_maps hands them over):
   group_by_tags against group_by_tags_reference, a step-by-step port of the official HeatmapParser with
   munkres 1.1.4 (both equal the official outputs bit for bit on ../shared/reference/
   official_grouping_vectors.npz; checked first when that file is present);
@@ -135,7 +136,9 @@ def benchmark_grouping(counts=(1, 15, 30), size=(704, 512), repeat=3):
     for n in counts:
         people = random_people(n, size, seed=n)
         heat, tags = render_fake_maps(people, size, seed=n)
-        heat_t, tags_t = torch.from_numpy(heat), torch.from_numpy(tags)
+        # tags as predict_maps hands them over: one contiguous plane per tag dimension, seen as (K, H, W, L)
+        heat_t, tags_t = torch.from_numpy(heat), torch.from_numpy(np.ascontiguousarray(np.moveaxis(tags, -1, 0)))
+        tags_t = tags_t.permute(1, 2, 3, 0)
         cpu = []
         ((fast, fast_scores), (ref, ref_scores)), (fast_ms, ref_ms) = time_side_by_side(
             [lambda: group_by_tags(heat_t, tags_t, params), lambda: group_by_tags_reference(heat_t, tags_t, params)],

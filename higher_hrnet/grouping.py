@@ -59,10 +59,11 @@ def _as_maps(heatmaps, tags, num_joints):
         tag = tag[..., None]
     if tag.dim() != 4 or tag.shape[1:3] != det.shape[1:]:
         raise ValueError(f"tags must be (K, H, W, L) matching heatmaps {tuple(det.shape)}, got {tuple(tag.shape)}")
-    planes = tag.permute(3, 0, 1, 2)
+    planes = np.moveaxis(tag.numpy(), -1, 0)
     if planes.shape[1] == 1 and num_joints > 1:
-        planes = planes.expand(-1, num_joints, -1, -1)
-    return det.contiguous(), planes.contiguous()
+        planes = np.broadcast_to(planes, (planes.shape[0], num_joints) + planes.shape[2:])
+    # numpy rearranges interleaved (K,H,W,L) tags several times faster than torch's .contiguous()
+    return det.contiguous(), torch.from_numpy(np.ascontiguousarray(planes))
 
 
 def local_maxima_nms(det, kernel=5):
@@ -77,6 +78,25 @@ def _dilate(det, kernel):
     for j in range(det.shape[0]):
         cv2.dilate(det[j], element, dst=pooled[j])
     return pooled
+
+
+def _peaks_above(det, threshold, kernel):
+    """Flat indices, ascending, of the pixels of the (K,H,W) maps above `threshold` that are the
+    maximum of their kernel x kernel window (the NMS survivors the matching can use). Few pixels above
+    the threshold: their windows are read directly (clamping to the map stays inside a window); many:
+    one dilation of every map."""
+    above = np.flatnonzero(det > threshold)
+    if len(above) * kernel * kernel > det.size // 4:
+        return np.flatnonzero((_dilate(det, kernel) == det) & (det > threshold))
+    joint, rest = np.divmod(above, det.shape[1] * det.shape[2])
+    y, x = np.divmod(rest, det.shape[2])
+    radius = (kernel - 1) // 2
+    window_max = np.full(len(above), -np.inf, det.dtype)
+    for dy in range(-radius, radius + 1):
+        yy = np.clip(y + dy, 0, det.shape[1] - 1)
+        for dx in range(-radius, radius + 1):
+            np.maximum(window_max, det[joint, yy, np.clip(x + dx, 0, det.shape[2] - 1)], out=window_max)
+    return above[window_max == det.reshape(-1)[above]]
 
 
 def top_k_candidates(det, planes, params, suppressed=None):
@@ -103,10 +123,9 @@ def peak_candidates(det, planes, params):
     det_np = det.numpy()
     if params.nms_kernel % 2 == 0:
         return top_k_candidates(det, planes, params)
-    local_max = _dilate(det_np, params.nms_kernel) == det_np
     if params.detection_threshold < 0:
-        return top_k_candidates(det, planes, params, torch.from_numpy(det_np * local_max))
-    joint, flat = np.divmod(np.flatnonzero(local_max & (det_np > params.detection_threshold)), height * width)
+        return top_k_candidates(det, planes, params, torch.from_numpy(local_maxima_nms(det_np, params.nms_kernel)))
+    joint, flat = np.divmod(_peaks_above(det_np, params.detection_threshold, params.nms_kernel), height * width)
     values = det_np.reshape(num_joints, -1)[joint, flat]
     order = np.lexsort((-values, joint))                # by joint, then by descending score
     joint, flat, values = joint[order], flat[order], values[order]
@@ -115,7 +134,8 @@ def peak_candidates(det, planes, params):
     keep = (rank < k) & ~np.isin(joint, tied)
     joint, flat, values, rank = [a[keep] for a in (joint, flat, values, rank)]
     for j in tied:     # torch.topk orders equal scores its own way: ask it, for this joint only
-        top_values, top_flat = torch.topk(torch.from_numpy((det_np[j] * local_max[j]).reshape(1, -1)), k, dim=1)
+        suppressed = local_maxima_nms(det_np[j:j + 1], params.nms_kernel).reshape(1, -1)
+        top_values, top_flat = torch.topk(torch.from_numpy(suppressed), k, dim=1)
         above = (top_values[0] > params.detection_threshold).numpy()
         count = int(above.sum())
         joint = np.concatenate([joint, np.full(count, j)])

@@ -309,12 +309,19 @@ def test_munkres_assignment_equals_munkres_1_1_4_on_tied_matrices():
 
 def test_fast_nms_equals_max_pool_nms():
     from common.heatmaps import heatmap_nms
+    from higher_hrnet.grouping import _peaks_above
+
     rng = np.random.default_rng(0)
-    det = rng.random((3, 37, 41)).astype(np.float32)
-    det[0, 5:9, 5:9] = 0.7   # plateaus: every equal maximum survives in both
-    det[1, :3, :3] = 2.0     # a maximum on the border
-    expected = heatmap_nms(torch.from_numpy(det)[None], 5)[0].numpy()
-    assert np.array_equal(local_maxima_nms(det, 5), expected)
+    for sparse in (False, True):   # dense maps: one dilation; sparse: the windows of the few pixels above
+        det = rng.random((3, 37, 41)).astype(np.float32)
+        if sparse:
+            det *= rng.random(det.shape) < 0.002
+        det[0, 5:9, 5:9] = 0.7   # plateaus: every equal maximum survives in both
+        det[1, :3, :3] = 2.0     # a maximum on the border
+        expected = heatmap_nms(torch.from_numpy(det)[None], 5)[0].numpy()
+        assert np.array_equal(local_maxima_nms(det, 5), expected)
+        assert (np.sum(det > 0.1) * 25 <= det.size // 4) == sparse
+        assert np.array_equal(_peaks_above(det, 0.1, 5), np.flatnonzero(expected > 0.1))
 
 
 @pytest.mark.parametrize("seed", range(6))
