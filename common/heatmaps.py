@@ -26,7 +26,7 @@ def joint_centres(joints, heatmap_size, center="subpixel"):
     labelled = (v > 0) & np.isfinite(x) & np.isfinite(y)
     if center == "truncate":
         # official generators: a joint is drawn iff its truncated pixel lies on the map
-        x, y = np.trunc(np.nan_to_num(x, nan=-1.0)), np.trunc(np.nan_to_num(y, nan=-1.0))
+        x, y = np.trunc(np.where(labelled, x, -1.0)), np.trunc(np.where(labelled, y, -1.0))
         lo_x, hi_x, lo_y, hi_y = 0, width, 0, height
     else:
         # sub-pixel: a joint belongs to the map iff it falls inside some pixel's area
@@ -56,14 +56,12 @@ def make_heatmaps(joints, heatmap_size, sigma, center="subpixel", occluded_negat
     radius = 3 * sigma + 0.5
     person, joint = np.nonzero(drawn)
     span = int(np.floor(2 * radius)) + 2
-    windows = []
-    for centre, size in ((x[person, joint], width), (y[person, joint], height)):
-        pixels = np.ceil(centre - radius)[:, None] + np.arange(span)        # (n, span), float64
-        offset = pixels - centre[:, None]
-        gauss = np.exp(-(offset ** 2) / (2 * sigma ** 2)) * (np.abs(offset) <= radius)
-        on_map = (pixels >= 0) & (pixels < size)
-        windows.append((np.where(on_map, pixels, 0).astype(np.int64), (gauss * on_map).astype(np.float32)))
-    (win_x, gx), (win_y, gy) = windows
+    centres = np.stack([x[person, joint], y[person, joint]])             # (2, n): x then y
+    pixels = np.ceil(centres - radius)[..., None] + np.arange(span)       # (2, n, span), float64
+    offset = pixels - centres[..., None]
+    gauss = np.exp(-(offset ** 2) / (2 * sigma ** 2)) * (np.abs(offset) <= radius)
+    on_map = (pixels >= 0) & (pixels < np.array([width, height])[:, None, None])
+    (win_x, win_y), (gx, gy) = np.where(on_map, pixels, 0).astype(np.int64), (gauss * on_map).astype(np.float32)
     values = gy[:, :, None] * gx[:, None, :]                                   # (n, span, span) float32
     index = (joint[:, None, None] * height + win_y[:, :, None]) * width + win_x[:, None, :]
     occluded = (v[person, joint] == 1) if occluded_negative else np.zeros(len(person), bool)
