@@ -120,7 +120,8 @@ def fold_batchnorm(model):
             children = list(module._modules.items())
             for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
                 if isinstance(conv, convolutions) and isinstance(bn, nn.BatchNorm2d):
-                    module._modules[conv_name] = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
+                    transposed = isinstance(conv, nn.ConvTranspose2d)
+                    module._modules[conv_name] = fuse_conv_bn_eval(conv, bn, transpose=transposed)
                     module._modules[bn_name] = nn.Identity()
         # HRNet stems and residual blocks keep conv/bn pairs as named attributes
         for conv_name, bn_name in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):

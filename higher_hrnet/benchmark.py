@@ -422,12 +422,16 @@ def main(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, default=32, help="model width for the model figures (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=32,
+                        help="model width for the model figures (default: %(default)s)")
     parser.add_argument("--input-size", type=int, nargs=2, default=(704, 512), metavar=("W", "H"),
                         help="model input for the forward timing (default: 704 512, a 640x480 photo's input)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions, median reported (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, 0 = torch's choice (default: %(default)s)")
-    parser.add_argument("--device", default=None, help="cpu or cuda for the model figures (default: cuda when available)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed repetitions, median reported (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch CPU threads, 0 = torch's choice (default: %(default)s; 1 on a loaded machine)")
+    parser.add_argument("--device", default=None,
+                        help="cpu or cuda for the model figures (default: cuda when available)")
     parser.add_argument("--skip-model", action="store_true", help="only the grouping and target figures")
     parser.add_argument("--photo-people", type=int, default=30,
                         help="people rendered into the network outputs for image -> keypoints (default: %(default)s)")

@@ -155,7 +155,7 @@ def peak_candidates(det, planes, params):
 # The assignment solver. The matching cost has tied optima very often, so which optimum comes out
 # decides who gets which joint: the official parser takes munkres 1.1.4's. munkres_assignment runs that
 # release's algorithm (Munkres().compute: steps 1-6 in its order, its zero search, its float64
-# arithmetic) on numpy arrays; tests compare it with the package on thousands of tied matrices.
+# arithmetic) on numpy arrays; a test compares it with the package on hundreds of tied matrices.
 # ----------------------------------------------------------------------------------------------------
 
 def munkres_assignment(cost):
@@ -565,22 +565,25 @@ def refine_people(det, planes, people, peaks=None, chunk=8192):
         everyone = np.arange(len(missing))
         (coarse_max, coarse_lo, coarse_hi), (fine_max, fine_lo, fine_hi) = tiles.bounds(j)
 
+        candidates = []   # (person, best score, first pixel with it) of every group of pixels scored
+
         def score(pixels, owner):
             for start in range(0, len(owner), chunk):
                 part = slice(start, start + chunk)
-                candidates.append((owner[part], *_best_pixels(flat_det[j], flat_planes[:, j], pixels[part], prev[owner[part]])))
+                best, first = _best_pixels(flat_det[j], flat_planes[:, j], pixels[part], prev[owner[part]])
+                candidates.append((owner[part], best, first))
 
         probes = np.unique(np.concatenate([[np.argmax(flat_det[j])], [] if peaks is None else peaks[j]]))
-        candidates = []
         score(np.broadcast_to(probes, (len(missing), len(probes))), everyone)
         bound = candidates[0][1].copy()
         upper, exact = _tile_scores(coarse_max[None], coarse_lo, coarse_hi, prev.T[:, :, None])   # (M, T)
         bound = np.maximum(bound, np.where(exact, upper, -np.inf).max(axis=1))
         person, coarse = np.nonzero(~exact & (upper >= bound[:, None]))
-        exact_tiles = [(coarse_pixels, *np.nonzero(exact & (upper >= bound[:, None])), upper[exact & (upper >= bound[:, None])])]
+        open_exact = exact & (upper >= bound[:, None])
+        exact_tiles = [(coarse_pixels, *np.nonzero(open_exact), upper[open_exact])]
         fine = tiles.children[coarse]                                                          # (Q, 16)
-        fine_upper, fine_exact = _tile_scores(fine_max[fine], [lo[fine] for lo in fine_lo], [hi[fine] for hi in fine_hi],
-                                              prev[person].T[:, :, None])
+        fine_upper, fine_exact = _tile_scores(fine_max[fine], [lo[fine] for lo in fine_lo],
+                                              [hi[fine] for hi in fine_hi], prev[person].T[:, :, None])
         np.maximum.at(bound, person, np.where(fine_exact, fine_upper, -np.inf).max(axis=1, initial=-np.inf))
         keep = fine_upper >= bound[person][:, None]
         pick, child = np.nonzero(keep & fine_exact)

@@ -136,7 +136,8 @@ def network_maps(model, x, num_joints, flip_index=None, size_projected=None, tim
     with _stage(timings, "merge outputs", x.device):
         heatmaps, tags = [], []
         for flipped, outputs in zip(passes, results):
-            # a channels_last model gives NHWC outputs: back to NCHW while they are small (same values)
+            # a channels_last model gives NHWC outputs: back to NCHW (the plain network's layout, which
+            # the interpolations below are checked in) while they are small
             outputs = [o.contiguous() for o in ([outputs] if torch.is_tensor(outputs) else outputs)]
             target = outputs[-1].shape[2:]
             heat_sum, heat_count = 0, 0
@@ -167,8 +168,9 @@ def network_maps(model, x, num_joints, flip_index=None, size_projected=None, tim
 
 @torch.no_grad()
 def predict_maps(model, image, config=None, flip_index=None, num_joints=17, device=None, timings=None):
-    """Heatmaps (K, H, W) and tags (K or 1, H, W, L; a view of per-dimension planes) torch on CPU for one RGB uint8 image, plus the
-    center and box that map the maps back to the image. flip_index=None turns flip test off.
+    """Heatmaps (K, H, W) and tags (K or 1, H, W, L; a view of one plane per tag dimension) torch on CPU
+    for one RGB uint8 image, plus the center and box that map the maps back to the image.
+    flip_index=None turns flip test off.
     timings: a dict that receives the seconds spent per stage (benchmark.py)."""
     config = config or PRESETS["official"]
     device = device or next(model.parameters()).device
