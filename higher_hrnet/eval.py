@@ -29,7 +29,7 @@ from common.keypoints import COCO17, get_layout
 from common.geometry import affine_points, get_affine_transform
 from common.heatmaps import make_heatmaps
 from higher_hrnet.inference import (PRESETS, maps_to_people, multi_scale_size, people_to_coco_results, predict_people,
-                                    preset)
+                                    prepare_for_inference, preset)
 
 MODEL_NAME = "higher_hrnet"
 
@@ -140,13 +140,17 @@ def load_model_from_checkpoint(path, device="cpu"):
 
 def load_for_inference(args):
     """(checkpoint, device, model, info) for --checkpoint, else the newest higher_hrnet checkpoint (without
-    one: a line saying how to get one, exit 1). info["input_size"] is the checkpoint's training size, if known."""
+    one: a line saying how to get one, exit 1). info["input_size"] is the checkpoint's training size, if known.
+    The model is prepare_for_inference's (BatchNorm folded, channels_last) unless --plain-network."""
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python higher_hrnet/train.py", args.out,
                                     hint=" (ours, official or the seed's)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_model_from_checkpoint(checkpoint, device)
     train_config = info["train_config"]
     info["input_size"] = train_config.get("input_size") if isinstance(train_config, dict) else None
+    info["parameters"] = count_parameters(model)
+    if not args.plain_network:
+        model = prepare_for_inference(model)
     return checkpoint, device, model, info
 
 
@@ -173,7 +177,7 @@ def main(args):
     run = args.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = output_dirs(MODEL_NAME, run, args.out)["outputs"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"checkpoint {checkpoint}: width {info['width']}, {count_parameters(model):,} parameters; "
+    print(f"checkpoint {checkpoint}: width {info['width']}, {info['parameters']:,} parameters; "
           f"preset {args.preset}, input {config.input_size}, flip {config.flip}, scales {list(config.scales)}")
     start = time.perf_counter()
     metrics, results = evaluate_model(model, image_dir, ann_file, config, layout, device, out_dir,
@@ -211,7 +215,14 @@ def parse_args(argv=None):
     parser.add_argument("--tag-threshold", type=float, default=None, help="override the preset's")
     parser.add_argument("--layout", default="coco17", help="keypoint layout: coco17 or crowdpose14 (default: %(default)s)")
     parser.add_argument("--max-images", type=int, default=None, help="only the first N images (quick checks)")
+    add_plain_network_arg(parser)
     return parser.parse_args(argv)
+
+
+def add_plain_network_arg(parser):
+    parser.add_argument("--plain-network", action="store_true",
+                        help="run the network as loaded (separate BatchNorm, NCHW): outputs bit-identical to the "
+                             "official code; default folds BatchNorm and uses channels_last (faster, within 1e-4)")
 
 
 if __name__ == "__main__":

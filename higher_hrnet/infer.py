@@ -22,7 +22,7 @@ from common.drawing import draw_heatmap_overlay, draw_people
 from common.engine import output_dirs
 from common.geometry import get_affine_transform, warp_image
 from common.keypoints import get_layout
-from higher_hrnet.eval import load_for_inference
+from higher_hrnet.eval import add_plain_network_arg, load_for_inference
 from higher_hrnet.inference import PRESETS, maps_to_people, predict_maps, preset
 
 
@@ -133,6 +133,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default=None, help="output root (default: $POSE_OUTPUT_ROOT, else .)")
     parser.add_argument("--run-name", default=None, help="output folder name (default: infer-<timestamp>)")
+    add_plain_network_arg(parser)
     return parser.parse_args(argv)
 
 

@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import Bottleneck
 
+from common.evaluation import fold_batchnorm  # noqa: F401  (rtpe imports it from here)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -303,23 +305,3 @@ def load_teacher_stem(student, higher_hrnet_state_dict, source="the teacher chec
     return student
 
 
-def fold_batchnorm(model):
-    """Folds every eval-mode BatchNorm into the convolution before it (in place; returns the model).
-    Used for export and for the speed-measured inference path: same outputs, fewer kernels."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    model.eval()
-    for module in list(model.modules()):
-        if isinstance(module, nn.Sequential):
-            children = list(module._modules.items())
-            for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    module._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
-                    module._modules[bn_name] = nn.Identity()
-        # HRNet stem and torchvision Bottlenecks keep conv/bn pairs as named attributes
-        for conv_name, bn_name in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
-                setattr(module, bn_name, nn.Identity())
-    return model
