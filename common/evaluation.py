@@ -1,4 +1,5 @@
-"""Metrics every model folder reports: COCO keypoint AP/AR (pycocotools), PCK/PCKh, params and FLOPs."""
+"""Metrics every model folder reports: COCO keypoint AP/AR (pycocotools), PCK/PCKh, params and FLOPs;
+BatchNorm folding for the timed inference paths."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.data import load_coco_keypoints
@@ -101,3 +104,26 @@ def count_flops(model, example_input) -> int:
         model(example_input)
     model.train(was_training)
     return int(counter.get_total_flops())
+
+
+def fold_batchnorm(model):
+    """Folds every eval-mode BatchNorm into the convolution (or transposed convolution) before it, in
+    place; returns the model. Used for export and for the speed-measured inference paths: same outputs
+    up to float rounding, fewer kernels."""
+    model.eval()
+    convolutions = (nn.Conv2d, nn.ConvTranspose2d)
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            children = list(module._modules.items())
+            for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+                if isinstance(conv, convolutions) and isinstance(bn, nn.BatchNorm2d):
+                    transposed = isinstance(conv, nn.ConvTranspose2d)
+                    module._modules[conv_name] = fuse_conv_bn_eval(conv, bn, transpose=transposed)
+                    module._modules[bn_name] = nn.Identity()
+        # HRNet stems and residual blocks keep conv/bn pairs as named attributes
+        for conv_name, bn_name in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    return model

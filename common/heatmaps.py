@@ -15,6 +15,27 @@ import torch
 import torch.nn.functional as F
 
 
+def joint_centers(joints, heatmap_size, center="subpixel"):
+    """Where make_heatmaps centers each joint: x, y, v (P, K) float64 and drawn (P, K) bool, the
+    labelled joints whose center lies on the (W, H) map. joints: (K, 3) or (P, K, 3)."""
+    if center not in ("subpixel", "truncate"):
+        raise ValueError(f"center must be 'subpixel' or 'truncate', not {center!r}")
+    joints = np.asarray(joints, dtype=np.float64)
+    if joints.ndim == 2:
+        joints = joints[None]
+    width, height = int(heatmap_size[0]), int(heatmap_size[1])
+    x, y, v = joints[..., 0], joints[..., 1], joints[..., 2]
+    labelled = (v > 0) & np.isfinite(x) & np.isfinite(y)
+    if center == "truncate":
+        # official generators: a joint is drawn iff its truncated pixel lies on the map
+        x, y = np.trunc(np.where(labelled, x, -1.0)), np.trunc(np.where(labelled, y, -1.0))
+        lo_x, hi_x, lo_y, hi_y = 0, width, 0, height
+    else:
+        # sub-pixel: a joint belongs to the map iff it falls inside some pixel's area
+        lo_x, hi_x, lo_y, hi_y = -0.5, width - 0.5, -0.5, height - 0.5
+    return x, y, v, labelled & (x >= lo_x) & (x < hi_x) & (y >= lo_y) & (y < hi_y)
+
+
 def make_heatmaps(joints, heatmap_size, sigma, center="subpixel", occluded_negative=False):
     """Gaussian targets for one image.
 
@@ -24,46 +45,32 @@ def make_heatmaps(joints, heatmap_size, sigma, center="subpixel", occluded_negat
     teach visibility. Returns heatmaps (K, H, W) float32 and weights (K,) float32: 1 where some
     person has the joint labelled (v > 0) with its center on the map.
     """
-    if center not in ("subpixel", "truncate"):
-        raise ValueError(f"center must be 'subpixel' or 'truncate', not {center!r}")
-    joints = np.asarray(joints, dtype=np.float64)
-    if joints.ndim == 2:
-        joints = joints[None]
-    num_people, num_joints = joints.shape[:2]
+    x, y, v, drawn = joint_centers(joints, heatmap_size, center)
+    num_joints = drawn.shape[1]
     width, height = int(heatmap_size[0]), int(heatmap_size[1])
     heatmaps = np.zeros((num_joints, height, width), np.float32)
     weights = np.zeros(num_joints, np.float32)
-    if num_people == 0:
+    if drawn.shape[0] == 0:
         return heatmaps, weights
 
-    x, y, v = joints[..., 0], joints[..., 1], joints[..., 2]
-    labelled = (v > 0) & np.isfinite(x) & np.isfinite(y)
-    if center == "truncate":
-        # official generators: a joint is drawn iff its truncated pixel lies on the map
-        x, y = np.trunc(np.nan_to_num(x, nan=-1.0)), np.trunc(np.nan_to_num(y, nan=-1.0))
-        lo_x, hi_x, lo_y, hi_y = 0, width, 0, height
-    else:
-        # sub-pixel: a joint belongs to the map iff it falls inside some pixel's area
-        lo_x, hi_x, lo_y, hi_y = -0.5, width - 0.5, -0.5, height - 0.5
-    drawn = labelled & (x >= lo_x) & (x < hi_x) & (y >= lo_y) & (y < hi_y)
-
-    xs = np.arange(width, dtype=np.float64)
-    ys = np.arange(height, dtype=np.float64)
-    px = np.where(drawn, x, 0.0)[..., None]
-    py = np.where(drawn, y, 0.0)[..., None]
-    gx = np.exp(-((xs - px) ** 2) / (2 * sigma ** 2)) * (np.abs(xs - px) <= 3 * sigma + 0.5)
-    gy = np.exp(-((ys - py) ** 2) / (2 * sigma ** 2)) * (np.abs(ys - py) <= 3 * sigma + 0.5)
-    gx = (gx * drawn[..., None]).astype(np.float32)
-    gy = gy.astype(np.float32)
-    negative = np.zeros_like(heatmaps)
-    for person in range(num_people):  # one (K, H, W) outer product at a time bounds the memory
-        gauss = gy[person][:, :, None] * gx[person][:, None, :]
-        if occluded_negative:
-            occluded = (v[person] == 1)[:, None, None]
-            np.maximum(negative, np.where(occluded, gauss, 0), out=negative)
-            gauss = np.where(occluded, 0, gauss)
-        np.maximum(heatmaps, gauss, out=heatmaps)
+    # Each drawn joint writes only its window of pixels within +-radius of the center: the same
+    # float64 Gaussian per axis, cast to float32 and multiplied, as the full-map outer product gave.
+    radius = 3 * sigma + 0.5
+    person, joint = np.nonzero(drawn)
+    span = int(np.floor(2 * radius)) + 2
+    centers = np.stack([x[person, joint], y[person, joint]])             # (2, n): x then y
+    pixels = np.ceil(centers - radius)[..., None] + np.arange(span)       # (2, n, span), float64
+    offset = pixels - centers[..., None]
+    gauss = np.exp(-(offset ** 2) / (2 * sigma ** 2)) * (np.abs(offset) <= radius)
+    on_map = (pixels >= 0) & (pixels < np.array([width, height])[:, None, None])
+    (win_x, win_y), (gx, gy) = np.where(on_map, pixels, 0).astype(np.int64), (gauss * on_map).astype(np.float32)
+    values = gy[:, :, None] * gx[:, None, :]                                   # (n, span, span) float32
+    index = (joint[:, None, None] * height + win_y[:, :, None]) * width + win_x[:, None, :]
+    occluded = (v[person, joint] == 1) if occluded_negative else np.zeros(len(person), bool)
+    np.maximum.at(heatmaps.reshape(-1), index[~occluded].reshape(-1), values[~occluded].reshape(-1))
     if occluded_negative:
+        negative = np.zeros_like(heatmaps)
+        np.maximum.at(negative.reshape(-1), index[occluded].reshape(-1), values[occluded].reshape(-1))
         heatmaps[:] = np.where(negative > heatmaps, -negative, heatmaps)
     weights[:] = drawn.any(0)
     return heatmaps, weights

@@ -55,18 +55,19 @@ def ignore_mask(coco, image_id, annotations, height, width):
 
 def tag_rows(joints, map_size, tag_per_joint=True):
     """(person, flat index) int64 rows for the AE loss: labelled joints whose truncated position lies on
-    the (W, H) map, index = joint * H * W + y * W + x (y * W + x for one shared tag map)."""
+    the (W, H) map, index = joint * H * W + y * W + x (y * W + x for one shared tag map); by person,
+    then joint."""
     width, height = map_size
-    rows = []
-    for person, kps in enumerate(joints):
-        x, y = np.trunc(kps[:, 0]), np.trunc(kps[:, 1])
-        ok = (kps[:, 2] > 0) & (x >= 0) & (y >= 0) & (x < width) & (y < height)
-        joint = np.flatnonzero(ok)
-        flat = y[ok].astype(np.int64) * width + x[ok].astype(np.int64)
-        if tag_per_joint:
-            flat = flat + joint * height * width
-        rows += [(person, int(f)) for f in flat]
-    return np.array(rows, np.int64).reshape(-1, 2)
+    joints = np.asarray(joints)
+    if joints.size == 0:
+        return np.zeros((0, 2), np.int64)
+    x, y = np.trunc(joints[..., 0]), np.trunc(joints[..., 1])
+    ok = (joints[..., 2] > 0) & (x >= 0) & (y >= 0) & (x < width) & (y < height)
+    person, joint = np.nonzero(ok)
+    flat = y[ok].astype(np.int64) * width + x[ok].astype(np.int64)
+    if tag_per_joint:
+        flat = flat + joint * height * width
+    return np.stack([person, flat], axis=1).astype(np.int64)
 
 
 class BottomUpDataset(torch.utils.data.Dataset):

@@ -31,9 +31,9 @@ from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_d
 from common.synthetic import ensure_dataset
 from higher_hrnet.checkpoints import load_for_inference
 from higher_hrnet.dataset import TARGET_SIGMA
-from higher_hrnet.infer import NO_CHECKPOINT_HINT
+from higher_hrnet.infer import NO_CHECKPOINT_HINT, add_plain_network_arg
 from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, multi_scale_size,
-                                    people_to_coco_results, predict_people)
+                                    people_to_coco_results, predict_people, prepare_for_inference)
 from higher_hrnet.model import MODEL_NAME
 
 
@@ -150,6 +150,8 @@ def main(args):
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"checkpoint {checkpoint}: width {model.arch['width']}, {count_parameters(model):,} parameters; "
           f"inference {args.inference}, input {config.input_size}, flip {config.flip}, scales {list(config.scales)}")
+    if not args.plain_network:
+        model = prepare_for_inference(model)
     start = time.perf_counter()
     metrics, results = evaluate_model(model, image_dir, ann_file, config, layout, device, out_dir,
                                       max_images=args.max_images)
@@ -184,6 +186,7 @@ def parse_args(argv=None):
     parser.add_argument("--layout", default=None, help="keypoint layout: coco17 or crowdpose14 (default: the "
                                                        "checkpoint's, else coco17)")
     parser.add_argument("--max-images", type=int, default=None, help="only the first N images (quick checks)")
+    add_plain_network_arg(parser)
     return parser.parse_args(argv)
 
 

@@ -24,7 +24,8 @@ from common.prediction import make_person, run_inference
 from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
 from common.synthetic import ensure_dataset
 from higher_hrnet.checkpoints import load_for_inference
-from higher_hrnet.inference import INFERENCE_SETTINGS, inference_settings, maps_to_people, predict_maps
+from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, predict_maps,
+                                    prepare_for_inference)
 from higher_hrnet.model import MODEL_NAME
 
 NO_CHECKPOINT_HINT = " (ours, official or the seed's)"
@@ -34,18 +35,21 @@ class Predictor(BasePredictor):
     """The official test pipeline (inference.py): people with per-keypoint scores and tags ("extra")."""
     model_name = MODEL_NAME
 
-    def __init__(self, model, settings, inference="official", device="cpu", layout=None, **overrides):
-        """settings: the checkpoint's (input size, layout); overrides: InferenceConfig fields (None = keep)."""
-        self.model, self.device = model.to(device).eval(), device
+    def __init__(self, model, settings, inference="official", device="cpu", layout=None, plain_network=False,
+                 **overrides):
+        """settings: the checkpoint's (input size, layout); plain_network: run the network as loaded instead
+        of prepare_for_inference's copy; overrides: InferenceConfig fields (None = keep)."""
+        model = model.to(device).eval()
+        self.model, self.device = model if plain_network else prepare_for_inference(model), device
         self.layout = layout or layout_from_dict(settings["layout"])
         input_size = overrides.pop("input_size", None) or settings["input_size"]
         self.config = inference_settings(inference, input_size=input_size, **overrides)
         self.last_maps = None     # (heatmaps, center, box) of the last image, for drawing
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", inference="official", **overrides):
+    def from_checkpoint(cls, path, device="cpu", inference="official", plain_network=False, **overrides):
         model, settings = load_for_inference(path, device)
-        return cls(model, settings, inference, device, **overrides)
+        return cls(model, settings, inference, device, plain_network=plain_network, **overrides)
 
     def predict(self, image_rgb):
         num_joints = self.layout.num_keypoints
@@ -54,6 +58,12 @@ class Predictor(BasePredictor):
         self.last_maps = heatmaps, center, box
         people, scores = maps_to_people(heatmaps, tags, center, box, self.config, num_joints)
         return [make_person(p[:, :2], p[:, 2], s, tags=p[:, 3:]) for p, s in zip(people, scores)]
+
+
+def add_plain_network_arg(parser):
+    parser.add_argument("--plain-network", action="store_true",
+                        help="run the network as loaded (separate BatchNorm, NCHW): outputs bit-identical to the "
+                             "official code; default folds BatchNorm and uses channels_last (faster, within 1e-4)")
 
 
 def draw_tag_plot(people, names, threshold, size=(640, 360)):
@@ -105,7 +115,8 @@ def main(args):
     device = pick_device(args.device)
     model, settings = load_for_inference(checkpoint, device)
     layout = get_layout(args.layout) if args.layout else None
-    predictor = Predictor(model, settings, args.inference, device, layout, input_size=args.input_size)
+    predictor = Predictor(model, settings, args.inference, device, layout, args.plain_network,
+                          input_size=args.input_size)
     sources = args.input or [ensure_dataset("multi_person", args.out) / "images" / "val"]
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
     return run_inference(predictor, sources, out_dir, checkpoint, drawings(predictor, args.threshold), args.limit)
@@ -119,6 +130,7 @@ def parse_args(argv=None):
     parser.add_argument("--input-size", type=int, default=None,
                         help="short side (default: the checkpoint's training size)")
     parser.add_argument("--layout", default=None, help="keypoint layout (default: the checkpoint's, else coco17)")
+    add_plain_network_arg(parser)
     return parser.parse_args(argv)
 
 

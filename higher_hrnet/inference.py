@@ -5,14 +5,19 @@ API (rtpe imports these):
     people, scores = predict_people(model, image_rgb, config, layout=COCO17)
     heatmaps, tags, center, box = predict_maps(model, image_rgb, config, flip_index)   # maps only
     people, scores = maps_to_people(heatmaps, tags, center, box, config)                # grouping + inverse affine
+    model = prepare_for_inference(model)  # BatchNorm folded, channels_last: faster, within 1e-4
 people: float32 (N, K, 3 + L) = (x, y, score, tag...) in original image pixels; scores (N,).
-Steps: short side resized to input_size with both sides aligned to multiples of 64; every output with
->= K channels gives heatmaps (upsampled to the largest output, averaged), outputs with more give tags;
-flip test with the flip index; optional extra scales (tags from scale 1 only); maps projected to input
-resolution; grouping (higher_hrnet.grouping); the inverse affine to image pixels.
+Steps: short side resized to input_size with both sides aligned to multiples of 64 (the official float64
+affine matrix); every output with >= K channels gives heatmaps (upsampled to the largest output,
+averaged), outputs with more give tags; flip test with the flip index; optional extra scales (tags from
+scale 1 only); maps projected to input resolution; grouping (higher_hrnet.grouping); the official
+inverse affine to image pixels. With the plain network each step equals the official code's bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import time
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -20,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from common.data import normalize_image
-from common.geometry import affine_points, get_affine_transform, warp_image
+from common.evaluation import fold_batchnorm
+from common.geometry import official_affine_points, official_affine_transform, warp_image
 from common.keypoints import COCO17
 from higher_hrnet.grouping import GroupingParams, group_by_tags, group_by_tags_reference
 
@@ -67,106 +73,162 @@ def inference_settings(name, **overrides):
 
 def multi_scale_size(height, width, input_size, current_scale, min_scale):
     """Official get_multi_scale_size: ((w, h) resized, center, box (w, h) in image pixels). The short side
-    becomes input_size * scale; the long side keeps the aspect ratio, rounded up to a multiple of 64."""
+    becomes input_size * scale; the long side keeps the aspect ratio, rounded up to a multiple of 64.
+    box is the official scale (in units of 200 pixels) times 200, computed in the same order."""
     center = np.array([int(width / 2.0 + 0.5), int(height / 2.0 + 0.5)], np.float64)
     min_input = int((min_scale * input_size + 63) // 64 * 64)
     if width < height:
         w_resized = int(min_input * current_scale / min_scale)
         h_resized = int(int((min_input / width * height + 63) // 64 * 64) * current_scale / min_scale)
-        box = np.array([width, h_resized / w_resized * width], np.float64)
+        scale = np.array([width / 200.0, h_resized / w_resized * width / 200.0])
     else:
         h_resized = int(min_input * current_scale / min_scale)
         w_resized = int(int((min_input / height * width + 63) // 64 * 64) * current_scale / min_scale)
-        box = np.array([w_resized / h_resized * height, height], np.float64)
-    return (w_resized, h_resized), center, box
+        scale = np.array([w_resized / h_resized * height / 200.0, height / 200.0])
+    return (w_resized, h_resized), center, scale * 200.0
 
 
 def resize_align(image, input_size, current_scale=1.0, min_scale=1.0):
-    """Warp the image to the aligned size: (resized image, center, box)."""
+    """Official resize_align_multi_scale: the image warped to the aligned size with the official float64
+    matrix (bit for bit the official resized image). Returns (resized image, center, box)."""
     size, center, box = multi_scale_size(image.shape[0], image.shape[1], input_size, current_scale, min_scale)
-    matrix = get_affine_transform(center, box, 0, size)
-    return warp_image(image, matrix, size), center, box
+    return warp_image(image, official_affine_transform(center, box, 0, size), size), center, box
 
 
-def network_maps(model, x, num_joints, flip_index=None, size_projected=None):
-    """Official get_multi_stage_outputs: ([heatmaps, (flipped heatmaps)], [tags, (flipped tags)]), each
-    (B, C, H, W) at the largest output's (or the projected) resolution."""
-    heatmaps, tags = [], []
+def prepare_for_inference(model, fold=True, channels_last=True):
+    """A copy of the model for the test pipeline. fold: BatchNorm folded into the convolutions before
+    it; channels_last: NHWC weights, and predict_maps then feeds NHWC inputs. Both are faster on CPU
+    (benchmark.py) with outputs within 1e-4 of the plain model; both off keeps the plain network,
+    whose outputs are the official code's bit for bit."""
+    model = copy.deepcopy(model).eval()
+    if fold:
+        fold_batchnorm(model)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _input_format(model):
+    """The memory format of the model's first convolution weight: feed inputs in the same one."""
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    if weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@contextlib.contextmanager
+def _stage(timings, name, device):
+    """Adds the wall time of a pipeline stage to timings[name] (benchmark.py); nothing when timings is None."""
+    if timings is None:
+        yield
+        return
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    yield
+    synchronize()
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def network_maps(model, x, num_joints, flip_index=None, size_projected=None, timings=None):
+    """Official get_multi_stage_outputs: [heatmaps, (flipped heatmaps)], each (B, K, H, W), and the tags
+    (B, L, T, H, W) of the L passes (plain, flipped), at the largest output's (or the projected)
+    resolution."""
     passes = [False, True] if flip_index is not None else [False]
-    for flipped in passes:
-        outputs = model(torch.flip(x, [3]) if flipped else x)
-        outputs = [outputs] if torch.is_tensor(outputs) else list(outputs)
-        target = outputs[-1].shape[2:]
-        heat_sum, heat_count = 0, 0
-        for output in outputs:
-            if output.shape[2:] != target:
-                output = F.interpolate(output, size=target, mode="bilinear", align_corners=False)
-            if flipped:
-                output = torch.flip(output, [3])
-            if output.shape[1] >= num_joints:
-                heat = output[:, :num_joints]
-                heat_sum = heat_sum + (heat[:, flip_index] if flipped else heat)
-                heat_count += 1
-            if output.shape[1] > num_joints:
-                tag = output[:, num_joints:]
-                tags.append(tag[:, flip_index] if flipped and tag.shape[1] == num_joints else tag)
-        heatmaps.append(heat_sum / heat_count)
-    if size_projected is not None:
-        size = (size_projected[1], size_projected[0])
-        heatmaps = [F.interpolate(h, size=size, mode="bilinear", align_corners=False) for h in heatmaps]
-        tags = [F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in tags]
-    return heatmaps, tags
+    with _stage(timings, "network", x.device):
+        results = [model(torch.flip(x, [3]) if flipped else x) for flipped in passes]
+    with _stage(timings, "merge outputs", x.device):
+        heatmaps, tags = [], []
+        for flipped, outputs in zip(passes, results):
+            # a channels_last model gives NHWC outputs: back to NCHW (the plain network's layout, which
+            # the interpolations below are checked in) while they are small
+            outputs = [o.contiguous() for o in ([outputs] if torch.is_tensor(outputs) else outputs)]
+            target = outputs[-1].shape[2:]
+            heat_sum, heat_count = 0, 0
+            for output in outputs:
+                if output.shape[2:] != target:
+                    output = F.interpolate(output, size=target, mode="bilinear", align_corners=False)
+                if flipped:
+                    output = torch.flip(output, [3])
+                if output.shape[1] >= num_joints:
+                    heat = output[:, :num_joints]
+                    heat_sum = heat_sum + (heat[:, flip_index] if flipped else heat)
+                    heat_count += 1
+                if output.shape[1] > num_joints:
+                    tag = output[:, num_joints:]
+                    tags.append(tag[:, flip_index] if flipped and tag.shape[1] == num_joints else tag)
+            heatmaps.append(heat_sum / heat_count)
+        # the passes' tag maps as one tensor (channels stacked), interpolated in one call: bilinear
+        # interpolation treats each channel alone (the same values as a call per map), and the maps
+        # stay adjacent planes. Heatmaps go one map per call: kept under glibc's 32 MB mmap limit,
+        # their memory is reused instead of page-faulted in afresh (~2x faster here).
+        tags = torch.cat(tags, dim=1)
+        if size_projected is not None:
+            size = (size_projected[1], size_projected[0])
+            heatmaps = [F.interpolate(h, size=size, mode="bilinear", align_corners=False) for h in heatmaps]
+            tags = F.interpolate(tags, size=size, mode="bilinear", align_corners=False)
+    return heatmaps, tags.unflatten(1, (len(passes), -1))
 
 
 @torch.no_grad()
-def predict_maps(model, image, config=None, flip_index=None, num_joints=17, device=None):
-    """Heatmaps (K, H, W) and tags (K or 1, H, W, L) torch on CPU for one RGB uint8 image, plus the
-    center and box that map the maps back to the image. flip_index=None turns flip test off."""
+def predict_maps(model, image, config=None, flip_index=None, num_joints=17, device=None, timings=None):
+    """Heatmaps (K, H, W) and tags (K or 1, H, W, L; a view of one plane per tag dimension) torch on CPU
+    for one RGB uint8 image, plus the center and box that map the maps back to the image.
+    flip_index=None turns flip test off.
+    timings: a dict that receives the seconds spent per stage (benchmark.py)."""
     config = config or INFERENCE_SETTINGS["official"]
     device = device or next(model.parameters()).device
     scales = sorted(config.scales, reverse=True)
     min_scale = min(scales)
     base_size, center, box = multi_scale_size(image.shape[0], image.shape[1], config.input_size, 1.0, min_scale)
-    final, tag_list = None, []
+    final, tag_planes = None, None
     for s in scales:
-        resized, center, box = resize_align(image, config.input_size, s, min_scale)
-        x = normalize_image(resized)[None].to(device)
+        with _stage(timings, "resize + normalize", device):
+            resized, center, box = resize_align(image, config.input_size, s, min_scale)
+            x = normalize_image(resized)[None].to(device, memory_format=_input_format(model))
         heatmaps, tags = network_maps(model, x, num_joints, flip_index if config.flip else None,
-                                      base_size if config.project_to_image else None)
-        if s == 1 or len(scales) == 1:
-            if final is not None and not config.project_to_image:
-                tags = [F.interpolate(t, size=final.shape[2:], mode="bilinear", align_corners=False) for t in tags]
-            tag_list += [t[..., None] for t in tags]
-        average = (heatmaps[0] + heatmaps[1]) / 2.0 if len(heatmaps) == 2 else heatmaps[0]
-        if final is None:
-            final = average
-        elif config.project_to_image:
-            final = final + average
-        else:
-            final = final + F.interpolate(average, size=final.shape[2:], mode="bilinear", align_corners=False)
-    final = final / float(len(scales))
-    tags = torch.cat(tag_list, dim=4)
-    return final[0].float().cpu(), tags[0].float().cpu(), center, box
+                                      base_size if config.project_to_image else None, timings)
+        with _stage(timings, "merge outputs", device):
+            if s == 1 or len(scales) == 1:
+                if final is not None and not config.project_to_image:
+                    tags = F.interpolate(tags.flatten(1, 2), size=final.shape[2:], mode="bilinear",
+                                         align_corners=False).unflatten(1, tags.shape[1:3])
+                tag_planes = tags[0]
+            average = heatmaps[0].add_(heatmaps[1]).div_(2.0) if len(heatmaps) == 2 else heatmaps[0]
+            if final is None:
+                final = average
+            elif config.project_to_image:
+                final = final + average
+            else:
+                final = final + F.interpolate(average, size=final.shape[2:], mode="bilinear", align_corners=False)
+    with _stage(timings, "merge outputs", device):
+        if len(scales) > 1:                                # x / 1.0 is x: skip a pass over the maps
+            final = final / float(len(scales))
+        # official: torch.cat of the tag maps on a new last axis. The same (K, H, W, L) values, as a
+        # view of one contiguous map per tag dimension: interleaving them would cost more than the
+        # grouping, which reads the tag dimensions as separate planes.
+        final, tags = final[0].float().cpu(), tag_planes.permute(1, 2, 3, 0).float().cpu()
+    return final, tags, center, box
 
 
-def maps_to_people(heatmaps, tags, center, box, config=None, num_joints=None):
+def maps_to_people(heatmaps, tags, center, box, config=None, num_joints=None, timings=None):
     """Group one image's maps and map the people back to image pixels (official get_final_preds)."""
     config = config or INFERENCE_SETTINGS["official"]
     num_joints = num_joints or heatmaps.shape[0]
     group = group_by_tags_reference if config.reference_grouping else group_by_tags
-    people, scores = group(heatmaps, tags, config.grouping_params(num_joints))
-    if len(people):
-        map_size = (heatmaps.shape[2], heatmaps.shape[1])
-        inverse = get_affine_transform(center, box, 0, map_size, inverse=True)
-        people = affine_points(people, inverse)
+    with _stage(timings, "grouping", "cpu"):
+        people, scores = group(heatmaps, tags, config.grouping_params(num_joints))
+    with _stage(timings, "back to image pixels", "cpu"):
+        if len(people):
+            map_size = (heatmaps.shape[2], heatmaps.shape[1])
+            people = official_affine_points(people, official_affine_transform(center, box, 0, map_size, inverse=True))
     return people, scores
 
 
-def predict_people(model, image, config=None, layout=COCO17, device=None):
+def predict_people(model, image, config=None, layout=COCO17, device=None, timings=None):
     """Image (RGB uint8) -> (people (N, K, 3 + L) in image pixels, scores (N,))."""
     config = config or INFERENCE_SETTINGS["official"]
-    heatmaps, tags, center, box = predict_maps(model, image, config, layout.flip_index, layout.num_keypoints, device)
-    return maps_to_people(heatmaps, tags, center, box, config, layout.num_keypoints)
+    heatmaps, tags, center, box = predict_maps(model, image, config, layout.flip_index, layout.num_keypoints,
+                                               device, timings)
+    return maps_to_people(heatmaps, tags, center, box, config, layout.num_keypoints, timings)
 
 
 def people_to_coco_results(people, scores, image_id, category_id=1):

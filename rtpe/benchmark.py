@@ -21,12 +21,12 @@ import time
 import numpy as np
 import torch
 
-from common.evaluation import count_flops
+from common.evaluation import count_flops, fold_batchnorm
 from common.runs import output_dirs
 from higher_hrnet.model import build_model as build_teacher
 from rtpe.export import export_onnx
 from rtpe.infer import Predictor, decoding_settings
-from rtpe.model import RealtimePoseStudent, fold_batchnorm
+from rtpe.model import RealtimePoseStudent
 
 
 def timed(function, frames, warmup):

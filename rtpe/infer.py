@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input
+from common.evaluation import fold_batchnorm
 from common.geometry import affine_points
 from common.keypoints import COCO17, layout_from_dict
 from common.prediction import Predictor as BasePredictor
@@ -26,7 +27,7 @@ from common.synthetic import ensure_dataset
 from higher_hrnet.grouping import GroupingParams, group_by_tags
 from rtpe.dataset import MEAN_RGB
 from rtpe.loss import HEATMAP_POS_WEIGHT
-from rtpe.model import MODEL_NAME, STRIDE, build_model, fold_batchnorm, upgrade_checkpoint
+from rtpe.model import MODEL_NAME, STRIDE, build_model, upgrade_checkpoint
 
 # the seed's parser settings (HM_PARSER_PARAMS): detection 0.1, tag 1.0, 30 people, 5x5 NMS
 SEED_GROUPING = dict(detection_threshold=0.1, tag_threshold=1.0, max_num_people=30, nms_kernel=5)

@@ -12,7 +12,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import Bottleneck
 
 from common.data import IMAGENET_MEAN, IMAGENET_STD
@@ -333,23 +332,3 @@ def load_teacher_stem(student, higher_hrnet_state_dict, source="the teacher chec
         merged[key] = value.float() if value.is_floating_point() else value  # fp16 checkpoints
     student.stem.load_state_dict(merged)
     return student
-
-
-def fold_batchnorm(model):
-    """Folds every eval-mode BatchNorm into the convolution before it (in place; returns the model).
-    Used for export and for the speed-measured inference path: same outputs, fewer kernels."""
-    model.eval()
-    for module in list(model.modules()):
-        if isinstance(module, nn.Sequential):
-            children = list(module._modules.items())
-            for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    module._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
-                    module._modules[bn_name] = nn.Identity()
-        # HRNet stem and torchvision Bottlenecks keep conv/bn pairs as named attributes
-        for conv_name, bn_name in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
-                setattr(module, bn_name, nn.Identity())
-    return model

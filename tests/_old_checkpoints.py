@@ -5,7 +5,8 @@ weights and the optimizer state (too large for the repository): every other key 
 names with their shapes and dtypes, and what the old code computed from deterministic stand-in weights
 (`stand_in_weights`): the network's output on `stand_in_input`, and its predictions on `stand_in_image`.
 A test rebuilds the checkpoint with the same stand-in weights and checks that today's loader gives the
-same numbers.
+same numbers. higher_hrnet's predictions were recomputed by that same loader at commit 98ceba8, whose test
+pipeline (issue 17: official float64 resize, munkres 1.1.4 tie-breaking) is today's.
 """
 from pathlib import Path
 

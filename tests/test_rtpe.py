@@ -14,7 +14,7 @@ import torch
 
 from common.data import load_coco_keypoints
 from common.engine import fit
-from common.evaluation import coco_keypoint_ap
+from common.evaluation import coco_keypoint_ap, fold_batchnorm
 from common.keypoints import COCO17
 from common.synthetic import ensure_dataset
 from higher_hrnet.grouping import GroupingParams
@@ -23,7 +23,7 @@ from rtpe.eval import evaluate_student, oracle_ap
 from rtpe.export import export_onnx, onnx_parity
 from rtpe.infer import decoding_settings, maps_to_people, people_to_results
 from rtpe.loss import DistillationObjective, associative_embedding_loss, keypoint_loss, segmentation_loss
-from rtpe.model import ContextAwareModule, RealtimePoseStudent, fold_batchnorm, rgb_to_hsv, rgb_to_lab
+from rtpe.model import ContextAwareModule, RealtimePoseStudent, rgb_to_hsv, rgb_to_lab
 from rtpe.teacher_inference import build_cache, coco_items, people_keypoints, read_entry, read_index, render_oracle
 from rtpe.train import RestartingCosineLR, restarting_cosine_lr, trainable_parameters, warmup_cosine
 
