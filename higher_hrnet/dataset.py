@@ -23,7 +23,7 @@ from common.heatmaps import HeatmapCodec
 from common.keypoints import COCO17
 from common.loader import collate_skip_bad
 from common.runs import output_dirs
-from common.synthetic import ensure_dataset
+from higher_hrnet.scenes import ensure_scenes
 
 TARGET_SIGMA = 2.0  # the official heatmap sigma, in output pixels at both resolutions
 
@@ -178,7 +178,7 @@ def draw_sample(sample, layout=COCO17):
 
 def main(args):
     if args.data is None:
-        root = ensure_dataset("multi_person", args.out)
+        root = ensure_scenes(args.out)
         image_dir, ann = root / "images" / "train", root / "annotations" / "person_keypoints_train.json"
     else:
         image_dir, ann = Path(args.data), Path(args.ann)

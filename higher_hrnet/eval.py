@@ -28,13 +28,13 @@ from common.geometry import affine_points, get_affine_transform
 from common.heatmaps import make_heatmaps
 from common.keypoints import COCO17, get_layout, layout_from_dict
 from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
-from common.synthetic import ensure_dataset
 from higher_hrnet.checkpoints import load_for_inference
 from higher_hrnet.dataset import TARGET_SIGMA
 from higher_hrnet.infer import NO_CHECKPOINT_HINT, add_plain_network_arg
 from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, multi_scale_size,
                                     people_to_coco_results, predict_people, prepare_for_inference)
 from higher_hrnet.model import MODEL_NAME
+from higher_hrnet.scenes import ensure_scenes
 
 
 def evaluate_model(model, image_dir, ann_file, config, layout=COCO17, device=None, out_dir=None,
@@ -130,7 +130,7 @@ def default_data(args):
         if not args.ann:
             raise SystemExit("--data needs --ann (the COCO keypoint JSON or image_info file)")
         return Path(args.data), Path(args.ann)
-    root = ensure_dataset("multi_person", args.out)
+    root = ensure_scenes(args.out)
     return root / "images" / "val", root / "annotations" / "person_keypoints_val.json"
 
 

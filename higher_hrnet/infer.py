@@ -22,11 +22,11 @@ from common.keypoints import get_layout, layout_from_dict
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
 from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
-from common.synthetic import ensure_dataset
 from higher_hrnet.checkpoints import load_for_inference
 from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, predict_maps,
                                     prepare_for_inference)
 from higher_hrnet.model import MODEL_NAME
+from higher_hrnet.scenes import ensure_scenes
 
 NO_CHECKPOINT_HINT = " (ours, official or the seed's)"
 
@@ -117,7 +117,7 @@ def main(args):
     layout = get_layout(args.layout) if args.layout else None
     predictor = Predictor(model, settings, args.inference, device, layout, args.plain_network,
                           input_size=args.input_size)
-    sources = args.input or [ensure_dataset("multi_person", args.out) / "images" / "val"]
+    sources = args.input or [ensure_scenes(args.out) / "images" / "val"]
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
     return run_inference(predictor, sources, out_dir, checkpoint, drawings(predictor, args.threshold), args.limit)
 

@@ -22,13 +22,13 @@ from common.engine import fit
 from common.keypoints import get_layout
 from common.pretrained import resolve_pretrained
 from common.runs import add_common_args, parse_with_preset, run_dirs, setup_device_and_distributed
-from common.synthetic import ensure_dataset
 from higher_hrnet.checkpoints import load_imagenet_backbone
 from higher_hrnet.dataset import BottomUpDataset, collate_skip_bad_bottom_up
 from higher_hrnet.eval import evaluate_model, oracle_metrics, summary_line
 from higher_hrnet.inference import INFERENCE_SETTINGS, inference_settings
 from higher_hrnet.loss import multi_resolution_loss
 from higher_hrnet.model import MODEL_NAME, build_model
+from higher_hrnet.scenes import ensure_scenes
 
 # Defaults per preset. "milestones" are epochs (scheduler stepped per epoch) or, with "max_steps",
 # steps (stepped per step).
@@ -58,10 +58,10 @@ def data_paths(args):
             raise SystemExit("--data needs --ann (COCO keypoint JSON)")
         return args.data, args.ann, args.val_data, args.val_ann
     if args.rank == 0:
-        root = ensure_dataset("multi_person", args.out)
+        root = ensure_scenes(args.out)
     if args.distributed:
         dist.barrier()
-    root = ensure_dataset("multi_person", args.out)
+    root = ensure_scenes(args.out)
     return (root / "images" / "train", root / "annotations" / "person_keypoints_train.json",
             root / "images" / "val", root / "annotations" / "person_keypoints_val.json")
 

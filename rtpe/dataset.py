@@ -26,7 +26,7 @@ from common.heatmaps import HeatmapCodec
 from common.keypoints import COCO17
 from common.loader import collate_skip_bad
 from common.runs import output_dirs
-from common.synthetic import ensure_dataset
+from higher_hrnet.scenes import ensure_scenes
 from rtpe.model import STRIDE
 from rtpe.teacher_inference import ensure_builtin_cache, read_entry, read_index
 
@@ -209,7 +209,7 @@ def main(args):
         image_dir = data / "images" / "val2017"
     else:
         cache_root, _ = ensure_builtin_cache("auto", args.out)
-        data = Path(ensure_dataset("multi_person", root=args.out))
+        data = Path(ensure_scenes(args.out))
         ann, image_dir, cache = data / "annotations" / "person_keypoints_train.json", data / "images" / "train", \
             cache_root / "train"
     dataset = DistillationDataset(image_dir, ann, cache, crop_size=args.crop_size, augment=True)

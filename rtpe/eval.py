@@ -24,8 +24,8 @@ from common.data import exit_on_bad_input, load_coco_keypoints, read_image
 from common.evaluation import coco_keypoint_ap, write_results_json
 from common.keypoints import COCO17
 from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
-from common.synthetic import ensure_dataset
 from higher_hrnet.grouping import GroupingParams
+from higher_hrnet.scenes import ensure_scenes
 from rtpe.infer import SEED_GROUPING, Predictor, maps_to_people, people_to_results
 from rtpe.model import MODEL_NAME, build_model, upgrade_checkpoint
 from rtpe.teacher_inference import ensure_builtin_cache, people_keypoints, read_entry, read_index, render_oracle
@@ -112,7 +112,7 @@ def evaluate_cache(coco, cache_dir, image_ids):
 def evaluation_data(args):
     """(coco, image dir, split name, annotation file): --data, else the built-in validation scenes."""
     if args.data is None:
-        data = Path(ensure_dataset("multi_person", root=args.out))
+        data = Path(ensure_scenes(args.out))
         ann, image_dir, split = data / "annotations" / "person_keypoints_val.json", data / "images" / "val", "val"
     else:
         data, split = Path(args.data), args.split

@@ -23,8 +23,8 @@ from common.keypoints import COCO17, layout_from_dict
 from common.prediction import Predictor as BasePredictor
 from common.prediction import draw_skeletons, make_person, run_inference
 from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
-from common.synthetic import ensure_dataset
 from higher_hrnet.grouping import GroupingParams, group_by_tags
+from higher_hrnet.scenes import ensure_scenes
 from rtpe.dataset import MEAN_RGB
 from rtpe.loss import HEATMAP_POS_WEIGHT
 from rtpe.model import MODEL_NAME, STRIDE, build_model, upgrade_checkpoint
@@ -148,7 +148,7 @@ def drawing(predictor, threshold, attention):
 def main(args):
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python rtpe/train.py", args.out)
     predictor = Predictor.from_checkpoint(checkpoint, pick_device(args.device), args.input_size)
-    sources = args.input or [ensure_dataset("multi_person", root=args.out) / "images" / "val"]
+    sources = args.input or [ensure_scenes(args.out) / "images" / "val"]
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
     return run_inference(predictor, sources, out_dir, checkpoint, drawing(predictor, args.threshold, args.attention),
                          args.limit)

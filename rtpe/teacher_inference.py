@@ -26,10 +26,10 @@ from tqdm import tqdm
 from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input, load_coco_keypoints, read_image
 from common.heatmaps import make_heatmaps
 from common.runs import data_dir, newest_checkpoint
-from common.synthetic import ensure_dataset
 from higher_hrnet.checkpoints import checkpoint_width, load_official_checkpoint, read_state_dict
 from higher_hrnet.model import MODEL_NAME as TEACHER_MODEL_NAME
 from higher_hrnet.model import build_model as build_teacher
+from higher_hrnet.scenes import ensure_scenes
 
 DEFAULT_WEIGHTS = "models/pose_higher_hrnet_w48_640.pth.tar"  # the seed's default teacher file
 ORACLE_SIGMA = 2.0          # HigherHRNet's target spread, so the oracle looks like the teacher
@@ -226,7 +226,7 @@ def make_teacher(spec, input_size=None, device="cpu", out=None):
 
 def ensure_builtin_cache(teacher_spec="auto", out=None, device="cpu"):
     """Teacher cache for both splits of the built-in multi-person scenes; returns (cache root, teacher name)."""
-    data = Path(ensure_dataset("multi_person", root=out))
+    data = Path(ensure_scenes(out))
     teacher = make_teacher(teacher_spec, device=device, out=out)
     name = "oracle" if teacher == "oracle" else f"higher_hrnet-{sha256_of(teacher.weights)[:12]}"
     cache = data_dir(out) / "rtpe_teacher_cache" / name

@@ -20,7 +20,7 @@ from common.geometry import (affine_points, box_to_center_scale, flip_image, fli
 from common.heatmaps import HeatmapCodec
 from common.keypoints import LIP16
 from common.runs import output_dirs
-from common.synthetic import ensure_dataset
+from simple_baseline.crops import ensure_crops
 
 LIP_NUM_JOINTS = 16
 PAPER_SIGMA = 2.0  # the paper's target sigma in heatmap pixels (chosen for 64x48 heatmaps)
@@ -149,7 +149,7 @@ def load_split(data_format, data, ann, split, data_root=None, head_boxes=None, d
     if data is None and ann is None:
         if data_format == "mpii":
             raise SystemExit("--format mpii: there is no built-in MPII data; give --data IMAGES --ann FILE.json")
-        root = Path(ensure_dataset("single_person", root=data_root, **(builtin_sizes or {})))
+        root = Path(ensure_crops(data_root, **(builtin_sizes or {})))
         data = root / "images" / split
         ann = root / "annotations" / (f"lip_{split}.csv" if data_format == "lip" else f"person_keypoints_{split}.json")
     if ann is None or data is None:

@@ -22,7 +22,6 @@ from common.geometry import (affine_points, flip_keypoints, get_affine_transform
                              warp_image)
 from common.heatmaps import heatmap_nms, joint_centers, make_heatmaps
 from common.keypoints import COCO17
-from common.synthetic import build_multi_person_scenes
 from higher_hrnet import eval as hh_eval
 from higher_hrnet.benchmark import random_people, randomize_batchnorm, render_fake_maps
 from higher_hrnet.dataset import BottomUpDataset, collate_bottom_up, tag_rows
@@ -32,6 +31,7 @@ from higher_hrnet.inference import (InferenceConfig, multi_scale_size, people_to
                                     predict_people, prepare_for_inference, resize_align)
 from higher_hrnet.loss import ae_loss, heatmap_loss, multi_resolution_loss
 from higher_hrnet.model import build_model
+from higher_hrnet.scenes import build_multi_person_scenes
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / ".." / "shared" / "reference"

@@ -16,8 +16,8 @@ from common.data import load_coco_keypoints
 from common.engine import fit
 from common.evaluation import coco_keypoint_ap, fold_batchnorm
 from common.keypoints import COCO17
-from common.synthetic import ensure_dataset
 from higher_hrnet.grouping import GroupingParams
+from higher_hrnet.scenes import ensure_scenes
 from rtpe.dataset import DistillationDataset, collate_people
 from rtpe.eval import evaluate_student, oracle_ap
 from rtpe.export import export_onnx, onnx_parity
@@ -292,7 +292,7 @@ def test_tiny_distillation_end_to_end(tmp_path, monkeypatch):
     depending on the thread count, too close to the bar."""
 
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
-    data = Path(ensure_dataset("multi_person", root=tmp_path, num_images=30, num_val=2, image_size=128, seed=3))
+    data = Path(ensure_scenes(tmp_path, num_images=30, num_val=2, image_size=128, seed=3))
     ann = data / "annotations" / "person_keypoints_train.json"
     coco = load_coco_keypoints(ann)
 

@@ -13,10 +13,11 @@ import torch
 import simple_baseline.eval as eval_script
 import simple_baseline.infer as infer_script
 import simple_baseline.train as train_script
-from common import synthetic
+
 from common.evaluation import coco_keypoint_ap
 from common.heatmaps import flip_heatmaps_back
 from common.keypoints import COCO17, LIP16
+from simple_baseline.crops import CROP_DEFAULTS, build_single_person_crops
 from simple_baseline.dataset import TopDownDataset, read_coco_topdown, read_lip_csv, read_mpii_json, target_codec
 from simple_baseline.eval import coco_results, mean_pose_in_crop, mean_pose_predictions, pckh_table, run_predictions
 from simple_baseline.model import PoseResNet, build_model, load_pretrained_backbone
@@ -210,12 +211,12 @@ def test_built_in_poses_vary_as_much_as_lip_poses(tmp_path):
     lip_baseline = _mean_pose_pckh(lip[: len(lip) // 2], lip[len(lip) // 2:])
 
     def built_in_baseline(spread):
-        splits = [synthetic.build_single_person_crops(tmp_path / str(spread), split, count, pose_spread=spread)
+        splits = [build_single_person_crops(tmp_path / str(spread), split, count, pose_spread=spread)
                   for split, count in (("train", 400), ("val", 300))]
         train, val = (read_lip_csv(s["lip"], s["images"])[0] for s in splits)
         return _mean_pose_pckh(train, val)
 
-    calibrated = built_in_baseline(synthetic._DEFAULTS["single_person"]["pose_spread"])
+    calibrated = built_in_baseline(CROP_DEFAULTS["pose_spread"])
     assert abs(calibrated - lip_baseline) < 0.03, (calibrated, lip_baseline)
     assert built_in_baseline(1.0) < calibrated - 0.02
 
