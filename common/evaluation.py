@@ -1,5 +1,4 @@
-"""Metrics every model folder reports: COCO keypoint AP/AR (pycocotools), PCK/PCKh, params and FLOPs;
-BatchNorm folding for the timed inference paths."""
+"""Metrics every model folder reports: COCO keypoint AP/AR (pycocotools), PCK/PCKh, params and FLOPs."""
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.data import load_coco_keypoints
@@ -80,16 +77,6 @@ def pck(pred, gt, visible, norm, thresholds=(0.5,)):
     return table
 
 
-def print_pck_table(per_joint, names, title="PCK", mean=None):
-    """Print one row per joint (percent) and the mean."""
-    width = max(len(n) for n in names)
-    print(f"{title}")
-    for name, value in zip(names, per_joint):
-        print(f"  {name:<{width}}  {100 * value:6.2f}")
-    if mean is not None:
-        print(f"  {'Mean':<{width}}  {100 * mean:6.2f}")
-
-
 def count_parameters(model, trainable_only=False) -> int:
     """Parameter count (BatchNorm buffers excluded); works on meta-device models."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -104,26 +91,3 @@ def count_flops(model, example_input) -> int:
         model(example_input)
     model.train(was_training)
     return int(counter.get_total_flops())
-
-
-def fold_batchnorm(model):
-    """Folds every eval-mode BatchNorm into the convolution (or transposed convolution) before it, in
-    place; returns the model. Used for export and for the speed-measured inference paths: same outputs
-    up to float rounding, fewer kernels."""
-    model.eval()
-    convolutions = (nn.Conv2d, nn.ConvTranspose2d)
-    for module in list(model.modules()):
-        if isinstance(module, nn.Sequential):
-            children = list(module._modules.items())
-            for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
-                if isinstance(conv, convolutions) and isinstance(bn, nn.BatchNorm2d):
-                    transposed = isinstance(conv, nn.ConvTranspose2d)
-                    module._modules[conv_name] = fuse_conv_bn_eval(conv, bn, transpose=transposed)
-                    module._modules[bn_name] = nn.Identity()
-        # HRNet stems and residual blocks keep conv/bn pairs as named attributes
-        for conv_name, bn_name in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
-                setattr(module, bn_name, nn.Identity())
-    return model

@@ -3,8 +3,7 @@
 A crop is described by a center (x, y) and a size (w, h) in original-image pixels, plus a
 rotation; `get_affine_transform` maps that box onto the network input. The same matrix warps the
 image, masks and keypoints, and its inverse maps predictions back to original pixels.
-`official_affine_transform` is the official pose repositories' construction of that matrix, to the
-bit: a test-time pipeline that must equal the official one uses it (training keeps the float32 form).
+(higher_hrnet/inference.py holds the official repositories' float64 construction, for its test pipeline.)
 """
 from __future__ import annotations
 
@@ -41,31 +40,6 @@ def get_affine_transform(center, size, rotation_deg, output_size, inverse=False)
     return invert_affine(matrix) if inverse else matrix
 
 
-def official_affine_transform(center, size, rotation_deg, output_size, inverse=False):
-    """The matrix of the official get_affine_transform (HRNet repositories, lib/utils/transforms.py),
-    bit for bit: three point pairs rounded to float32, solved by cv2.getAffineTransform, float64 out.
-    It differs from get_affine_transform in the last bits (tiny off-diagonal terms, float32-derived
-    entries), enough to move some warped pixels by one grey level. `size` = the official scale * 200.
-    """
-    center = np.asarray(center, np.float64)
-    src_w = float(size[0])
-    dst_w, dst_h = output_size
-    theta = np.pi * rotation_deg / 180
-    sin, cos = np.sin(theta), np.cos(theta)
-    src_dir = [0 * cos - src_w * -0.5 * sin, 0 * sin + src_w * -0.5 * cos]
-    dst_dir = np.array([0, dst_w * -0.5], np.float32)
-    src = np.zeros((3, 2), np.float32)
-    dst = np.zeros((3, 2), np.float32)
-    src[0] = center
-    src[1] = center + src_dir
-    dst[0] = [dst_w * 0.5, dst_h * 0.5]
-    dst[1] = np.array([dst_w * 0.5, dst_h * 0.5]) + dst_dir
-    for points in (src, dst):   # the third point: the second turned 90 degrees about the first
-        direction = points[0] - points[1]
-        points[2] = points[1] + np.array([-direction[1], direction[0]], np.float32)
-    return cv2.getAffineTransform(dst, src) if inverse else cv2.getAffineTransform(src, dst)
-
-
 def invert_affine(matrix):
     return cv2.invertAffineTransform(np.asarray(matrix, np.float64)).astype(np.float32)
 
@@ -78,20 +52,9 @@ def affine_points(points, matrix):
     return points
 
 
-def official_affine_points(points, matrix):
-    """affine_points as the official transform_preds computes it: np.dot of the float64 matrix with
-    (x, y, 1) for one point at a time, stored back into the float32 points. (A batched product
-    rounds differently: np.dot on one point uses its own BLAS kernel.)"""
-    points = np.array(points, dtype=np.float32, copy=True)
-    matrix = np.asarray(matrix, np.float64)
-    for point in points.reshape(-1, points.shape[-1]):
-        point[:2] = np.dot(matrix, np.array([point[0], point[1], 1.0]))
-    return points
-
-
 def warp_image(image, matrix, output_size, interpolation=cv2.INTER_LINEAR, border_value=0):
     """cv2.warpAffine with the matrix as given: OpenCV computes in float64 either way, so a float64
-    matrix (official_affine_transform) must not be rounded to float32 on the way."""
+    matrix (higher_hrnet.inference.official_affine_transform) must not be rounded to float32 on the way."""
     matrix = np.asarray(matrix)
     if matrix.dtype not in (np.float32, np.float64):
         matrix = matrix.astype(np.float64)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def joint_centers(joints, heatmap_size, center="subpixel"):
@@ -97,31 +96,6 @@ def decode_heatmaps(heatmaps: torch.Tensor):
     dy = torch.sign(at(0, 1) - at(0, -1)) * ((yi > 0) & (yi < height - 1))
     coords = torch.stack([x + 0.25 * dx, y + 0.25 * dy], dim=2)
     return coords, maxvals
-
-
-def flip_heatmaps_back(heatmaps: torch.Tensor, flip_index, shift=False):
-    """Undo a horizontal input flip on network output: mirror W and swap left/right channels.
-
-    shift=True moves the result one pixel right, the Simple Baselines correction for the
-    half-pixel misalignment that flipping an even-width map introduces.
-    """
-    flipped = heatmaps.flip(3)[:, list(flip_index)]
-    if shift:
-        flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=3)
-    return flipped
-
-
-def heatmap_nms(heatmaps: torch.Tensor, kernel=5):
-    """Keep only local maxima within a kernel x kernel window (others set to zero)."""
-    pooled = F.max_pool2d(heatmaps, kernel, stride=1, padding=(kernel - 1) // 2)
-    return heatmaps * (pooled == heatmaps)
-
-
-def topk_peaks(heatmaps: torch.Tensor, k):
-    """Top-k values of each (already NMS'd) map: scores, xs, ys, each (B, K, k)."""
-    batch, joints, height, width = heatmaps.shape
-    scores, index = heatmaps.reshape(batch, joints, -1).topk(k, dim=2)
-    return scores, index % width, torch.div(index, width, rounding_mode="floor")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ _SKIN = np.array([[255, 219, 172], [241, 194, 125], [224, 172, 105], [198, 134, 
                   [96, 60, 35]], np.float64)
 
 
-
 def _disk(image, center, radius, color):
     scale = 1 << SHIFT
     cv2.circle(image, (round(float(center[0]) * scale), round(float(center[1]) * scale)),

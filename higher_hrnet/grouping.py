@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-
-from common.heatmaps import heatmap_nms, topk_peaks
+import torch.nn.functional as F
 
 # The official parser starts from the head and the hips, then works outwards: 1-based COCO order.
 COCO_JOINT_ORDER = tuple(i - 1 for i in (1, 2, 3, 4, 5, 6, 7, 12, 13, 8, 9, 10, 11, 14, 15, 16, 17))
@@ -66,8 +65,21 @@ def _as_maps(heatmaps, tags, num_joints):
     return det.contiguous(), torch.from_numpy(np.ascontiguousarray(planes))
 
 
+def heatmap_nms(heatmaps: torch.Tensor, kernel=5):
+    """Keep only local maxima within a kernel x kernel window (others set to zero)."""
+    pooled = F.max_pool2d(heatmaps, kernel, stride=1, padding=(kernel - 1) // 2)
+    return heatmaps * (pooled == heatmaps)
+
+
+def topk_peaks(heatmaps: torch.Tensor, k):
+    """Top-k values of each (already NMS'd) map: scores, xs, ys, each (B, K, k)."""
+    batch, joints, height, width = heatmaps.shape
+    scores, index = heatmaps.reshape(batch, joints, -1).topk(k, dim=2)
+    return scores, index % width, torch.div(index, width, rounding_mode="floor")
+
+
 def local_maxima_nms(det, kernel=5):
-    """Exactly common.heatmaps.heatmap_nms (max_pool2d, stride 1, -inf padding) for one (K,H,W) numpy
+    """Exactly heatmap_nms (max_pool2d, stride 1, -inf padding) for one (K,H,W) numpy
     stack and an odd kernel, with OpenCV's dilation as the max filter (its border is -inf as well)."""
     return det * (_dilate(det, kernel) == det)
 

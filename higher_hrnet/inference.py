@@ -20,13 +20,15 @@ import copy
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from common.data import normalize_image
-from common.evaluation import fold_batchnorm
-from common.geometry import official_affine_points, official_affine_transform, warp_image
+from common.geometry import warp_image
 from common.keypoints import COCO17
 from higher_hrnet.grouping import GroupingParams, group_by_tags, group_by_tags_reference
 
@@ -88,11 +90,70 @@ def multi_scale_size(height, width, input_size, current_scale, min_scale):
     return (w_resized, h_resized), center, scale * 200.0
 
 
+def official_affine_transform(center, size, rotation_deg, output_size, inverse=False):
+    """The matrix of the official get_affine_transform (HRNet repositories, lib/utils/transforms.py),
+    bit for bit: three point pairs rounded to float32, solved by cv2.getAffineTransform, float64 out.
+    It differs from get_affine_transform in the last bits (tiny off-diagonal terms, float32-derived
+    entries), enough to move some warped pixels by one grey level. `size` = the official scale * 200.
+    """
+    center = np.asarray(center, np.float64)
+    src_w = float(size[0])
+    dst_w, dst_h = output_size
+    theta = np.pi * rotation_deg / 180
+    sin, cos = np.sin(theta), np.cos(theta)
+    src_dir = [0 * cos - src_w * -0.5 * sin, 0 * sin + src_w * -0.5 * cos]
+    dst_dir = np.array([0, dst_w * -0.5], np.float32)
+    src = np.zeros((3, 2), np.float32)
+    dst = np.zeros((3, 2), np.float32)
+    src[0] = center
+    src[1] = center + src_dir
+    dst[0] = [dst_w * 0.5, dst_h * 0.5]
+    dst[1] = np.array([dst_w * 0.5, dst_h * 0.5]) + dst_dir
+    for points in (src, dst):   # the third point: the second turned 90 degrees about the first
+        direction = points[0] - points[1]
+        points[2] = points[1] + np.array([-direction[1], direction[0]], np.float32)
+    return cv2.getAffineTransform(dst, src) if inverse else cv2.getAffineTransform(src, dst)
+
+
+def official_affine_points(points, matrix):
+    """affine_points as the official transform_preds computes it: np.dot of the float64 matrix with
+    (x, y, 1) for one point at a time, stored back into the float32 points. (A batched product
+    rounds differently: np.dot on one point uses its own BLAS kernel.)"""
+    points = np.array(points, dtype=np.float32, copy=True)
+    matrix = np.asarray(matrix, np.float64)
+    for point in points.reshape(-1, points.shape[-1]):
+        point[:2] = np.dot(matrix, np.array([point[0], point[1], 1.0]))
+    return points
+
+
 def resize_align(image, input_size, current_scale=1.0, min_scale=1.0):
     """Official resize_align_multi_scale: the image warped to the aligned size with the official float64
     matrix (bit for bit the official resized image). Returns (resized image, center, box)."""
     size, center, box = multi_scale_size(image.shape[0], image.shape[1], input_size, current_scale, min_scale)
     return warp_image(image, official_affine_transform(center, box, 0, size), size), center, box
+
+
+def fold_batchnorm(model):
+    """Folds every eval-mode BatchNorm into the convolution (or transposed convolution) before it, in
+    place; returns the model. Used for export and for the speed-measured inference paths: same outputs
+    up to float rounding, fewer kernels."""
+    model.eval()
+    convolutions = (nn.Conv2d, nn.ConvTranspose2d)
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            children = list(module._modules.items())
+            for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+                if isinstance(conv, convolutions) and isinstance(bn, nn.BatchNorm2d):
+                    transposed = isinstance(conv, nn.ConvTranspose2d)
+                    module._modules[conv_name] = fuse_conv_bn_eval(conv, bn, transpose=transposed)
+                    module._modules[bn_name] = nn.Identity()
+        # HRNet stems and residual blocks keep conv/bn pairs as named attributes
+        for conv_name, bn_name in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    return model
 
 
 def prepare_for_inference(model, fold=True, channels_last=True):

@@ -21,8 +21,9 @@ import time
 import numpy as np
 import torch
 
-from common.evaluation import count_flops, fold_batchnorm
+from common.evaluation import count_flops
 from common.runs import output_dirs
+from higher_hrnet.inference import fold_batchnorm
 from higher_hrnet.model import build_model as build_teacher
 from rtpe.export import export_onnx
 from rtpe.infer import Predictor, decoding_settings

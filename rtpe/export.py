@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from common.data import exit_on_bad_input
-from common.evaluation import fold_batchnorm
 from common.runs import checkpoint_or_exit, model_from_checkpoint, output_dirs
+from higher_hrnet.inference import fold_batchnorm
 from rtpe.model import MODEL_NAME, build_model, upgrade_checkpoint
 
 

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input
-from common.evaluation import fold_batchnorm
 from common.geometry import affine_points
 from common.keypoints import COCO17, layout_from_dict
 from common.prediction import Predictor as BasePredictor
 from common.prediction import draw_skeletons, make_person, run_inference
 from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
 from higher_hrnet.grouping import GroupingParams, group_by_tags
+from higher_hrnet.inference import fold_batchnorm
 from higher_hrnet.scenes import ensure_scenes
 from rtpe.dataset import MEAN_RGB
 from rtpe.loss import HEATMAP_POS_WEIGHT

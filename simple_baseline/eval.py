@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from common.data import BadImageError, exit_on_bad_input, read_image
-from common.evaluation import (coco_keypoint_ap, count_flops, count_parameters, pck, print_pck_table,
-                               write_results_json)
+from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, pck, write_results_json
 from common.geometry import affine_points, get_affine_transform
 from common.heatmaps import HeatmapCodec
 from common.keypoints import COCO17, LIP16
@@ -85,7 +84,11 @@ def pckh_table(pred, gt, head_size):
 
 
 def print_pckh(rows, title):
-    print_pck_table([rows[name] for name in rows], list(rows), title=title)
+    """The title, then one line per row in percent."""
+    width = max(len(name) for name in rows)
+    print(title)
+    for name, value in rows.items():
+        print(f"  {name:<{width}}  {100 * value:6.2f}")
 
 
 def mean_pose_in_crop(records, dataset):

@@ -13,7 +13,7 @@ from common.data import AnnotationError, BadImageError, exit_on_bad_input, load_
 from common.evaluation import COCO_METRIC_NAMES, coco_keypoint_ap, count_flops, count_parameters, pck
 from common.geometry import (affine_points, box_to_center_scale, flip_image, flip_keypoints, get_affine_transform,
                              warp_image)
-from common.heatmaps import decode_heatmaps, flip_heatmaps_back, heatmap_nms, make_heatmaps, topk_peaks
+from common.heatmaps import decode_heatmaps, make_heatmaps
 from common.keypoints import (AP10K17, CAT16, COCO17, COCO_SIGMAS, LAYOUTS, MPII16, POSE_SPI13, get_layout,
                               layout_from_coco_category, layout_from_dict)
 from common.loader import make_loader
@@ -96,23 +96,6 @@ def test_heatmap_weights_and_edges():
     # several people: per-joint maximum, the support is +-3 sigma
     two, w = make_heatmaps(np.array([[[10, 10, 2]], [[30, 10, 2]]]), (48, 24), sigma=1.5)
     assert two[0, 10, 10] == 1.0 and two[0, 10, 30] == 1.0 and two[0, 10, 20] == 0.0 and w[0] == 1
-
-
-def test_flip_heatmaps_back_and_nms():
-    maps = torch.rand(2, 17, 12, 10)
-    back = flip_heatmaps_back(flip_heatmaps_back(maps, COCO17.flip_index), COCO17.flip_index)
-    assert torch.equal(back, maps)
-    once = flip_heatmaps_back(maps, COCO17.flip_index)
-    assert torch.equal(once[0, 1, :, 0], maps[0, 2, :, -1])  # left_eye <- mirrored right_eye
-    shifted = flip_heatmaps_back(maps, COCO17.flip_index, shift=True)
-    assert torch.equal(shifted[..., 1:], once[..., :-1])
-    peaks = torch.zeros(1, 1, 20, 20)
-    peaks[0, 0, 5, 5], peaks[0, 0, 5, 6], peaks[0, 0, 15, 12] = 0.9, 0.5, 0.7
-    nms = heatmap_nms(peaks, 5)
-    assert nms[0, 0, 5, 6] == 0 and nms[0, 0, 5, 5] == 0.9
-    scores, xs, ys = topk_peaks(nms, 2)
-    assert scores[0, 0].tolist() == pytest.approx([0.9, 0.7]) and xs[0, 0].tolist() == [5, 12]
-    assert ys[0, 0].tolist() == [5, 15]
 
 
 # ---- geometry -----------------------------------------------------------------------------------

@@ -18,17 +18,17 @@ from pycocotools import mask as mask_utils
 
 from common.data import normalize_image, read_image
 from common.evaluation import coco_keypoint_ap
-from common.geometry import (affine_points, flip_keypoints, get_affine_transform, official_affine_transform,
-                             warp_image)
-from common.heatmaps import heatmap_nms, joint_centers, make_heatmaps
+from common.geometry import affine_points, flip_keypoints, get_affine_transform, warp_image
+from common.heatmaps import joint_centers, make_heatmaps
 from common.keypoints import COCO17
 from higher_hrnet import eval as hh_eval
 from higher_hrnet.benchmark import random_people, randomize_batchnorm, render_fake_maps
 from higher_hrnet.dataset import BottomUpDataset, collate_bottom_up, tag_rows
-from higher_hrnet.grouping import (GroupingParams, _peaks_above, group_by_tags, group_by_tags_reference,
-                                   local_maxima_nms, munkres_assignment)
-from higher_hrnet.inference import (InferenceConfig, multi_scale_size, people_to_coco_results, predict_maps,
-                                    predict_people, prepare_for_inference, resize_align)
+from higher_hrnet.grouping import (GroupingParams, _peaks_above, group_by_tags, group_by_tags_reference, heatmap_nms,
+                                   local_maxima_nms, munkres_assignment, topk_peaks)
+from higher_hrnet.inference import (InferenceConfig, multi_scale_size, official_affine_transform,
+                                    people_to_coco_results, predict_maps, predict_people, prepare_for_inference,
+                                    resize_align)
 from higher_hrnet.loss import ae_loss, heatmap_loss, multi_resolution_loss
 from higher_hrnet.model import build_model
 from higher_hrnet.scenes import build_multi_person_scenes
@@ -310,6 +310,16 @@ def test_munkres_assignment_equals_munkres_1_1_4_on_tied_matrices():
         expected = np.array(munkres.Munkres().compute(cost.copy())).reshape(-1, 2)
         rows, cols = munkres_assignment(cost)
         assert np.array_equal(rows, expected[:, 0]) and np.array_equal(cols, expected[:, 1]), cost.shape
+
+
+def test_heatmap_nms_keeps_local_maxima_and_topk_finds_them():
+    peaks = torch.zeros(1, 1, 20, 20)
+    peaks[0, 0, 5, 5], peaks[0, 0, 5, 6], peaks[0, 0, 15, 12] = 0.9, 0.5, 0.7
+    nms = heatmap_nms(peaks, 5)
+    assert nms[0, 0, 5, 6] == 0 and nms[0, 0, 5, 5] == 0.9
+    scores, xs, ys = topk_peaks(nms, 2)
+    assert scores[0, 0].tolist() == pytest.approx([0.9, 0.7]) and xs[0, 0].tolist() == [5, 12]
+    assert ys[0, 0].tolist() == [5, 15]
 
 
 def test_fast_nms_equals_max_pool_nms():

@@ -14,9 +14,10 @@ import torch
 
 from common.data import load_coco_keypoints
 from common.engine import fit
-from common.evaluation import coco_keypoint_ap, fold_batchnorm
+from common.evaluation import coco_keypoint_ap
 from common.keypoints import COCO17
 from higher_hrnet.grouping import GroupingParams
+from higher_hrnet.inference import fold_batchnorm
 from higher_hrnet.scenes import ensure_scenes
 from rtpe.dataset import DistillationDataset, collate_people
 from rtpe.eval import evaluate_student, oracle_ap

@@ -15,11 +15,11 @@ import simple_baseline.infer as infer_script
 import simple_baseline.train as train_script
 
 from common.evaluation import coco_keypoint_ap
-from common.heatmaps import flip_heatmaps_back
 from common.keypoints import COCO17, LIP16
 from simple_baseline.crops import CROP_DEFAULTS, build_single_person_crops
 from simple_baseline.dataset import TopDownDataset, read_coco_topdown, read_lip_csv, read_mpii_json, target_codec
 from simple_baseline.eval import coco_results, mean_pose_in_crop, mean_pose_predictions, pckh_table, run_predictions
+from simple_baseline.infer import flip_heatmaps_back
 from simple_baseline.model import PoseResNet, build_model, load_pretrained_backbone
 from simple_baseline.train import compute_loss
 
@@ -116,11 +116,14 @@ def test_targets_full_peak_on_the_last_row_and_column_and_zero_weight_for_missin
     assert target[1, 8, 14] == pytest.approx(np.exp(-36 / 8), rel=1e-4) and target[1, 8, 15] == 0
 
 
-def test_flip_back_twice_is_identity():
+def test_flip_back_twice_is_identity_and_the_shift_moves_one_pixel():
     heatmaps = torch.rand(2, 16, 8, 6)
     once = flip_heatmaps_back(heatmaps, LIP16.flip_index)
     assert not torch.equal(once, heatmaps)
     assert torch.equal(flip_heatmaps_back(once, LIP16.flip_index), heatmaps)
+    assert torch.equal(once[0, 0, :, 0], heatmaps[0, 5, :, -1])  # r_ankle <- mirrored l_ankle
+    shifted = flip_heatmaps_back(heatmaps, LIP16.flip_index, shift=True)
+    assert torch.equal(shifted[..., 1:], once[..., :-1])
 
 
 LIP_ROWS = [
