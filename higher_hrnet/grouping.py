@@ -2,7 +2,7 @@
 
 API (rtpe imports these):
     params = GroupingParams(num_joints=17)            # official thresholds: detection 0.1, tag 1.0
-    people, scores = group_by_tags(heatmaps, tags, params)            # fast, vectorised
+    people, scores = group_by_tags(heatmaps, tags, params)            # fast, vectorized
     people, scores = group_by_tags_reference(heatmaps, tags, params)  # the official parser, step by step
 heatmaps: (K, H, W); tags: (K, H, W, L), (K, H, W) or (1, H, W[, L]) for one shared tag map (torch or
 numpy). people: float32 (N, K, 3 + L) rows (x, y, score, tag...) in map pixels, pixel centers at +0.5
@@ -349,7 +349,7 @@ def group_by_tags_reference(heatmaps, tags, params=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Fast: the same arithmetic, vectorised. Matching is sequential over joints by nature (each joint is
+# Fast: the same arithmetic, vectorized. Matching is sequential over joints by nature (each joint is
 # matched to the people built so far); each step is one assignment (munkres_assignment) and array
 # updates. Adjust is a gather. Refine searches only where the score map can still reach the best
 # score found so far (exact pruning, see refine_people).
@@ -440,7 +440,7 @@ def match_by_tag(tag_k, loc_k, val_k, params):
 
 
 def adjust_people(people, det):
-    """Vectorised adjust_reference (det: numpy (K,H,W))."""
+    """Vectorized adjust_reference (det: numpy (K,H,W))."""
     num_joints, height, width = det.shape
     person, joint = np.nonzero(people[:, :, 2] > 0)
     if len(person) == 0:
@@ -538,8 +538,53 @@ def _best_pixels(det_j, planes_j, pixels, prev):
     return best, first
 
 
+def _refined_pixels(det_j, planes_j, tiles, j, coarse_pixels, prev, peaks_j, chunk):
+    """refine_people's exact search for one joint: per person (mean tags prev (M, L)) the first flat pixel
+    with the highest score - round(tag distance). det_j (H*W,), planes_j (L, H*W); peaks_j: first guesses."""
+    everyone = np.arange(len(prev))
+    (coarse_max, coarse_lo, coarse_hi), (fine_max, fine_lo, fine_hi) = tiles.bounds(j)
+    candidates = []   # (person, best score, first pixel with it) of every group of pixels scored
+
+    def score(pixels, owner):
+        for start in range(0, len(owner), chunk):
+            part = slice(start, start + chunk)
+            best, first = _best_pixels(det_j, planes_j, pixels[part], prev[owner[part]])
+            candidates.append((owner[part], best, first))
+
+    probes = np.unique(np.concatenate([[np.argmax(det_j)], [] if peaks_j is None else peaks_j]))
+    score(np.broadcast_to(probes, (len(prev), len(probes))), everyone)
+    bound = candidates[0][1].copy()
+    upper, exact = _tile_scores(coarse_max[None], coarse_lo, coarse_hi, prev.T[:, :, None])   # (M, T)
+    bound = np.maximum(bound, np.where(exact, upper, -np.inf).max(axis=1))
+    person, coarse = np.nonzero(~exact & (upper >= bound[:, None]))
+    open_exact = exact & (upper >= bound[:, None])
+    exact_tiles = [(coarse_pixels, *np.nonzero(open_exact), upper[open_exact])]
+    fine = tiles.children[coarse]                                                          # (Q, 16)
+    fine_upper, fine_exact = _tile_scores(fine_max[fine], [lo[fine] for lo in fine_lo],
+                                          [hi[fine] for hi in fine_hi], prev[person].T[:, :, None])
+    np.maximum.at(bound, person, np.where(fine_exact, fine_upper, -np.inf).max(axis=1, initial=-np.inf))
+    keep = fine_upper >= bound[person][:, None]
+    pick, child = np.nonzero(keep & fine_exact)
+    exact_tiles.append((tiles.fine_pixels, person[pick], fine[pick, child], fine_upper[pick, child]))
+    pick, child = np.nonzero(keep & ~fine_exact)
+    score(tiles.fine_pixels[fine[pick, child]], person[pick])
+    best = np.full(len(prev), -np.inf, np.float32)
+    for owner, value, _ in candidates:
+        np.maximum.at(best, owner, value)
+    for pixels, owner, tile, value in exact_tiles:
+        np.maximum.at(best, owner, value)
+    for pixels, owner, tile, value in exact_tiles:   # exact tiles that tie for the best: find their pixel
+        ties = value == best[owner]
+        score(pixels[tile[ties]], owner[ties])
+    owners = np.concatenate([owner for owner, _, _ in candidates])
+    values = np.concatenate([value for _, value, _ in candidates])
+    pixels = np.concatenate([pixel for _, _, pixel in candidates])
+    order = np.lexsort((pixels, -values, owners))   # per person: highest score, then first pixel
+    return pixels[order[np.searchsorted(owners[order], everyone)]]
+
+
 def refine_people(det, planes, people, peaks=None, chunk=8192):
-    """Vectorised refine_reference for all people. det (K,H,W), planes (L,K,H,W) tag planes, numpy float32;
+    """Vectorized refine_reference for all people. det (K,H,W), planes (L,K,H,W) tag planes, numpy float32;
     peaks (K, k) flat pixel indices of each joint's candidates, used as first guesses.
 
     Exact search with pruning. For each person missing the joint, every 16x16 tile gets an upper
@@ -573,48 +618,8 @@ def refine_people(det, planes, people, peaks=None, chunk=8192):
         missing = np.flatnonzero((people[:, j, 2] == 0) & searchable)
         if len(missing) == 0:
             continue
-        prev = prev_tag[missing]
-        everyone = np.arange(len(missing))
-        (coarse_max, coarse_lo, coarse_hi), (fine_max, fine_lo, fine_hi) = tiles.bounds(j)
-
-        candidates = []   # (person, best score, first pixel with it) of every group of pixels scored
-
-        def score(pixels, owner):
-            for start in range(0, len(owner), chunk):
-                part = slice(start, start + chunk)
-                best, first = _best_pixels(flat_det[j], flat_planes[:, j], pixels[part], prev[owner[part]])
-                candidates.append((owner[part], best, first))
-
-        probes = np.unique(np.concatenate([[np.argmax(flat_det[j])], [] if peaks is None else peaks[j]]))
-        score(np.broadcast_to(probes, (len(missing), len(probes))), everyone)
-        bound = candidates[0][1].copy()
-        upper, exact = _tile_scores(coarse_max[None], coarse_lo, coarse_hi, prev.T[:, :, None])   # (M, T)
-        bound = np.maximum(bound, np.where(exact, upper, -np.inf).max(axis=1))
-        person, coarse = np.nonzero(~exact & (upper >= bound[:, None]))
-        open_exact = exact & (upper >= bound[:, None])
-        exact_tiles = [(coarse_pixels, *np.nonzero(open_exact), upper[open_exact])]
-        fine = tiles.children[coarse]                                                          # (Q, 16)
-        fine_upper, fine_exact = _tile_scores(fine_max[fine], [lo[fine] for lo in fine_lo],
-                                              [hi[fine] for hi in fine_hi], prev[person].T[:, :, None])
-        np.maximum.at(bound, person, np.where(fine_exact, fine_upper, -np.inf).max(axis=1, initial=-np.inf))
-        keep = fine_upper >= bound[person][:, None]
-        pick, child = np.nonzero(keep & fine_exact)
-        exact_tiles.append((tiles.fine_pixels, person[pick], fine[pick, child], fine_upper[pick, child]))
-        pick, child = np.nonzero(keep & ~fine_exact)
-        score(tiles.fine_pixels[fine[pick, child]], person[pick])
-        best = np.full(len(missing), -np.inf, np.float32)
-        for owner, value, _ in candidates:
-            np.maximum.at(best, owner, value)
-        for pixels, owner, tile, value in exact_tiles:
-            np.maximum.at(best, owner, value)
-        for pixels, owner, tile, value in exact_tiles:   # exact tiles that tie for the best: find their pixel
-            ties = value == best[owner]
-            score(pixels[tile[ties]], owner[ties])
-        owners = np.concatenate([owner for owner, _, _ in candidates])
-        values = np.concatenate([value for _, value, _ in candidates])
-        pixels = np.concatenate([pixel for _, _, pixel in candidates])
-        order = np.lexsort((pixels, -values, owners))   # per person: highest score, then first pixel
-        best = pixels[order[np.searchsorted(owners[order], everyone)]]
+        best = _refined_pixels(flat_det[j], flat_planes[:, j], tiles, j, coarse_pixels, prev_tag[missing],
+                               None if peaks is None else peaks[j], chunk)
         y, x = best // width, best % width
         val = flat_det[j, best]
         tmp = det[j]
