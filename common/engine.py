@@ -59,14 +59,15 @@ class Run:
     best_metric: str | None
     higher_is_better: bool
     patience: int | None             # early stopping: validations without a new best
-    device: torch.device
-    rank: int
-    world: int
-    dirs: dict
-    val_every: tuple                 # ("step" | "epoch" | None, N)
-    amp_dtype: torch.dtype | None
-    accumulate: int
-    scaler: torch.amp.GradScaler
+    # set by start_run:
+    device: torch.device = None
+    rank: int = 0
+    world: int = 1
+    dirs: dict = None
+    val_every: tuple = None          # ("step" | "epoch" | None, N)
+    amp_dtype: torch.dtype | None = None
+    accumulate: int = 1
+    scaler: torch.amp.GradScaler = None
     ddp_model: nn.Module = None      # what the loss calls: the DDP wrapper under torchrun, else the model
     state: TrainState = field(default_factory=TrainState)
     resumed_rng: dict | None = None
@@ -99,8 +100,8 @@ def fit(args, model: nn.Module, train_set, compute_loss, optimizer, *, model_nam
     arch, settings: what eval and infer rebuild the model and its decoding from (stored in every checkpoint).
     summary: steps, epochs, metrics, num_skipped, last_checkpoint, best_checkpoint, tensorboard, run_name.
     """
-    run = start_run(args, model, optimizer, scheduler, scheduler_interval, compute_loss, evaluate, log_images,
-                    model_name, arch, settings, best_metric, higher_is_better, early_stopping_patience)
+    run = start_run(Run(args, model, optimizer, scheduler, scheduler_interval, compute_loss, evaluate, log_images,
+                        model_name, arch, settings, best_metric, higher_is_better, early_stopping_patience))
     loader = make_loader(train_set, batch_size=args.batch_size, shuffle=True, workers=args.workers,
                          seed=args.seed, collate_fn=collate_fn or collate_skip_bad,
                          num_replicas=run.world, rank=run.rank, drop_last=True)
@@ -120,41 +121,39 @@ def fit(args, model: nn.Module, train_set, compute_loss, optimizer, *, model_nam
 
 # --- Starting and ending a run ------------------------------------------------------------------------------
 
-def start_run(args, model, optimizer, scheduler, scheduler_interval, compute_loss, evaluate, log_images,
-              model_name, arch, settings, best_metric, higher_is_better, patience) -> Run:
+def start_run(run: Run) -> Run:
     """Device and process group, the run folder, --resume or --init-from, DDP."""
-    if scheduler_interval not in ("epoch", "step"):
-        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
+    args = run.args
+    if run.scheduler_interval not in ("epoch", "step"):
+        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {run.scheduler_interval!r}")
     if not hasattr(args, "world_size"):
         setup_device_and_distributed(args)
     if args.max_steps is None and args.epochs is None:
         raise SystemExit("give --epochs or --max-steps")
-    val_every = parse_val_every(args.val_every)
-    device, is_main = torch.device(args.device), args.rank == 0
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    if amp_dtype is not None and device.type != "cuda" and is_main:
-        print(f"--amp {args.amp} on {device}: CPU autocast works but is rarely faster; it is there for tests")
-    resume_from = resume_path(args, model_name, verbose=is_main)
-    dirs = run_dirs(args, model_name)     # a resumed run keeps writing into its own run folder
-    if device.type == "cpu":
+    run.val_every, run.accumulate = parse_val_every(args.val_every), max(1, args.accumulate)
+    run.device, run.rank, run.world = torch.device(args.device), args.rank, args.world_size
+    run.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    if run.amp_dtype is not None and run.device.type != "cuda" and run.is_main:
+        print(f"--amp {args.amp} on {run.device}: CPU autocast works but is rarely faster; it is there for tests")
+    resume_from = resume_path(args, run.model_name, verbose=run.is_main)
+    run.dirs = run_dirs(args, run.model_name)     # a resumed run keeps writing into its own run folder
+    if run.device.type == "cpu":
         keep_freed_memory()
-    model.to(device)
-    if args.sync_bn and args.world_size > 1:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif is_main:   # PyTorch's SyncBatchNorm runs on GPUs only
+    run.model.to(run.device)
+    if args.sync_bn and run.world > 1:
+        if run.device.type == "cuda":
+            run.model = nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
+        elif run.is_main:   # PyTorch's SyncBatchNorm runs on GPUs only
             print("--sync-bn: SyncBatchNorm needs CUDA; keeping per-process BatchNorm on CPU")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    run = Run(args, model, optimizer, scheduler, scheduler_interval, compute_loss, evaluate, log_images,
-              model_name, arch, settings, best_metric, higher_is_better, patience, device, args.rank,
-              args.world_size, dirs, val_every, amp_dtype, max(1, args.accumulate), scaler, ddp_model=model)
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
+    run.ddp_model = run.model
     if resume_from is not None:
         restore(run, resume_from)
     elif args.init_from:
-        load_weights(model, args.init_from)
+        load_weights(run.model, args.init_from)
     if run.world > 1:
         run.ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     return run
 
 
@@ -550,14 +549,11 @@ def preserved_rng():
 
 
 def keep_freed_memory(libc_name: str = "libc.so.6") -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
-
-    By default glibc serves blocks of more than a few MB with fresh mmap()s and trims the heap on free, so on
-    CPU every training step page-faults its activation tensors in again (simple_baseline, 100 steps on 2
-    cores: 2.3-2.5 million minor page faults before, 0.39 million with this; numerics unchanged). The same as
-    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, which a user's environment still overrides. Returns
-    False where there is no glibc (macOS, Windows, musl).
-    """
+    """Ask glibc's malloc to keep freed memory for reuse: by default it serves blocks over a few MB with fresh
+    mmap()s and trims the heap on free, so every CPU training step page-faults its activations in again
+    (simple_baseline, 100 steps on 2 cores: 2.3-2.5 million minor faults before, 0.39 million with this;
+    numerics unchanged). MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment still win.
+    Returns False where there is no glibc (macOS, Windows, musl)."""
     if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")):
         return False   # someone tuned the allocator already (or swapped it for jemalloc/tcmalloc)
     try:
