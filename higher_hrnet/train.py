@@ -71,9 +71,9 @@ def main(args):
     dirs = run_dirs(args, MODEL_NAME)
     layout = get_layout(args.layout)
     train_images, train_ann, val_images, val_ann = data_paths(args)
-    train_set = BottomUpDataset(train_images, train_ann, args.input_size, layout)
+    train_set = BottomUpDataset(train_images, train_ann, args.input_size, layout, tag_per_joint=not args.shared_tag)
 
-    model = build_higher_hrnet(args.width, layout.num_keypoints)
+    model = build_higher_hrnet(args.width, layout.num_keypoints, tag_per_joint=not args.shared_tag)
     if args.pretrained not in (None, "none"):
         from higher_hrnet.checkpoints import load_imagenet_backbone
         from common.pretrained import resolve_pretrained
@@ -130,6 +130,8 @@ def parse_args(argv=None):
                         help="associative-embedding push: exp(-d^2) or max(0, 1 - |d|) (default: %(default)s)")
     parser.add_argument("--push-factor", type=float, default=chosen["push_factor"], help="AE push weight (default: %(default)s)")
     parser.add_argument("--pull-factor", type=float, default=chosen["pull_factor"], help="AE pull weight (default: %(default)s)")
+    parser.add_argument("--shared-tag", action="store_true",
+                        help="one tag map for all joints instead of one per joint (the official TAG_PER_JOINT False)")
     parser.add_argument("--foreground-weight", type=float, default=chosen["foreground_weight"],
                         help="heatmap loss weight 1 + this * target per pixel; 0 = official (default: %(default)s)")
     parser.add_argument("--eval-preset", default=chosen["eval_preset"], help="inference preset for validation")
