@@ -68,7 +68,7 @@ def data_paths(args):
 
 def build(args, layout):
     """HigherHRNet of --width (its backbone from --pretrained PATH, an ImageNet ClassificationHRNet file)."""
-    model = build_model(args.width, layout.num_keypoints)
+    model = build_model(args.width, layout.num_keypoints, tag_per_joint=not args.shared_tag)
     if args.pretrained not in (None, "none"):
         # no download URL: the official ImageNet weights come from a OneDrive link, fetched by hand
         resolve_pretrained(args.pretrained, filename=f"hrnetv2_w{args.width}_imagenet_pretrained.pth", url=None,
@@ -81,7 +81,7 @@ def main(args):
     dirs = run_dirs(args, MODEL_NAME)
     layout = get_layout(args.layout)
     train_images, train_ann, val_images, val_ann = data_paths(args)
-    train_set = BottomUpDataset(train_images, train_ann, args.input_size, layout)
+    train_set = BottomUpDataset(train_images, train_ann, args.input_size, layout, tag_per_joint=not args.shared_tag)
     model = build(args, layout)
     arch = model.arch
     if args.channels_last:
@@ -129,6 +129,8 @@ def parse_args(argv=None):
                         help="associative-embedding push: exp(-d^2) or max(0, 1 - |d|) (default: %(default)s)")
     parser.add_argument("--push-factor", type=float, help="AE push weight (default: %(default)s)")
     parser.add_argument("--pull-factor", type=float, help="AE pull weight (default: %(default)s)")
+    parser.add_argument("--shared-tag", action="store_true",
+                        help="one tag map for all joints instead of one per joint (the official TAG_PER_JOINT False)")
     parser.add_argument("--foreground-weight", type=float,
                         help="heatmap loss weight 1 + this * target per pixel; 0 = official (default: %(default)s)")
     parser.add_argument("--inference", choices=sorted(INFERENCE_SETTINGS),
