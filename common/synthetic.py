@@ -34,57 +34,34 @@ _SKIN = np.array([[255, 219, 172], [241, 194, 125], [224, 172, 105], [198, 134, 
                   [96, 60, 35]], np.float64)
 
 
+def _fixed(value):
+    """Pixels -> OpenCV's fixed-point sub-pixel units (a number, or an (x, y) point)."""
+    if np.ndim(value):
+        return round(float(value[0]) * (1 << SHIFT)), round(float(value[1]) * (1 << SHIFT))
+    return round(float(value) * (1 << SHIFT))
+
+
 def _disk(image, center, radius, color):
-    scale = 1 << SHIFT
-    cv2.circle(image, (round(float(center[0]) * scale), round(float(center[1]) * scale)),
-               round(max(float(radius), 1.0) * scale), color, -1, cv2.LINE_8, SHIFT)
+    cv2.circle(image, _fixed(center), _fixed(max(float(radius), 1.0)), color, -1, cv2.LINE_8, SHIFT)
 
 
 def _capsule(image, p, q, thickness, color):
     """A thick segment with round caps (radius at least 1 px, so both end pixels are always drawn)."""
-    scale = 1 << SHIFT
-    a = (round(float(p[0]) * scale), round(float(p[1]) * scale))
-    b = (round(float(q[0]) * scale), round(float(q[1]) * scale))
+    a, b = _fixed(p), _fixed(q)
     cv2.line(image, a, b, color, max(round(thickness), 1), cv2.LINE_8, SHIFT)
-    radius = round(max(thickness / 2, 1.0) * scale)
+    radius = _fixed(max(thickness / 2, 1.0))
     cv2.circle(image, a, radius, color, -1, cv2.LINE_8, SHIFT)
     cv2.circle(image, b, radius, color, -1, cv2.LINE_8, SHIFT)
 
 
-def draw_figure(image, points, edges, thickness, colors, joint_radius=None, joint_colors=None):
-    """Draw a skeleton in place: each edge (i, j) a capsule of `thickness` (scalar or one per edge).
-
-    `colors`: one colour or one per edge (a colour is an RGB triple for 3-channel images, a scalar for
-    single-channel ones, e.g. a label map). Capsule ends are filled circles, so every edge endpoint is
-    drawn; `joint_radius` (scalar or one per point) adds circles on all points, coloured by
-    `joint_colors` (one per point) or by their first edge. Edges touching a non-finite point are skipped.
-    """
-    pts = np.asarray(points, np.float64)[:, :2]
-    edges = [tuple(e) for e in edges]
-    thick = np.broadcast_to(np.asarray(thickness, np.float64), (len(edges),)).tolist()
-    per_edge = np.asarray(colors).ndim == (2 if image.ndim == 3 else 1)
-    color_of = (lambda k: colors[k]) if per_edge else (lambda k: colors)
-    finite = np.isfinite(pts).all(1).tolist()
-    xy = pts.tolist()
-    for k, (i, j) in enumerate(edges):
-        if finite[i] and finite[j]:
-            _capsule(image, xy[i], xy[j], thick[k], _cv_color(color_of(k)))
-    if joint_radius is not None:
-        radius = np.broadcast_to(np.asarray(joint_radius, np.float64), (len(pts),))
-        for p in np.flatnonzero(finite):
-            if joint_colors is not None:
-                color = joint_colors[p]
-            else:
-                color = color_of(next((k for k, e in enumerate(edges) if p in e), 0))
-            _disk(image, pts[p], radius[p], _cv_color(color))
+def draw_polyline(image, points, thickness, color):
+    """Capsules joining consecutive points, in place (one point: a dot `thickness` across). `color`: an RGB
+    triple on 3-channel images, a number on single-channel ones (a label map)."""
+    xy = np.asarray(points, np.float64).reshape(-1, 2).tolist()
+    color = tuple(int(c) for c in np.ravel(color)) if np.ndim(color) else int(color)
+    for p, q in zip(xy, xy[1:] or xy):
+        _capsule(image, p, q, float(thickness), color)
     return image
-
-
-def _cv_color(color):
-    if isinstance(color, (int, float)):
-        return int(color)
-    c = np.asarray(color).ravel().tolist()
-    return tuple(int(v) for v in c) if len(c) > 1 else int(c[0])
 
 
 def _rot(angle):
@@ -114,17 +91,13 @@ class HumanFigure:
         return replace(self, points=np.round(self.points), head_center=np.round(self.head_center))
 
 
-_ANGLE_SPREAD = {"human": 1.0, "upright": 0.35}
+def random_human_figure(rng, height, center, angle_range=1.0):
+    """A random articulated person about `height` px tall whose keypoint box is centered on `center`.
 
-
-def random_human_figure(rng, height, center, angle_range="human"):
-    """A random articulated person about `height` px tall whose keypoint box is centred on `center`.
-
-    Joint angles cover the human range ("human"), or stay near standing ("upright", or a float that
-    scales every angle range); body proportions vary by about 10%; the figure faces the viewer, turns
-    sideways or faces away, so left/right follow the person, not the image.
+    Joint angles cover the human range (1.0) or `angle_range` times it (smaller: closer to standing); body
+    proportions vary by about 10%; the figure faces the viewer, turns sideways or faces away.
     """
-    spread = _ANGLE_SPREAD[angle_range] if isinstance(angle_range, str) else float(angle_range)
+    spread = float(angle_range)
     H = float(height)
     head_r, neck, torso, sh_w, hip_w, uarm, farm, thigh, shin = (
         np.array([0.062, 0.04, 0.28, 0.105, 0.07, 0.165, 0.15, 0.235, 0.24]) * H * rng.uniform(0.9, 1.1, 9))
@@ -243,14 +216,6 @@ def rasterize_human(fig, origin, shape):
     return labels, np.stack(colors), draws
 
 
-def draw_human(image, fig):
-    """Draw a HumanFigure in place on an RGB image; returns its part label map (see rasterize_human)."""
-    labels, colors, _ = rasterize_human(fig, (0, 0), image.shape[:2])
-    mask = labels > 0
-    image[mask] = colors[labels[mask]]
-    return labels
-
-
 def random_background(rng, size_wh):
     """Textured, cluttered RGB uint8 background with limb-like strokes and head-like blobs."""
     W, H = size_wh
@@ -273,9 +238,10 @@ def random_background(rng, size_wh):
         pts = np.cumsum(np.vstack([rng.uniform(0, 1, 2) * (W, H), length * np.stack(
             [np.cos(angles), np.sin(angles)], 1)]), 0)
         color = _SKIN[rng.integers(len(_SKIN))] if rng.random() < 0.4 else rng.integers(0, 256, 3)
-        draw_figure(image, pts, [(k, k + 1) for k in range(n - 1)], rng.uniform(0.015, 0.05) * side, color)
+        draw_polyline(image, pts, rng.uniform(0.015, 0.05) * side, color)
         if rng.random() < 0.2:
-            _disk(image, pts[-1], rng.uniform(0.015, 0.05) * side, _cv_color(_SKIN[rng.integers(len(_SKIN))]))
+            radius = rng.uniform(0.015, 0.05) * side     # drawn before the color, as the stream has it
+            _disk(image, pts[-1], radius, tuple(int(c) for c in _SKIN[rng.integers(len(_SKIN))]))
     return image
 
 

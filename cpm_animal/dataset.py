@@ -25,9 +25,10 @@ from common.drawing import draw_keypoints, show_samples
 from common.geometry import (affine_points, box_to_center_scale, flip_image, flip_keypoints,
                              get_affine_transform, invert_affine, warp_image)
 from common.heatmaps import HeatmapCodec
-from common.keypoints import CAT16, KeypointLayout, get_layout, layout_from_coco_category
+from common.keypoints import KeypointLayout, get_layout, layout_from_coco_category
 from common.runs import data_dir, output_dirs
-from cpm_animal.model import CPMConfig, config_from_dict, heatmap_size, input_to_heatmap, target_codec
+from cpm_animal.model import (CAT16, LAYOUTS, SIGMA_SOURCES, CPMConfig, config_from_dict, heatmap_size,
+                              input_to_heatmap, target_codec)
 from cpm_animal.presets import load_preset
 from cpm_animal.quadrupeds import ensure_quadrupeds
 
@@ -93,9 +94,9 @@ def load_coco_records(ann_file, image_dir, layout_name="from_file") -> tuple[lis
     if layout_name == "from_file":
         if not categories:
             raise AnnotationError(f"{ann_file}: no categories to take a keypoint layout from")
-        layout = layout_from_coco_category(categories[0])
+        layout = layout_from_coco_category(categories[0], SIGMA_SOURCES)
     else:
-        layout = get_layout(layout_name)
+        layout = get_layout(layout_name, LAYOUTS)
     records = []
     for ann in coco.loadAnns(coco.getAnnIds(iscrowd=False)):
         kpts = np.asarray(ann.get("keypoints", []), np.float32).reshape(-1, 3)

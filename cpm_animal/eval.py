@@ -19,13 +19,13 @@ from torch.utils.data import DataLoader
 from common.data import AnnotationError, coco_from_dict, exit_on_bad_input
 from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, pck, write_results_json
 from common.geometry import affine_points, invert_affine
-from common.keypoints import CAT16, KeypointLayout
+from common.keypoints import KeypointLayout
 from common.loader import collate_skip_bad
 from common.runs import add_common_args, checkpoint_or_exit, data_dir, model_from_checkpoint, output_dirs, pick_device
 from cpm_animal.dataset import (ImageCache, KeypointCrops, box_diagonal, build_datasets, load_coco_records,
                                 load_seed_json, record_box)
 from cpm_animal.infer import decode_predictions
-from cpm_animal.model import MODEL_NAME, CPM, build_model, upgrade_checkpoint
+from cpm_animal.model import CAT16, MODEL_NAME, CPM, build_model, upgrade_checkpoint
 from cpm_animal.presets import apply_override
 
 

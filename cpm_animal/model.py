@@ -14,13 +14,47 @@ import torch
 from torch import nn
 
 from common.heatmaps import HeatmapCodec
-from common.keypoints import get_layout, layout_from_coco_category
+from common.keypoints import COCO17, get_layout, layout_from_coco_category, make_layout
 from common.runs import require
 
 MODEL_NAME = "cpm_animal"
 NORMS = ("none", "batch", "group", "layer")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
 DROPOUT_PLACES = ("features", "output")
+
+# AP-10K's sigmas (its official dataset description), keyed by name.
+AP10K_SIGMAS = {
+    "left_eye": 0.025, "right_eye": 0.025, "nose": 0.026, "neck": 0.035, "root_of_tail": 0.035,
+    "left_shoulder": 0.079, "left_elbow": 0.072, "left_front_paw": 0.062,
+    "right_shoulder": 0.079, "right_elbow": 0.072, "right_front_paw": 0.062,
+    "left_hip": 0.107, "left_knee": 0.087, "left_back_paw": 0.089,
+    "right_hip": 0.107, "right_knee": 0.087, "right_back_paw": 0.089,
+}
+# The Animal Keypoints Dataset has no published sigmas: each cat point takes the sigma of its closest AP-10K
+# analogue (heel, which AP-10K lacks, sits between knee and paw). AP computed with these is ours, not a benchmark.
+CAT_SIGMAS = {
+    "head": AP10K_SIGMAS["nose"], "upper_spine": AP10K_SIGMAS["neck"],
+    "left_shoulder": 0.079, "left_elbow": 0.072, "front_left_paw": 0.062,
+    "right_shoulder": 0.079, "right_elbow": 0.072, "front_right_paw": 0.062,
+    "center_spine": 0.035, "bottom_spine": AP10K_SIGMAS["root_of_tail"],
+    "left_knee": 0.087, "left_heel": 0.088, "rear_left_paw": 0.089,
+    "right_knee": 0.087, "right_heel": 0.088, "rear_right_paw": 0.089,
+}
+CAT16 = make_layout(
+    "cat16",
+    ["head", "upper_spine", "left_shoulder", "left_elbow", "front_left_paw", "right_shoulder",
+     "right_elbow", "front_right_paw", "center_spine", "bottom_spine", "left_knee", "left_heel",
+     "rear_left_paw", "right_knee", "right_heel", "rear_right_paw"],
+    [(0, 1), (1, 2), (2, 3), (3, 4), (1, 5), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (10, 11),
+     (11, 12), (9, 13), (13, 14), (14, 15)],
+    CAT_SIGMAS, "cat sigmas derived from AP-10K analogues: AP with them is not a benchmark number")
+AP10K17 = make_layout(
+    "ap10k17", list(AP10K_SIGMAS),
+    [(0, 1), (0, 2), (1, 2), (2, 3), (3, 4), (3, 5), (5, 6), (6, 7), (3, 8), (8, 9), (9, 10),
+     (4, 11), (11, 12), (12, 13), (4, 14), (14, 15), (15, 16)],
+    AP10K_SIGMAS)
+LAYOUTS = (CAT16, AP10K17)           # what a preset's dataset.layout may name (besides from_file)
+SIGMA_SOURCES = (COCO17, AP10K17, CAT16)   # where a COCO file's own keypoint names find their sigmas
 
 
 @dataclass(frozen=True)
@@ -257,7 +291,7 @@ def target_codec(config: CPMConfig, sigma: float) -> HeatmapCodec:
 def layout_named(name: str, num_keypoints: int):
     """The dataset.layout of a preset: a known layout's name, or from_file (names unknown here)."""
     if name != "from_file":
-        return get_layout(name)
+        return get_layout(name, LAYOUTS)
     return layout_from_coco_category({"keypoints": [str(k) for k in range(num_keypoints)]})
 
 

@@ -2,7 +2,7 @@
 
 A pose sampler builds a 3-D stick animal (spine, neck, head, four three-segment legs) with varied
 proportions (cat, dog, dachshund, horse-like) and poses (stand, walk, sit, lie, stretch), turns it by a
-random yaw, projects it and draws it far-to-near with common.synthetic.draw_figure on a
+random yaw, projects it and draws it far-to-near with common.synthetic.draw_polyline on a
 common.synthetic.random_background. A keypoint is visible (1) when the pixel under it belongs to a
 part that draws it, else occluded (0). Train and val come from disjoint seeds.
 """
@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from common.keypoints import CAT16
-from common.synthetic import draw_figure, random_background
+from common.synthetic import draw_polyline, random_background
+from cpm_animal.model import CAT16
 
 DATA_VERSION = 1  # bump when the renderer changes: cached sets are regenerated
 VAL_SEED_OFFSET = 1000003
@@ -195,14 +195,12 @@ def draw_parts(image, owner, parts, yaw, roll):
                                                                             start=1):
         color = np.clip(color, 0, 255)
         if kind == "limb":
-            pts = np.asarray(geometry)
-            edges = [(k, k + 1) for k in range(len(pts) - 1)]
-            draw_figure(image, pts, edges, thickness, color)
-            draw_figure(owner, pts, edges, thickness, part_id)
+            draw_polyline(image, geometry, thickness, color)
+            draw_polyline(owner, geometry, thickness, part_id)
         else:
             center, radius = np.asarray(geometry), float(thickness)
-            draw_figure(image, center[None], [(0, 0)], 2 * radius, color)
-            draw_figure(owner, center[None], [(0, 0)], 2 * radius, part_id)
+            draw_polyline(image, center, 2 * radius, color)
+            draw_polyline(owner, center, 2 * radius, part_id)
             # ears and eyes tell which way the head faces
             forward = np.array([math.cos(yaw), 0.0]) @ np.array([[math.cos(roll), math.sin(roll)],
                                                                    [-math.sin(roll), math.cos(roll)]])
@@ -210,10 +208,10 @@ def draw_parts(image, owner, parts, yaw, roll):
             for ear_side in (-1, 1):
                 base = center + up * radius * 0.6 + forward * radius * 0.3 * ear_side
                 tip = base + up * radius * 0.9
-                draw_figure(image, np.array([base, tip]), [(0, 1)], radius * 0.45, color * 0.85)
-                draw_figure(owner, np.array([base, tip]), [(0, 1)], radius * 0.45, part_id)
+                draw_polyline(image, [base, tip], radius * 0.45, color * 0.85)
+                draw_polyline(owner, [base, tip], radius * 0.45, part_id)
             eye = center + forward * radius * 0.45 - up * radius * 0.1
-            draw_figure(image, eye[None], [(0, 0)], max(radius * 0.25, 1.5), (20, 20, 20))
+            draw_polyline(image, eye, max(radius * 0.25, 1.5), (20, 20, 20))
         draws.append(joints)
     return draws
 

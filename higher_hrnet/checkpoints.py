@@ -12,7 +12,7 @@ import torch
 
 from common.keypoints import COCO17, get_layout
 from common.runs import load_checkpoint, model_from_checkpoint, require
-from higher_hrnet.dataset import target_codecs
+from higher_hrnet.dataset import LAYOUTS, target_codecs
 from higher_hrnet.model import MODEL_NAME, build_model
 
 # Keys of a wrapper dict that hold the weights one level down, in the order they are tried:
@@ -247,7 +247,7 @@ def upgrade_checkpoint(checkpoint, path) -> dict:
     width, num_joints, tag_per_joint = higher_hrnet_config(read_state_dict(require(checkpoint, "model", path)))
     input_size = require(config, "input_size", path)
     settings = {"input_size": input_size, "codecs": [c.as_dict() for c in target_codecs(input_size, 2.0)],
-                "layout": get_layout(require(config, "layout", path)).as_dict()}
+                "layout": get_layout(require(config, "layout", path), LAYOUTS).as_dict()}
     return {**checkpoint, "arch": {"width": width, "num_joints": num_joints, "tag_per_joint": tag_per_joint},
             "settings": settings}
 

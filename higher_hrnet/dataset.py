@@ -20,12 +20,21 @@ from common.data import IMAGENET_MEAN, IMAGENET_STD, load_coco_keypoints, normal
 from common.drawing import draw_heatmap_overlay, show_samples
 from common.geometry import affine_points, get_affine_transform, warp_image
 from common.heatmaps import HeatmapCodec
-from common.keypoints import COCO17
+from common.keypoints import COCO17, COCO_SIGMAS, make_layout
 from common.loader import collate_skip_bad
 from common.runs import output_dirs
 from higher_hrnet.scenes import ensure_scenes
 
 TARGET_SIGMA = 2.0  # the official heatmap sigma, in output pixels at both resolutions
+# CrowdPose's evaluation sigmas (its cocoeval fork): COCO body points plus head and neck.
+CROWDPOSE14 = make_layout(
+    "crowdpose14",
+    ["left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+     "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle", "head", "neck"],
+    [(12, 13), (13, 0), (13, 1), (0, 2), (2, 4), (1, 3), (3, 5), (13, 6), (13, 7), (6, 8), (8, 10),
+     (7, 9), (9, 11)],
+    {**COCO_SIGMAS, "head": 0.079, "neck": 0.079})
+LAYOUTS = (COCO17, CROWDPOSE14)   # what --layout may name
 
 
 def target_codecs(input_size, sigma=TARGET_SIGMA, center="truncate"):

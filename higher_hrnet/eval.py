@@ -29,7 +29,7 @@ from common.heatmaps import make_heatmaps
 from common.keypoints import COCO17, get_layout, layout_from_dict
 from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
 from higher_hrnet.checkpoints import load_for_inference
-from higher_hrnet.dataset import TARGET_SIGMA
+from higher_hrnet.dataset import LAYOUTS, TARGET_SIGMA
 from higher_hrnet.infer import NO_CHECKPOINT_HINT, add_plain_network_arg
 from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, multi_scale_size,
                                     people_to_coco_results, predict_people, prepare_for_inference)
@@ -139,7 +139,7 @@ def main(args):
                                     hint=NO_CHECKPOINT_HINT)
     device = pick_device(args.device)
     model, settings = load_for_inference(checkpoint, device)
-    layout = get_layout(args.layout) if args.layout else layout_from_dict(settings["layout"])
+    layout = get_layout(args.layout, LAYOUTS) if args.layout else layout_from_dict(settings["layout"])
     config = inference_settings(args.inference, input_size=args.input_size or settings["input_size"],
                                 scales=tuple(args.scales) if args.scales else None,
                                 detection_threshold=args.detection_threshold, tag_threshold=args.tag_threshold,

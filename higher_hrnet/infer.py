@@ -23,6 +23,7 @@ from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
 from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
 from higher_hrnet.checkpoints import load_for_inference
+from higher_hrnet.dataset import LAYOUTS
 from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, predict_maps,
                                     prepare_for_inference)
 from higher_hrnet.model import MODEL_NAME
@@ -114,7 +115,7 @@ def main(args):
                                     hint=NO_CHECKPOINT_HINT)
     device = pick_device(args.device)
     model, settings = load_for_inference(checkpoint, device)
-    layout = get_layout(args.layout) if args.layout else None
+    layout = get_layout(args.layout, LAYOUTS) if args.layout else None
     predictor = Predictor(model, settings, args.inference, device, layout, args.plain_network,
                           input_size=args.input_size)
     sources = args.input or [ensure_scenes(args.out) / "images" / "val"]

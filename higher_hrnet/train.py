@@ -23,7 +23,7 @@ from common.keypoints import get_layout
 from common.pretrained import resolve_pretrained
 from common.runs import add_common_args, parse_with_preset, run_dirs, setup_device_and_distributed
 from higher_hrnet.checkpoints import load_imagenet_backbone
-from higher_hrnet.dataset import BottomUpDataset, collate_skip_bad_bottom_up
+from higher_hrnet.dataset import LAYOUTS, BottomUpDataset, collate_skip_bad_bottom_up
 from higher_hrnet.eval import evaluate_model, oracle_metrics, summary_line
 from higher_hrnet.inference import INFERENCE_SETTINGS, inference_settings
 from higher_hrnet.loss import multi_resolution_loss
@@ -79,7 +79,7 @@ def build(args, layout):
 def main(args):
     setup_device_and_distributed(args)
     dirs = run_dirs(args, MODEL_NAME)
-    layout = get_layout(args.layout)
+    layout = get_layout(args.layout, LAYOUTS)
     train_images, train_ann, val_images, val_ann = data_paths(args)
     train_set = BottomUpDataset(train_images, train_ann, args.input_size, layout, tag_per_joint=not args.shared_tag)
     model = build(args, layout)

@@ -19,8 +19,9 @@ from common import synthetic
 from common.data import exit_on_bad_input, load_coco_keypoints, read_image
 from common.drawing import draw_keypoints, show_samples
 from common.geometry import flip_keypoints
-from common.keypoints import POSE_SPI13, layout_from_coco_category
+from common.keypoints import layout_from_coco_category
 from common.runs import data_dir, output_dirs
+from pose_spi.model import POSE_SPI13, generic_layout
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as the seed's grayscale conversion
 # v2: people sized, placed and posed like the toy set's (the first renderer's were smaller, anywhere in the
@@ -100,7 +101,7 @@ class PoseSPIDataset(Dataset):
             self.layout = layout_from_coco_category(category)
             self.category_id = category["id"]
         else:
-            self.layout = layout_from_coco_category({"name": "custom", "keypoints": [f"kp{i}" for i in range(k)]})
+            self.layout = generic_layout(k)
             self.category_id = self.people[0]["category_id"]
         self.num_keypoints = k
         self.repeat = max(1, int(repeat))  # one epoch = `repeat` passes (tiny sets: fewer epoch ends, saves)
@@ -193,7 +194,8 @@ def render_toy_style_person(rng, size=64, supersample=2):
         canvas = np.zeros((big, big, 3), np.uint8)
     else:
         canvas = (synthetic.random_background(rng, (big, big)) * rng.uniform(0.05, 0.25)).astype(np.uint8)
-    labels = synthetic.draw_human(canvas, fig)
+    labels, colors, _ = synthetic.rasterize_human(fig, (0, 0), canvas.shape[:2])
+    canvas[labels > 0] = colors[labels[labels > 0]]
     image = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
     xy = (fig.points[index] + 0.5) / supersample - 0.5  # pixel centers at integers in both images
     keypoints = np.concatenate([np.clip(xy, 0, size - 1), np.full((len(index), 1), 2.0)], 1)

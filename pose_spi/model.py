@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
 from efficientnet_pytorch.utils import url_map
 
-from common.keypoints import POSE_SPI13, layout_from_coco_category
+from common.keypoints import COCO_SIGMAS, layout_from_coco_category, make_layout
 from common.pretrained import resolve_pretrained
 from common.runs import require
 
@@ -27,6 +27,16 @@ ARCH_KEYS = ("input_size", "num_keypoints", "head", "encoder", "reduce", "measur
 ENCODERS = ("product", "conv", "patterns")
 PATTERN_KINDS = ("learned", "hadamard", "random")
 HEADS = ("simple", "efficientnet")
+# Pose-SPI's 13 points: COCO without eyes and ears, with the toy set's own skeleton (head to both shoulders,
+# shoulders to hips). Its seed evaluated with the first 13 COCO sigmas (nose, eyes, ears, ...), which belong
+# to other points; here each point keeps its own sigma.
+POSE_SPI13 = make_layout(
+    "pose_spi13",
+    ["nose", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist",
+     "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle"],
+    [(0, 1), (0, 2), (1, 2), (1, 3), (1, 7), (2, 4), (2, 8), (3, 5), (4, 6), (7, 9), (7, 8), (8, 10),
+     (9, 11), (10, 12)],
+    COCO_SIGMAS)
 
 
 def hadamard_patterns(num_pixels, num_patterns):

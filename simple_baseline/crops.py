@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.keypoints import MPII16
 from common.synthetic import (HUMAN_POINT_NAMES, Canvas, camera_noise, coco_annotation, draw_occluder,
                               ensure_dataset, image_rng, random_background, random_human_figure, render_in_order,
                               write_coco, write_image)
+from simple_baseline.model import MPII16
 
 # pose_spread 0.75: the mean-pose baseline then scores PCKh@0.5 21.6% on these crops, as it does on the real
 # LIP annotations (22.0% on ../shared/data/lip_annotations); at the full human range (1.0) it scores 16.9%,

@@ -18,9 +18,9 @@ from common.drawing import draw_heatmap_overlay, show_samples
 from common.geometry import (affine_points, box_to_center_scale, flip_image, flip_keypoints,
                              get_affine_transform, warp_image)
 from common.heatmaps import HeatmapCodec
-from common.keypoints import LIP16
 from common.runs import output_dirs
 from simple_baseline.crops import ensure_crops
+from simple_baseline.model import LIP16
 
 LIP_NUM_JOINTS = 16
 PAPER_SIGMA = 2.0  # the paper's target sigma in heatmap pixels (chosen for 64x48 heatmaps)

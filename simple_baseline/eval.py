@@ -19,12 +19,12 @@ from common.data import BadImageError, exit_on_bad_input, read_image
 from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, pck, write_results_json
 from common.geometry import affine_points, get_affine_transform
 from common.heatmaps import HeatmapCodec
-from common.keypoints import COCO17, LIP16
+from common.keypoints import COCO17
 from common.loader import make_loader
 from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
 from simple_baseline.dataset import TopDownDataset, load_split
 from simple_baseline.infer import draw_prediction, heatmaps_to_image_coords, predict_heatmaps
-from simple_baseline.model import MODEL_NAME, architecture_mismatch, build_model, upgrade_checkpoint
+from simple_baseline.model import LIP16, MODEL_NAME, architecture_mismatch, build_model, upgrade_checkpoint
 
 # PCKh rows over MPII/LIP joint indices, as in the official MPII evaluation (left and right pooled).
 PCKH_GROUPS = {"Head": (9,), "Shoulder": (12, 13), "Elbow": (11, 14), "Wrist": (10, 15),

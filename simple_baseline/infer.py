@@ -17,12 +17,12 @@ from common.data import exit_on_bad_input, normalize_image
 from common.drawing import BLUE, RED, draw_keypoints
 from common.geometry import affine_points, box_to_center_scale, get_affine_transform, warp_image
 from common.heatmaps import HeatmapCodec, decode_heatmaps
-from common.keypoints import LIP16, layout_from_dict
+from common.keypoints import layout_from_dict
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
 from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
 from simple_baseline.dataset import load_split
-from simple_baseline.model import MODEL_NAME, build_model, upgrade_checkpoint
+from simple_baseline.model import LIP16, MODEL_NAME, build_model, upgrade_checkpoint
 
 
 def flip_heatmaps_back(heatmaps: torch.Tensor, flip_index, shift=False):

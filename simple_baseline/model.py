@@ -12,12 +12,25 @@ import torch.nn as nn
 import torchvision
 
 from common.heatmaps import HeatmapCodec
-from common.keypoints import COCO17, LIP16
+from common.keypoints import COCO17, make_layout
 from common.pretrained import resolve_pretrained
 from common.runs import require
 
 MODEL_NAME = "simple_baseline"
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# MPII/LIP: the COCO-adapted sigmas commonly used to compute OKS on MPII (not an official benchmark).
+MPII_SIGMAS = {
+    "r_ankle": 0.089, "r_knee": 0.083, "r_hip": 0.107, "l_hip": 0.107, "l_knee": 0.083,
+    "l_ankle": 0.089, "pelvis": 0.026, "thorax": 0.026, "upper_neck": 0.026, "head_top": 0.026,
+    "r_wrist": 0.062, "r_elbow": 0.072, "r_shoulder": 0.179, "l_shoulder": 0.179,
+    "l_elbow": 0.072, "l_wrist": 0.062,
+}
+MPII16 = make_layout(
+    "mpii16", list(MPII_SIGMAS),
+    [(0, 1), (1, 2), (2, 6), (6, 3), (3, 4), (4, 5), (6, 7), (7, 8), (8, 9), (7, 12), (12, 11),
+     (11, 10), (7, 13), (13, 14), (14, 15)],
+    MPII_SIGMAS, "COCO-adapted MPII sigmas; OKS/AP on MPII or LIP is not an official benchmark")
+LIP16 = MPII16  # LIP uses the MPII joint order
 
 
 class PoseResNet(nn.Module):

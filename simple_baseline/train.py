@@ -22,11 +22,11 @@ from common.data import exit_on_bad_input
 from common.drawing import BLUE, RED, draw_keypoints, make_grid
 from common.engine import fit, planned_steps
 from common.heatmaps import decode_heatmaps
-from common.keypoints import COCO17, LIP16
+from common.keypoints import COCO17
 from common.runs import add_common_args, parse_with_preset, run_dirs, setup_device_and_distributed
 from simple_baseline.dataset import PAPER_SIGMA, TopDownDataset, denormalize, load_split, target_codec
 from simple_baseline.eval import evaluate_split, mean_pose_in_crop
-from simple_baseline.model import MODEL_NAME, build_model, load_pretrained_backbone
+from simple_baseline.model import LIP16, MODEL_NAME, build_model, load_pretrained_backbone
 
 PRESETS = {
     # CPU: resnet18 as in the seed on 96x128 (W x H) crops, COCO's 3:4 aspect (at 64 px wrists and elbows

@@ -14,9 +14,12 @@ from common.evaluation import COCO_METRIC_NAMES, coco_keypoint_ap, count_flops, 
 from common.geometry import (affine_points, box_to_center_scale, flip_image, flip_keypoints, get_affine_transform,
                              warp_image)
 from common.heatmaps import decode_heatmaps, make_heatmaps
-from common.keypoints import (AP10K17, CAT16, COCO17, COCO_SIGMAS, LAYOUTS, MPII16, POSE_SPI13, get_layout,
-                              layout_from_coco_category, layout_from_dict)
+from common.keypoints import COCO17, COCO_SIGMAS, get_layout, layout_from_coco_category, layout_from_dict
 from common.loader import make_loader
+from cpm_animal.model import AP10K17, CAT16, SIGMA_SOURCES
+from higher_hrnet.dataset import CROWDPOSE14
+from pose_spi.model import POSE_SPI13
+from simple_baseline.model import LIP16, MPII16
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEST_DATA = Path(__file__).resolve().parent / "data"
@@ -31,9 +34,8 @@ def shared(path):
 
 # ---- layouts ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_every_layout_flip_pairs_are_symmetric(name):
-    layout = LAYOUTS[name]
+@pytest.mark.parametrize("layout", [COCO17, POSE_SPI13, MPII16, CAT16, AP10K17, CROWDPOSE14], ids=lambda l: l.name)
+def test_every_layout_flip_pairs_are_symmetric(layout):
     index = layout.flip_index
     assert [index[i] for i in index] == list(range(layout.num_keypoints))  # an involution
     for a, b in layout.flip_pairs:
@@ -50,7 +52,7 @@ def test_pose_spi_sigmas_follow_names_not_positions():
         assert sigma == COCO_SIGMAS[name]
     assert POSE_SPI13.sigmas != COCO17.sigmas[:13]
     assert len(POSE_SPI13.flip_pairs) == 6
-    assert get_layout("lip16") is MPII16
+    assert LIP16 is MPII16 and get_layout("crowdpose14", (COCO17, CROWDPOSE14)) is CROWDPOSE14
     assert MPII16.flip_pairs == ((0, 5), (1, 4), (2, 3), (10, 15), (11, 14), (12, 13))
     assert CAT16.flip_pairs == ((2, 5), (3, 6), (4, 7), (10, 13), (11, 14), (12, 15))
     assert "AP-10K" in CAT16.sigmas_note
@@ -58,7 +60,7 @@ def test_pose_spi_sigmas_follow_names_not_positions():
 
 def test_layout_from_coco_category_takes_sigmas_by_name():
     category = json.loads(shared("ap10k_sample/test_ap10k.json").read_text())["categories"][0]
-    layout = layout_from_coco_category(category)
+    layout = layout_from_coco_category(category, SIGMA_SOURCES)
     assert layout.names == AP10K17.names and layout.sigmas == AP10K17.sigmas
     assert (0, 1) in layout.skeleton  # 1-based [1, 2] became 0-based
     odd = layout_from_coco_category({"name": "x", "keypoints": ["tip", "base"], "skeleton": [[1, 2]]})

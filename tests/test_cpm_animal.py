@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.keypoints import CAT16
 from cpm_animal import eval as cpm_eval
 from cpm_animal import infer, train
 from cpm_animal.dataset import (ImageCache, KeypointCrops, check_heatmap_size, denormalize, load_coco_records,
                                 load_seed_json)
 from cpm_animal.eval import compute_metrics, ground_truth, predict
 from cpm_animal.infer import decode_predictions
-from cpm_animal.model import CPM, NORMS, SIZES, config_from_dict, heatmap_size, target_codec
+from cpm_animal.model import CAT16, CPM, NORMS, SIZES, config_from_dict, heatmap_size, target_codec
 from cpm_animal.presets import PresetError, load_preset
 from cpm_animal.quadrupeds import render_quadruped
 from cpm_animal.train import cpm_loss

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.keypoints import POSE_SPI13
 from pose_spi import eval as eval_script
 from pose_spi import infer as infer_script
 from pose_spi.dataset import (PoseSPIDataset, ensure_synthetic, render_synthetic_split, render_toy_style_person,
                               synthetic_paths)
-from pose_spi.model import PoseSPI, count_sign_changes, hadamard_patterns, load_pretrained_trunk
+from pose_spi.model import POSE_SPI13, PoseSPI, count_sign_changes, hadamard_patterns, load_pretrained_trunk
 from pose_spi.train import PRESETS, keypoint_loss, main, parse_args
 
 

@@ -15,12 +15,12 @@ import simple_baseline.infer as infer_script
 import simple_baseline.train as train_script
 
 from common.evaluation import coco_keypoint_ap
-from common.keypoints import COCO17, LIP16
+from common.keypoints import COCO17
 from simple_baseline.crops import CROP_DEFAULTS, build_single_person_crops
 from simple_baseline.dataset import TopDownDataset, read_coco_topdown, read_lip_csv, read_mpii_json, target_codec
 from simple_baseline.eval import coco_results, mean_pose_in_crop, mean_pose_predictions, pckh_table, run_predictions
 from simple_baseline.infer import flip_heatmaps_back
-from simple_baseline.model import PoseResNet, build_model, load_pretrained_backbone
+from simple_baseline.model import LIP16, PoseResNet, build_model, load_pretrained_backbone
 from simple_baseline.train import compute_loss
 
 REPO = Path(__file__).resolve().parents[1]
