@@ -6,6 +6,7 @@ Every infer.py writes the people it finds to predictions.json in one schema (see
 """
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -15,7 +16,6 @@ import cv2
 import numpy as np
 
 from common.data import BadImageError, read_image
-from common.drawing import draw_people
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
@@ -60,21 +60,14 @@ class Predictor:
     layout = None
 
     def __call__(self, image) -> list[Person]:
-        return self.predict(as_rgb(image))
+        if isinstance(image, (str, Path)):
+            return self.predict(read_image(image))     # decoded by content, always RGB
+        image = np.asarray(image)
+        return self.predict(cv2.cvtColor(image, cv2.COLOR_GRAY2RGB if image.ndim == 2 else cv2.COLOR_BGR2RGB))
 
     def predict(self, image_rgb) -> list[Person]:
         raise NotImplementedError
 
-
-def as_rgb(image) -> np.ndarray:
-    """A path (decoded by content) or a BGR / grayscale uint8 array -> RGB uint8 (H, W, 3)."""
-    if isinstance(image, (str, Path)):
-        return read_image(image)
-    image = np.asarray(image)
-    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB if image.ndim == 2 else cv2.COLOR_BGR2RGB)
-
-
-# --- Inputs: an image, a folder of images or a video --------------------------------------------------------
 
 def iter_inputs(source, limit=None, errors=None):
     """Yield (name, RGB uint8 image, file, frame index or None) for an image file, a folder of images
@@ -85,13 +78,11 @@ def iter_inputs(source, limit=None, errors=None):
         capture = cv2.VideoCapture(str(source))
         if not capture.isOpened():
             raise BadImageError(f"{source}: cannot open video")
-        index = 0
-        while True:
+        for index in itertools.count():
             ok, frame = capture.read()
             if not ok:
                 break
             yield f"{source.stem}_{index:06d}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), source, index
-            index += 1
         capture.release()
         return
     paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
@@ -106,26 +97,15 @@ def iter_inputs(source, limit=None, errors=None):
         yield path.stem, image, path, None
 
 
-def video_properties(source):
-    """(frames per second, frame count) of a video file, for writing an output of the same length."""
-    capture = cv2.VideoCapture(str(source))
-    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    capture.release()
-    return fps, count
-
-
 class VideoWriter:
-    """mp4 writer taking RGB frames; opened lazily at the first frame's size."""
+    """mp4 writer of RGB frames, opened at the first frame's size."""
 
     def __init__(self, path, fps=25.0):
         self.path, self.fps, self.writer = Path(path), fps, None
 
     def write(self, rgb):
         if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
-                                          (rgb.shape[1], rgb.shape[0]))
+            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, rgb.shape[1::-1])
         self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
     def close(self):
@@ -133,31 +113,27 @@ class VideoWriter:
             self.writer.release()
 
 
-# --- The loop every infer.py runs ---------------------------------------------------------------------------
-
-def draw_skeletons(predictor, threshold=0.0):
-    """The default drawing: each person's skeleton in its own color, joints scoring above `threshold`."""
-    def draw(image, people):
-        return {"pose": draw_people(image, [p.as_array() for p in people], predictor.layout.skeleton, threshold)}
-    return draw
+def video_fps(path) -> float:
+    capture = cv2.VideoCapture(str(path))
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    capture.release()
+    return fps
 
 
-def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw=None, limit=None) -> int:
-    """Predict every image (or frame) of `sources`; write <name>_<picture>.jpg per image (an mp4 per video)
-    and predictions.json. draw(image, people) -> {picture name: RGB image} (video: the first one).
-    Returns the exit status: 1 when nothing could be read."""
+def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw, limit=None) -> int:
+    """Predict every image (or frame) of `sources`; write <name>_<picture>.jpg per image (an mp4 per video) and
+    predictions.json (the schema in the top README). draw(image, people) -> {picture name: RGB image} (video:
+    the first one). Returns the exit status: 1 when nothing could be read."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    draw = draw or draw_skeletons(predictor)
     records, errors = [], []
     for source in map(Path, sources):
-        if not source.exists():
-            print(f"error: {source}: no such file or folder", file=sys.stderr)
-            errors.append(str(source))
-            continue
-        video = VideoWriter(out_dir / f"{source.stem}_pose.mp4", video_properties(source)[0]) \
-            if source.suffix.lower() in VIDEO_SUFFIXES else None
+        video = None
         try:
+            if not source.exists():
+                raise BadImageError(f"{source}: no such file or folder")
+            if source.suffix.lower() in VIDEO_SUFFIXES:
+                video = VideoWriter(out_dir / f"{source.stem}_pose.mp4", video_fps(source))
             for name, image, path, frame in iter_inputs(source, limit, errors):
                 people = predictor.predict(image)
                 pictures = draw(image, people)
@@ -167,21 +143,15 @@ def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw=None,
                     cv2.imwrite(str(out_dir / f"{name}_{kind}.jpg"), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
                 records.append({"file": str(path), "frame": frame, "width": image.shape[1], "height": image.shape[0],
                                 "people": [person.to_json() for person in people]})
-        except BadImageError as error:   # a video that cannot be opened; the other inputs go on
+        except BadImageError as error:   # a missing input or a video that cannot be opened; the others go on
             print(f"error: {error}", file=sys.stderr)
             errors.append(str(error))
         if video is not None:
             video.close()
-    write_predictions(out_dir / "predictions.json", predictor, checkpoint, records)
+    document = {"model": predictor.model_name, "checkpoint": str(checkpoint),
+                "keypoint_names": list(predictor.layout.names),
+                "skeleton": [list(edge) for edge in predictor.layout.skeleton], "images": records}
+    (out_dir / "predictions.json").write_text(json.dumps(document, indent=1))
     print(f"{len(records)} images or frames, {sum(len(r['people']) for r in records)} people"
           f"{f', {len(errors)} inputs unreadable' if errors else ''}; drawings and predictions.json in {out_dir}")
     return 1 if errors and not records else 0
-
-
-def write_predictions(path, predictor: Predictor, checkpoint, records) -> Path:
-    """predictions.json: the model, its keypoint names and skeleton, then one record per image or frame."""
-    layout = predictor.layout
-    document = {"model": predictor.model_name, "checkpoint": str(checkpoint), "keypoint_names": list(layout.names),
-                "skeleton": [list(edge) for edge in layout.skeleton], "images": records}
-    Path(path).write_text(json.dumps(document, indent=1))
-    return Path(path)

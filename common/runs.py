@@ -1,10 +1,7 @@
 """Runs: the command-line vocabulary every script shares, where a run's files go, the device and process group,
-and checkpoints (save, load, find the newest, rebuild a model from one).
-
-A checkpoint is a dict loadable with `torch.load(weights_only=True)`. Besides the training state (engine.py)
-it holds `model_name`, `arch` (the keywords of the folder's `build_model`) and `settings` (what turns images
-into inputs and outputs into keypoints: input size, stride, sigma, keypoint layout ...), so eval and infer
-rebuild the model from the file alone, as nanoGPT's sample.py does from `model_args`.
+and checkpoints. A checkpoint loads with `torch.load(weights_only=True)`; besides the training state (engine.py)
+it holds `model_name`, `arch` (the keywords of the folder's `build_model`) and `settings` (input size, stride,
+sigma, keypoint layout ...), so eval and infer rebuild the model from the file alone, as nanoGPT's sample.py does.
 """
 from __future__ import annotations
 
@@ -25,8 +22,6 @@ import torch.distributed as dist
 
 CHECKPOINT_FORMAT = 2   # 2 stores "arch" and "settings"; 1 (before issue 18) kept them inside "config"
 
-
-# --- The command-line vocabulary ----------------------------------------------------------------------------
 
 def add_common_args(parser: argparse.ArgumentParser, role: str = "train", **defaults) -> argparse.ArgumentParser:
     """Add the flags scripts share. role "train": all of them; "eval": data, checkpoint, output, device, batch
@@ -50,35 +45,38 @@ def add_common_args(parser: argparse.ArgumentParser, role: str = "train", **defa
         a("--batch-size", type=int, default=16, help="samples per process and step (default: %(default)s)")
         a("--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
     if role == "train":
-        _add_training_args(a)
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(defaults) - known)
-    if unknown:
-        raise TypeError(f"add_common_args: unknown default(s) {unknown}")
-    parser.set_defaults(**defaults)
+        a("--epochs", type=int, default=10, help="number of epochs (default: %(default)s)")
+        a("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
+        a("--lr", type=float, default=1e-3, help="base learning rate (default: %(default)s)")
+        a("--seed", type=int, default=0, help="seed for weights, data order and augmentation (default: %(default)s)")
+        a("--resume", default=None, metavar="PATH|auto",
+          help="continue a run exactly from a checkpoint; 'auto' = newest last.pt of this model (of --run-name's run)")
+        a("--init-from", default=None, metavar="CKPT", help="start from a checkpoint's weights only (fine-tuning)")
+        a("--pretrained", default="none", metavar="none|imagenet|PATH",
+          help="backbone weights: none (default, no network), imagenet (torch cache or download), or a file")
+        a("--amp", choices=("none", "bf16", "fp16"), default="none",
+          help="mixed precision autocast (fp16 adds a GradScaler); meant for CUDA (default: %(default)s)")
+        a("--sync-bn", action="store_true", help="use SyncBatchNorm across processes under torchrun")
+        a("--clip-grad", type=float, default=0.0,
+          help="clip the gradient norm to this value; 0 = off (default: %(default)s)")
+        a("--accumulate", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
+        a("--val-every", default="1e", help="validate and checkpoint every N steps ('500') or N epochs ('1e'); "
+                                             "'0' = only at the end (default: %(default)s)")
+        a("--log-every", type=int, default=20, help="log losses and LR every N steps (default: %(default)s)")
+        a("--hist-every", type=int, default=0,
+          help="parameter/gradient histograms every N steps; 0 = off (default: %(default)s)")
+        a("--keep-best", type=int, default=1,
+          help="keep the best K checkpoints by the model's metric (default: %(default)s)")
+    set_known_defaults(parser, defaults, "add_common_args")
     return parser
 
 
-def _add_training_args(a) -> None:
-    a("--epochs", type=int, default=10, help="number of epochs (default: %(default)s)")
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
-    a("--lr", type=float, default=1e-3, help="base learning rate (default: %(default)s)")
-    a("--seed", type=int, default=0, help="seed for weights, data order and augmentation (default: %(default)s)")
-    a("--resume", default=None, metavar="PATH|auto",
-      help="continue a run exactly from a checkpoint; 'auto' = newest last.pt of this model (of --run-name's run)")
-    a("--init-from", default=None, metavar="CKPT", help="start from a checkpoint's weights only (fine-tuning)")
-    a("--pretrained", default="none", metavar="none|imagenet|PATH",
-      help="backbone weights: none (default, no network), imagenet (torch cache or download), or a file")
-    a("--amp", choices=("none", "bf16", "fp16"), default="none",
-      help="mixed precision autocast (fp16 adds a GradScaler); meant for CUDA (default: %(default)s)")
-    a("--sync-bn", action="store_true", help="use SyncBatchNorm across processes under torchrun")
-    a("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this value; 0 = off (default: %(default)s)")
-    a("--accumulate", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
-    a("--val-every", default="1e", help="validate and checkpoint every N steps ('500') or N epochs ('1e'); "
-                                         "'0' = only at the end (default: %(default)s)")
-    a("--log-every", type=int, default=20, help="log losses and LR every N steps (default: %(default)s)")
-    a("--hist-every", type=int, default=0, help="parameter/gradient histograms every N steps; 0 = off (default: %(default)s)")
-    a("--keep-best", type=int, default=1, help="keep the best K checkpoints by the model's metric (default: %(default)s)")
+def set_known_defaults(parser, defaults: dict, what: str) -> None:
+    """parser.set_defaults, refusing a name no flag has (a typo would silently change nothing)."""
+    unknown = sorted(set(defaults) - {action.dest for action in parser._actions})
+    if unknown:
+        raise TypeError(f"{what}: no flag for {unknown}")
+    parser.set_defaults(**defaults)
 
 
 def parse_with_preset(parser, presets: dict, argv=None, default: str = "cpu", default_with_data: str | None = None):
@@ -92,14 +90,9 @@ def parse_with_preset(parser, presets: dict, argv=None, default: str = "cpu", de
     first.add_argument("--data", default=None)
     known = first.parse_known_args(argv)[0]
     name = known.preset or (default_with_data if known.data and default_with_data else default)
-    unknown = sorted(set(presets[name]) - {action.dest for action in parser._actions})
-    if unknown:
-        raise TypeError(f"preset {name!r}: no flag for {unknown}")
-    parser.set_defaults(preset=name, **presets[name])
+    set_known_defaults(parser, {"preset": name, **presets[name]}, f"preset {name!r}")
     return parser.parse_args(argv)
 
-
-# --- Output folders -----------------------------------------------------------------------------------------
 
 def output_root(out=None) -> Path:
     return Path(out or os.environ.get("POSE_OUTPUT_ROOT") or os.getcwd())
@@ -130,7 +123,7 @@ def resume_path(args, model_name: str, verbose: bool = True) -> Path | None:
         path = output_dirs(model_name, args.run_name, args.out)["checkpoints"] / "last.pt"
         path = path if path.is_file() else None
     else:
-        path = newest_checkpoint(model_name, args.out, kind="last")
+        path = newest_checkpoint(model_name, args.out, names=("last.pt",))
     if path is None and verbose:
         print(f"--resume auto: no last.pt under {output_root(args.out) / 'checkpoints' / model_name}"
               f"{'/' + args.run_name if args.run_name else ''}; starting fresh")
@@ -149,8 +142,6 @@ def run_dirs(args, model_name: str) -> dict[str, Path]:
         args.run_name = broadcast_object(name, args.rank, args.world_size)
     return output_dirs(model_name, args.run_name, args.out)
 
-
-# --- Device, process group, seeds ---------------------------------------------------------------------------
 
 def pick_device(requested=None) -> torch.device:
     """--device, else CUDA when there is one; a CUDA request without CUDA stops with one line."""
@@ -202,17 +193,6 @@ def broadcast_object(obj, rank: int, world: int):
     return box[0]
 
 
-def gather_objects(obj, world: int) -> list:
-    """[rank 0's obj, rank 1's obj, ...] on every rank."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# --- Checkpoints --------------------------------------------------------------------------------------------
-
 def save_checkpoint(path, state: dict) -> Path:
     """Write atomically: a temporary file in the same folder, fsync, then os.replace over `path`.
     A write killed midway leaves the previous file untouched (and at worst a stray *.tmp)."""
@@ -232,13 +212,13 @@ def save_checkpoint(path, state: dict) -> Path:
     return path
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path) -> dict:
     """torch.load(weights_only=True); a missing or unreadable file stops with one line."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"{path}: no such checkpoint")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise SystemExit(f"{path}: cannot load checkpoint: not a torch.save file, or it holds objects other "
                          "than tensors and plain types (refused by weights_only=True)") from None
@@ -247,18 +227,13 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise SystemExit(f"{path}: cannot load checkpoint ({first_sentence})") from None
 
 
-def newest_checkpoint(model_name: str, out=None, kind: str = "best") -> Path | None:
-    """The newest run's checkpoint under <root>/checkpoints/<model_name>/ (runs ordered by their newest file).
-    kind="best": that run's best.pt, else its last.pt; kind="last": its last.pt. None when there is none."""
-    base = output_root(out) / "checkpoints" / model_name
-    runs = [d for d in base.glob("*") if (d / "last.pt").is_file() or (d / "best.pt").is_file()]
-    newest = lambda d: max(p.stat().st_mtime for p in (d / "last.pt", d / "best.pt") if p.is_file())
-    names = ("best.pt", "last.pt") if kind == "best" else ("last.pt",)
-    for run in sorted(runs, key=newest, reverse=True):
-        for name in names:
-            if (run / name).is_file():
-                return run / name
-    return None
+def newest_checkpoint(model_name: str, out=None, names=("best.pt", "last.pt")) -> Path | None:
+    """The first of `names` in the newest run under <root>/checkpoints/<model_name>/ that has one (runs ordered
+    by their newest best.pt or last.pt), or None."""
+    files = lambda run: [path for path in (run / "best.pt", run / "last.pt") if path.is_file()]
+    runs = [run for run in (output_root(out) / "checkpoints" / model_name).glob("*") if files(run)]
+    runs.sort(key=lambda run: max(path.stat().st_mtime for path in files(run)), reverse=True)
+    return next((run / name for run in runs for name in names if (run / name).is_file()), None)
 
 
 def checkpoint_or_exit(checkpoint, model_names, train_command: str, out=None, hint: str = "") -> Path:

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input
+from common.drawing import draw_people
 from common.geometry import affine_points
 from common.keypoints import COCO17, layout_from_dict
 from common.prediction import Predictor as BasePredictor
-from common.prediction import draw_skeletons, make_person, run_inference
+from common.prediction import make_person, run_inference
 from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
 from higher_hrnet.grouping import GroupingParams, group_by_tags
 from higher_hrnet.inference import fold_batchnorm
@@ -133,10 +134,8 @@ def people_to_results(keypoints, scores, image_id, category_id=1):
 
 def drawing(predictor, threshold, attention):
     """Skeletons (and, with --attention, the segmentation attention beside them)."""
-    skeletons = draw_skeletons(predictor, threshold)
-
     def draw(image, people):
-        drawn = skeletons(image, people)["pose"]
+        drawn = draw_people(image, [p.as_array() for p in people], predictor.layout.skeleton, threshold)
         if attention:
             attention_map = cv2.resize(predictor.last_segmentation.numpy(), image.shape[1::-1])
             gray = np.repeat((attention_map[..., None] * 255).astype(np.uint8), 3, 2)

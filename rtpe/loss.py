@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from common.engine import unwrap
+from torch.nn.parallel import DistributedDataParallel
 
 # BCE pos_weight of the heatmap loss: it moves the optimal logit to logit(target) + log(100), so decoding
 # subtracts log(100) again (stored in checkpoints as settings["heatmap_pos_weight"]).
@@ -80,7 +79,7 @@ class DistillationObjective:
         self.last_mining_weight = None
 
     def __call__(self, model, batch):
-        student = unwrap(model)
+        student = model.module if isinstance(model, DistributedDataParallel) else model   # torchrun wraps it
         if self.stage == "stem":
             with torch.no_grad():
                 target = self.teacher_stem(batch["image"])

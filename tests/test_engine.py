@@ -169,7 +169,7 @@ def test_best_k_tensorboard_and_weights_only_checkpoints(tmp_path, monkeypatch):
     assert load_checkpoint(ckpt_dir / "best.pt")["step"] == 8
     assert summary["best_checkpoint"] == ckpt_dir / "best_step00000008.pt"
     assert newest_checkpoint("tiny") == ckpt_dir / "best.pt"
-    assert newest_checkpoint("tiny", kind="last") == ckpt_dir / "last.pt"
+    assert newest_checkpoint("tiny", names=("last.pt",)) == ckpt_dir / "last.pt"
     for path in ckpt_dir.glob("*.pt"):
         state = torch.load(path, weights_only=True)     # numpy/python RNG states stored as tensors
         assert state["config"]["batch_size"] == 8

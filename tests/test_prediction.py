@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from common.keypoints import COCO17
-from common.prediction import (Predictor, VideoWriter, as_rgb, iter_inputs, make_person, run_inference,
-                               video_properties)
+from common.drawing import draw_people
+from common.prediction import Predictor, VideoWriter, iter_inputs, make_person, run_inference, video_fps
 
 
 class CenterPredictor(Predictor):
@@ -35,7 +35,8 @@ def test_person_box_json_and_bgr_or_path_input(tmp_path):
     [from_array] = CenterPredictor()(bgr)
     [from_path] = CenterPredictor()(tmp_path / "red.png")
     assert from_array.score == from_path.score == pytest.approx(200 / 255)
-    assert as_rgb(np.zeros((4, 6), np.uint8)).shape == (4, 6, 3)
+    [from_gray] = CenterPredictor()(np.zeros((4, 6), np.uint8))
+    assert from_gray.keypoints[0].tolist() == [3.0, 2.0]
 
 
 def test_iter_inputs_image_folder_and_video(tmp_path, capsys):
@@ -50,13 +51,13 @@ def test_iter_inputs_image_folder_and_video(tmp_path, capsys):
     assert capsys.readouterr().err.count("error: ") == 1
     assert [name for name, _, _, _ in iter_inputs(folder, limit=2)] == ["0", "1"]
     assert [(p.name, f) for _, _, p, f in iter_inputs(folder / "1.png")] == [("1.png", None)]
-    writer = VideoWriter(tmp_path / "clip.mp4", fps=10)
+    writer = VideoWriter(tmp_path / "clip.mp4", fps=12)
     for i in range(10):
         writer.write(np.full((32, 48, 3), 20 * i, np.uint8))
     writer.close()
     frames = list(iter_inputs(tmp_path / "clip.mp4", limit=2))     # a video is never cut short
     assert [f for _, _, _, f in frames] == list(range(10)) and frames[0][1].shape == (32, 48, 3)
-    assert video_properties(tmp_path / "clip.mp4") == (10.0, 10)
+    assert video_fps(tmp_path / "clip.mp4") == 12.0
 
 
 def test_run_inference_writes_drawings_and_one_json_schema(tmp_path, capsys):
@@ -69,7 +70,11 @@ def test_run_inference_writes_drawings_and_one_json_schema(tmp_path, capsys):
         writer.write(np.zeros((16, 16, 3), np.uint8))
     writer.close()
     out = tmp_path / "out"
-    status = run_inference(CenterPredictor(), [folder, tmp_path / "clip.mp4", tmp_path / "missing.jpg"], out, "c.pt")
+    def draw(image, people):
+        return {"pose": draw_people(image, [p.as_array() for p in people], COCO17.skeleton)}
+
+    status = run_inference(CenterPredictor(), [folder, tmp_path / "clip.mp4", tmp_path / "missing.jpg"], out, "c.pt",
+                           draw)
     assert status == 0 and "missing.jpg: no such file" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["a_pose.jpg", "clip_pose.mp4", "predictions.json"]
     document = json.loads((out / "predictions.json").read_text())
@@ -79,4 +84,4 @@ def test_run_inference_writes_drawings_and_one_json_schema(tmp_path, capsys):
     assert files == [("a.png", None, 30, 20)] + [("clip.mp4", i, 16, 16) for i in range(3)]
     [person] = document["images"][0]["people"]
     assert person["keypoints"][16] == [15.0, 10.0, 1.0] and person["box"] == [15.0, 10.0, 0.0, 0.0]
-    assert run_inference(CenterPredictor(), [folder / "b.png"], tmp_path / "none", "c.pt") == 1   # nothing read
+    assert run_inference(CenterPredictor(), [folder / "b.png"], tmp_path / "none", "c.pt", draw) == 1   # none read
