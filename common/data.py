@@ -1,8 +1,7 @@
 """Reading images and COCO annotations, and the ImageNet normalization every RGB model uses.
 
-Bad input never surfaces as a traceback: an unreadable image raises `BadImageError` (one line naming the
-file; the loader turns it into a warning and a skipped sample), a malformed annotation file raises
-`AnnotationError` at start-up, naming the file and annotation id.
+Bad input is one line, never a traceback: an unreadable image raises `BadImageError` naming the file (the loader
+makes it a warning and a skipped sample), a malformed annotation file `AnnotationError` naming file and id.
 """
 from __future__ import annotations
 
@@ -45,11 +44,8 @@ def normalize_image(image) -> torch.Tensor:
 
 
 def read_image(path) -> np.ndarray:
-    """Decode an image by its content (a .png may hold JPEG data) into RGB uint8 (H, W, 3).
-
-    Grayscale is replicated to three channels, alpha is composited over black (the Pose-SPI toy
-    set removes backgrounds with alpha), 16-bit images are scaled to 8 bits.
-    """
+    """Decode an image by its content (a .png may hold JPEG data) into RGB uint8 (H, W, 3): gray replicated, alpha
+    composited over black (the Pose-SPI toy set removes backgrounds with alpha), 16 bits scaled to 8."""
     path = Path(path)
     if not path.is_file():
         raise BadImageError(f"{path}: file not found")
@@ -75,11 +71,8 @@ def read_image(path) -> np.ndarray:
 
 
 def load_coco_keypoints(ann_file, num_keypoints=None) -> COCO:
-    """A pycocotools COCO object for a keypoint annotation file, validated once at start.
-
-    Checks the JSON parses, has images/annotations/categories, and that every annotation's keypoint
-    list holds 3 x K numbers (K = num_keypoints, else its category's keypoint count).
-    """
+    """A pycocotools COCO object for a keypoint file, checked once: it parses, has images, and every keypoint
+    list holds 3 x K numbers (K = num_keypoints, else its category's keypoint count)."""
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise AnnotationError(f"{ann_file}: annotation file not found")

@@ -12,20 +12,14 @@ import numpy as np
 RED, BLUE, GREEN, PURPLE = (230, 40, 40), (40, 90, 230), (40, 200, 60), (160, 40, 200)
 
 
-def draw_keypoints(image, keypoints, skeleton=(), color=RED, threshold=0.0, radius=None, thickness=None,
-                   scores=True):
-    """Draw one person: joints with score/visibility > threshold and the edges between them.
-
-    keypoints: (K, 2) or (K, 3) with a score or visibility in column 2. With `scores`, each drawn
-    joint's circle shrinks with its score so confident joints stand out.
-    """
+def draw_keypoints(image, keypoints, skeleton=(), color=RED, threshold=0.0, scores=True):
+    """Draw one person's joints (K, 2) or (K, 3) scoring above `threshold` (column 2: a score or visibility)
+    and the edges between them; with `scores`, a joint's circle shrinks with its score."""
     image = np.ascontiguousarray(image).copy()
     keypoints = np.asarray(keypoints, np.float32)
     if keypoints.shape[-1] == 2:
         keypoints = np.concatenate([keypoints, np.ones_like(keypoints[:, :1])], 1)
-    side = max(image.shape[:2])
-    radius = radius or max(1, side // 100)
-    thickness = thickness or max(1, side // 200)
+    radius, thickness = max(1, max(image.shape[:2]) // 100), max(1, max(image.shape[:2]) // 200)
     shown = (keypoints[:, 2] > threshold) & np.isfinite(keypoints[:, :2]).all(1)
     for a, b in skeleton:
         if shown[a] and shown[b]:
@@ -52,10 +46,8 @@ def draw_people(image, people, skeleton=(), threshold=0.0):
 
 
 def draw_heatmap_overlay(image, heatmaps, alpha=0.5):
-    """Overlay the per-pixel maximum over heatmap channels (resized to the image) as a JET map.
-
-    Negative values (occluded joints in the CPM seed's signed targets) are shown by magnitude.
-    """
+    """The per-pixel maximum over heatmap channels (by magnitude: the CPM seed's occluded joints are negative),
+    resized to the image, overlaid as a JET map."""
     heatmaps = np.abs(np.asarray(heatmaps, np.float32))
     peak = heatmaps.max(0) if heatmaps.ndim == 3 else heatmaps
     peak = cv2.resize(np.clip(peak, 0, 1), (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)

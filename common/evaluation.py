@@ -17,12 +17,10 @@ COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "
 
 
 def coco_keypoint_ap(coco_gt, results, sigmas, print_table=True, image_ids=None):
-    """COCO keypoint AP/AR through pycocotools' COCOeval with the layout's sigmas (any keypoint count).
+    """The 10 COCO keypoint AP/AR numbers by name, from pycocotools' COCOeval with the layout's sigmas.
 
-    coco_gt: a pycocotools COCO object or an annotation file path. results: a list of
-    {"image_id", "category_id", "keypoints": [x, y, score] * K, "score"}. Every image of the
-    ground truth is evaluated unless `image_ids` narrows it (images without people count too).
-    Returns the 10 summary numbers by name.
+    coco_gt: a COCO object or an annotation file; results: [{"image_id", "category_id", "keypoints": [x, y, score]
+    * K, "score"}]. Every image is evaluated (those without people too) unless `image_ids` narrows it.
     """
     if isinstance(coco_gt, (str, Path)):
         coco_gt = load_coco_keypoints(coco_gt)
@@ -56,12 +54,9 @@ def write_results_json(results, path):
 
 
 def pck(pred, gt, visible, norm, thresholds=(0.5,)):
-    """Percentage of correct keypoints: distance / norm <= threshold, over labelled joints.
-
-    pred, gt: (N, K, 2); visible: (N, K) bool (which joints count); norm: (N,) per-sample length
-    (head segment for PCKh, box size for PCK). Returns {threshold: (per_joint (K,), mean)}, the
-    mean being over all counted joints (as the MPII evaluation weights it), NaN per joint without any.
-    """
+    """Percentage of correct keypoints (distance / norm <= threshold) over the `visible` (N, K) joints of pred, gt
+    (N, K, 2); norm (N,): head segment (PCKh) or box size. Returns {threshold: (per joint (K,), mean)}, the mean
+    over all counted joints (as MPII weights it), NaN for a joint never counted."""
     pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
     visible = np.asarray(visible, bool)
     norm = np.asarray(norm, np.float64).reshape(-1, 1)
@@ -77,9 +72,9 @@ def pck(pred, gt, visible, norm, thresholds=(0.5,)):
     return table
 
 
-def count_parameters(model, trainable_only=False) -> int:
+def count_parameters(model) -> int:
     """Parameter count (BatchNorm buffers excluded); works on meta-device models."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    return sum(p.numel() for p in model.parameters())
 
 
 def count_flops(model, example_input) -> int:

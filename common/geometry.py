@@ -1,8 +1,7 @@
 """Affine crops around a center, their inverse, and horizontal flips.
 
-A crop is described by a center (x, y) and a size (w, h) in original-image pixels, plus a
-rotation; `get_affine_transform` maps that box onto the network input. The same matrix warps the
-image, masks and keypoints, and its inverse maps predictions back to original pixels.
+A crop is a center (x, y) and a size (w, h) in image pixels, plus a rotation; `get_affine_transform` maps it onto
+the network input, the same matrix warps image, masks and keypoints, and its inverse maps predictions back.
 (higher_hrnet/inference.py holds the official repositories' float64 construction, for its test pipeline.)
 """
 from __future__ import annotations
@@ -23,11 +22,8 @@ def box_to_center_scale(box_xywh, aspect_ratio, padding=1.25):
 
 
 def get_affine_transform(center, size, rotation_deg, output_size, inverse=False):
-    """2x3 matrix taking the box (`center`, `size` = w,h) rotated by `rotation_deg` to `output_size` (W, H).
-
-    The box's x axis spans the output width; rotation is counter-clockwise in image coordinates,
-    as in the official pose repositories. inverse=True returns output -> original.
-    """
+    """2x3 matrix taking the box (`center`, `size` = w,h) rotated by `rotation_deg` (counter-clockwise in image
+    coordinates, as in the official pose repositories) to `output_size` (W, H); inverse=True: output -> image."""
     center = np.asarray(center, np.float64)
     out_w, out_h = float(output_size[0]), float(output_size[1])
     scale = out_w / float(size[0])
@@ -53,8 +49,7 @@ def affine_points(points, matrix):
 
 
 def warp_image(image, matrix, output_size, interpolation=cv2.INTER_LINEAR, border_value=0):
-    """cv2.warpAffine with the matrix as given: OpenCV computes in float64 either way, so a float64
-    matrix (higher_hrnet.inference.official_affine_transform) must not be rounded to float32 on the way."""
+    """cv2.warpAffine with the matrix as given (a float64 one, as the official construction's, stays float64)."""
     matrix = np.asarray(matrix)
     if matrix.dtype not in (np.float32, np.float64):
         matrix = matrix.astype(np.float64)

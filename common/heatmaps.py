@@ -1,10 +1,7 @@
-"""Gaussian heatmap targets and their decoding, and the codec that owns one folder's target settings.
-
-Two center conventions exist in the literature and each model folder picks one:
-- "truncate": the official HigherHRNet / Simple Baselines target generators put the peak on the
-  pixel int(x), int(y), so a target is biased by up to one pixel towards the origin.
-- "subpixel": the Gaussian is centered on the exact float position (no quantization bias).
-Decoding is argmax plus the classic quarter-pixel step towards the higher neighbor.
+"""Gaussian heatmap targets, their decoding (argmax plus the classic quarter-pixel step towards the higher
+neighbor), and the codec that owns one folder's target settings. Two center conventions, one per folder:
+"truncate" (the official HigherHRNet / Simple Baselines generators: the peak on pixel int(x), int(y), biased by up
+to a pixel towards the origin) and "subpixel" (the Gaussian centered on the exact float position).
 """
 from __future__ import annotations
 
@@ -25,25 +22,18 @@ def joint_centers(joints, heatmap_size, center="subpixel"):
     width, height = int(heatmap_size[0]), int(heatmap_size[1])
     x, y, v = joints[..., 0], joints[..., 1], joints[..., 2]
     labelled = (v > 0) & np.isfinite(x) & np.isfinite(y)
+    # truncate: drawn iff the truncated pixel lies on the map; subpixel: iff it falls inside some pixel's area
+    low = 0.0 if center == "truncate" else -0.5
     if center == "truncate":
-        # official generators: a joint is drawn iff its truncated pixel lies on the map
         x, y = np.trunc(np.where(labelled, x, -1.0)), np.trunc(np.where(labelled, y, -1.0))
-        lo_x, hi_x, lo_y, hi_y = 0, width, 0, height
-    else:
-        # sub-pixel: a joint belongs to the map iff it falls inside some pixel's area
-        lo_x, hi_x, lo_y, hi_y = -0.5, width - 0.5, -0.5, height - 0.5
-    return x, y, v, labelled & (x >= lo_x) & (x < hi_x) & (y >= lo_y) & (y < hi_y)
+    return x, y, v, labelled & (x >= low) & (x < width + low) & (y >= low) & (y < height + low)
 
 
 def make_heatmaps(joints, heatmap_size, sigma, center="subpixel", occluded_negative=False):
-    """Gaussian targets for one image.
-
-    joints: (K, 3) or (P, K, 3) array of (x, y, v) in heatmap pixels; heatmap_size: (W, H).
-    Peak 1, support +-3 sigma; with several people the per-joint maximum is kept.
-    occluded_negative: joints with v == 1 get a negative Gaussian (peak -1), the CPM seed's way to
-    teach visibility. Returns heatmaps (K, H, W) float32 and weights (K,) float32: 1 where some
-    person has the joint labelled (v > 0) with its center on the map.
-    """
+    """Gaussian targets (peak 1, support +-3 sigma, the maximum over people) for one image's joints (K, 3) or
+    (P, K, 3) (x, y, v) in heatmap pixels on a (W, H) map. occluded_negative: v == 1 joints get peak -1 (the CPM
+    seed's way to teach visibility). Returns heatmaps (K, H, W) and weights (K,): 1 where a labelled joint of
+    some person is centered on the map."""
     x, y, v, drawn = joint_centers(joints, heatmap_size, center)
     num_joints = drawn.shape[1]
     width, height = int(heatmap_size[0]), int(heatmap_size[1])
@@ -76,10 +66,8 @@ def make_heatmaps(joints, heatmap_size, sigma, center="subpixel", occluded_negat
 
 
 def decode_heatmaps(heatmaps: torch.Tensor):
-    """Argmax per map plus a quarter-pixel step towards the higher neighbor.
-
-    heatmaps: (B, K, H, W). Returns coords (B, K, 2) float in heatmap pixels and maxvals (B, K).
-    """
+    """(B, K, H, W) maps -> coords (B, K, 2) in heatmap pixels (argmax plus a quarter-pixel step towards the
+    higher neighbor) and maxvals (B, K)."""
     batch, joints, height, width = heatmaps.shape
     flat = heatmaps.reshape(batch, joints, -1)
     maxvals, index = flat.max(dim=2)
@@ -100,9 +88,8 @@ def decode_heatmaps(heatmaps: torch.Tensor):
 
 @dataclass(frozen=True)
 class HeatmapCodec:
-    """The one owner of a folder's target settings (MMPose's heatmap-codec idea, without its registry): the
-    input size (W, H), the heatmap size (W, H) it maps to, the Gaussian sigma in heatmap pixels and the
-    center convention. Training encodes with it; checkpoints store `as_dict()`, eval and infer rebuild it."""
+    """The one owner of a folder's target settings (MMPose's heatmap-codec idea, without its registry): input size
+    (W, H), heatmap size (W, H), sigma in heatmap pixels, center convention. Checkpoints store `as_dict()`."""
     input_size: tuple
     heatmap_size: tuple
     sigma: float
