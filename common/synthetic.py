@@ -1,11 +1,7 @@
-"""Built-in data: the deterministic figure renderer, backgrounds and occluders, COCO annotation writing, and
-the cache every built-in data set lives in (`ensure_dataset`).
-
-Nothing can be downloaded, so models train out of the box on images rendered from a seed: higher_hrnet's
-multi-person scenes (higher_hrnet/scenes.py), simple_baseline's single-person crops (simple_baseline/crops.py),
-pose_spi's toy people and cpm_animal's quadrupeds are all drawn with these functions. Keypoints are pixel
-indices (x, y) = (col, row), each on a pixel drawn for its own joint; boxes and polygons use COCO's
-pixel-corner coordinates (pixel (col, row) covers [col, col + 1) x [row, row + 1)).
+"""Built-in data: the deterministic figure renderer, backgrounds and occluders, COCO annotation writing, and the
+cache every built-in data set lives in (`ensure_dataset`). higher_hrnet's scenes, simple_baseline's crops,
+pose_spi's toy people and cpm_animal's quadrupeds are drawn with it. Keypoints are pixel indices (x, y) = (col, row),
+each on a pixel drawn for its own joint; boxes and polygons use COCO's pixel corners (pixel (c, r) covers [c, c+1) x [r, r+1)).
 """
 from __future__ import annotations
 
@@ -153,7 +149,7 @@ def random_human_figure(rng, height, center, angle_range=1.0):
 
 
 def _human_parts(fig):
-    """Draw operations back to front: (kind, geometry, colour, the joints this part draws)."""
+    """Draw operations back to front: (kind, geometry, size, color, the joints this part draws)."""
     P, r, t = fig.points, fig.head_radius, fig.limb_thickness
     c = fig.colors
     shade = lambda color, left: (color * (0.8 if left else 1.0)).astype(np.uint8)  # fixed left/right cue
@@ -191,8 +187,8 @@ def _human_parts(fig):
 
 
 def rasterize_human(fig, origin, shape):
-    """Label map (h, w) uint8 of part ids (0 = background) of `fig` drawn in the window at `origin`,
-    the RGB colour of each id (row 0 unused) and the joints each id draws."""
+    """`fig` drawn in the (h, w) window at `origin`: a label map of part ids (0: background), the RGB color of each
+    id (row 0 unused) and the joints each id draws."""
     labels = np.zeros(shape, np.uint8)
     P = fig.points - np.asarray(origin, np.float64)
     xy = P.tolist()
@@ -307,11 +303,8 @@ class Canvas:
 
 
 def _polygons(mask, offset):
-    """COCO polygons (lists of x, y in pixel-corner coordinates) of a binary mask's outer contours.
-
-    Traced on the mask upsampled 2x, so a polygon runs a quarter pixel inside the silhouette's edge
-    (not half a pixel, as contours through pixel centres do) and one-pixel parts stay polygons.
-    """
+    """COCO polygons (x, y lists in pixel corners) of a mask's outer contours, traced on the mask upsampled 2x: a
+    polygon runs a quarter pixel inside the silhouette (not half, as through pixel centers); 1-pixel parts stay."""
     big = np.repeat(np.repeat(mask.astype(np.uint8), 2, 0), 2, 1)
     contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     return [[round(float(c), 2) for c in ((contour.reshape(-1, 2) + 0.5) / 2 + offset).ravel()]
@@ -327,8 +320,8 @@ def _rle(mask):
 
 
 def coco_annotation(mask, keypoints, num_keypoints, iscrowd, offset=(0, 0)):
-    """COCO fields of one person from its visible mask (a window of the image at `offset`);
-    the box also holds its labelled keypoints. Crowd masks must cover the whole image."""
+    """COCO fields of one person from its visible mask (a window of the image at `offset`; a crowd's covers the
+    whole image); the box also holds its labelled keypoints."""
     ys, xs = np.nonzero(mask)
     offset = np.asarray(offset, float)
     lo = np.array([xs.min(), ys.min()], float) + offset
@@ -367,9 +360,8 @@ def write_image(image_dir, image_id, image, size):
 
 
 def render_in_order(render_one, count, workers, desc, progress):
-    """[render_one(i) for i in range(count)], spread over `workers` processes (default: one per core) when
-    there are enough images to pay for starting them. Every image has its own random stream
-    (image_rng), so the files are the same whatever the number of workers."""
+    """[render_one(i) for i in range(count)], over `workers` processes (default: one per core) when there are
+    enough images; each image has its own random stream (image_rng), so the files do not depend on `workers`."""
     if not workers:   # the cores this process may run on (a container can allow fewer than the host has)
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if workers > 1 and count >= 64 and "fork" in multiprocessing.get_all_start_methods():
@@ -380,11 +372,9 @@ def render_in_order(render_one, count, workers, desc, progress):
 
 
 def ensure_dataset(kind, build, defaults, root=None, **params):
-    """Path of the built-in data set `kind` under <root>/data/<kind>, generating train and val splits (same
-    seed, disjoint streams) with build(folder, split, count, progress=True, **settings) unless params.json
-    there matches. defaults: num_images (train), num_val and the builder's keywords (image_size, seed ...);
-    params override them. root: the output root (default: $POSE_OUTPUT_ROOT, else the current directory).
-    Under DDP, call it on rank 0 before the other ranks.
+    """<root>/data/<kind>, its train and val splits rendered with build(folder, split, count, progress=True,
+    **settings) unless its params.json matches. defaults: num_images, num_val and build's keywords (image_size,
+    seed ...), which params override. root: the output root. Under DDP, call it on rank 0 first.
     """
     unknown = set(params) - set(defaults)
     if unknown:
