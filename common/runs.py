@@ -24,9 +24,8 @@ CHECKPOINT_FORMAT = 2   # 2 stores "arch" and "settings"; 1 (before issue 18) ke
 
 
 def add_common_args(parser: argparse.ArgumentParser, role: str = "train", **defaults) -> argparse.ArgumentParser:
-    """Add the flags scripts share. role "train": all of them; "eval": data, checkpoint, output, device, batch
-    size, workers, run name; "infer": input, checkpoint, output, device, run name, limit. `defaults` (by dest
-    name, e.g. batch_size=32) replace ours; an unknown name is a TypeError."""
+    """Add the flags scripts share (role "train", "eval" or "infer"); `defaults` by dest name (batch_size=32)
+    replace ours."""
     a = parser.add_argument
     if role == "infer":
         a("--input", nargs="+", default=None, metavar="PATH",
@@ -80,9 +79,8 @@ def set_known_defaults(parser, defaults: dict, what: str) -> None:
 
 
 def parse_with_preset(parser, presets: dict, argv=None, default: str = "cpu", default_with_data: str | None = None):
-    """The one preset mechanism: `--preset NAME` picks a plain dict of defaults (near the top of train.py).
-    They are set before the real parse, so --help shows the active values and every flag given overrides
-    them. default_with_data: the preset when --data is given (ImageNet-scale runs)."""
+    """The one preset mechanism: `--preset NAME` picks a plain dict of defaults (near the top of train.py), set
+    before the real parse so --help shows them and flags override them. default_with_data: the preset with --data."""
     parser.add_argument("--preset", choices=sorted(presets), default=default,
                         help="defaults to start from (flags given override them) (default: %(default)s)")
     first = argparse.ArgumentParser(add_help=False)
@@ -131,8 +129,8 @@ def resume_path(args, model_name: str, verbose: bool = True) -> Path | None:
 
 
 def run_dirs(args, model_name: str) -> dict[str, Path]:
-    """output_dirs() of the run training writes: --run-name, else the run being resumed, else a timestamp
-    (rank 0's under torchrun). Sets args.run_name, so a script can put its own outputs beside the run's."""
+    """output_dirs() of the run training writes: --run-name, else the resumed run's, else rank 0's timestamp;
+    sets args.run_name, so a script can put its own outputs beside the run's."""
     if not hasattr(args, "world_size"):
         setup_device_and_distributed(args)
     if args.run_name is None:
@@ -152,8 +150,8 @@ def pick_device(requested=None) -> torch.device:
 
 
 def setup_device_and_distributed(args) -> torch.device:
-    """Pick the device, join the torchrun process group if there is one, seed. Sets on `args`:
-    device (str), rank, world_size, local_rank, distributed."""
+    """Pick the device, join the torchrun process group if there is one, seed; sets args.device (a str), rank,
+    world_size, local_rank and distributed."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0)) if world > 1 else 0
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else 0
@@ -194,8 +192,8 @@ def broadcast_object(obj, rank: int, world: int):
 
 
 def save_checkpoint(path, state: dict) -> Path:
-    """Write atomically: a temporary file in the same folder, fsync, then os.replace over `path`.
-    A write killed midway leaves the previous file untouched (and at worst a stray *.tmp)."""
+    """Write atomically (a temporary file beside it, fsync, os.replace): a write killed midway leaves the previous
+    file untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -237,8 +235,8 @@ def newest_checkpoint(model_name: str, out=None, names=("best.pt", "last.pt")) -
 
 
 def checkpoint_or_exit(checkpoint, model_names, train_command: str, out=None, hint: str = "") -> Path:
-    """What eval/infer scripts run on: --checkpoint when given, else the newest checkpoint of these models'
-    runs (newest_checkpoint); with neither, one line saying how to get one, then exit status 1."""
+    """--checkpoint, else the newest checkpoint of these models' runs; with neither, one line saying how to get
+    one and exit status 1."""
     if checkpoint:
         return Path(checkpoint)
     names = (model_names,) if isinstance(model_names, str) else tuple(model_names)
@@ -258,11 +256,9 @@ def require(mapping: dict, key: str, source) -> object:
 
 
 def model_from_checkpoint(path, build_model, model_names, upgrade=None, device="cpu", checkpoint=None):
-    """(model in eval mode, checkpoint) rebuilt as build_model(**checkpoint["arch"]) with its weights.
-
-    model_names: the folder's MODEL_NAME (or several). upgrade(checkpoint, path) turns a format-1 checkpoint
-    (arch and settings inside "config") into the current layout; without one, such a file is an error.
-    checkpoint: the file's contents when the caller has read it already."""
+    """(model in eval mode, checkpoint): build_model(**checkpoint["arch"]) with its weights. upgrade(checkpoint,
+    path) turns a format-1 checkpoint (arch and settings inside "config") into this one; `checkpoint`: the file's
+    contents when the caller has read them already."""
     checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
     names = (model_names,) if isinstance(model_names, str) else tuple(model_names)
     owner = checkpoint.get("model_name") if isinstance(checkpoint, dict) else None
@@ -282,8 +278,7 @@ def model_from_checkpoint(path, build_model, model_names, upgrade=None, device="
 
 
 def load_weights(model, path) -> None:
-    """--init-from: copy every tensor whose name and shape match; say what was left out (fine-tuning
-    usually swaps a head). Stops when nothing matches, which means the wrong file."""
+    """--init-from: copy every tensor whose name and shape match (fine-tuning swaps heads); none is the wrong file."""
     state = load_checkpoint(path)
     weights = state.get("model", state)
     own = model.state_dict()

@@ -1,7 +1,7 @@
 """Built-in data: the deterministic figure renderer, backgrounds and occluders, COCO annotation writing, and the
 cache every built-in data set lives in (`ensure_dataset`). higher_hrnet's scenes, simple_baseline's crops,
 pose_spi's toy people and cpm_animal's quadrupeds are drawn with it. Keypoints are pixel indices (x, y) = (col, row),
-each on a pixel drawn for its own joint; boxes and polygons use COCO's pixel corners (pixel (c, r) covers [c, c+1) x [r, r+1)).
+each on a pixel drawn for its own joint; boxes and polygons use COCO's pixel-corner coordinates.
 """
 from __future__ import annotations
 
