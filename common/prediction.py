@@ -113,13 +113,6 @@ class VideoWriter:
             self.writer.release()
 
 
-def video_fps(path) -> float:
-    capture = cv2.VideoCapture(str(path))
-    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-    capture.release()
-    return fps
-
-
 def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw, limit=None) -> int:
     """Predict every image (or frame) of `sources`; write <name>_<picture>.jpg per image (an mp4 per video) and
     predictions.json (the schema in the top README). draw(image, people) -> {picture name: RGB image} (video:
@@ -132,8 +125,10 @@ def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw, limi
         try:
             if not source.exists():
                 raise BadImageError(f"{source}: no such file or folder")
-            if source.suffix.lower() in VIDEO_SUFFIXES:
-                video = VideoWriter(out_dir / f"{source.stem}_pose.mp4", video_fps(source))
+            if source.suffix.lower() in VIDEO_SUFFIXES:     # the drawn video keeps the input's frame rate
+                capture = cv2.VideoCapture(str(source))
+                video = VideoWriter(out_dir / f"{source.stem}_pose.mp4", capture.get(cv2.CAP_PROP_FPS) or 25.0)
+                capture.release()
             for name, image, path, frame in iter_inputs(source, limit, errors):
                 people = predictor.predict(image)
                 pictures = draw(image, people)

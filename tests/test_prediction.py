@@ -8,7 +8,7 @@ import pytest
 
 from common.keypoints import COCO17
 from common.drawing import draw_people
-from common.prediction import Predictor, VideoWriter, iter_inputs, make_person, run_inference, video_fps
+from common.prediction import Predictor, VideoWriter, iter_inputs, make_person, run_inference
 
 
 class CenterPredictor(Predictor):
@@ -57,7 +57,7 @@ def test_iter_inputs_image_folder_and_video(tmp_path, capsys):
     writer.close()
     frames = list(iter_inputs(tmp_path / "clip.mp4", limit=2))     # a video is never cut short
     assert [f for _, _, _, f in frames] == list(range(10)) and frames[0][1].shape == (32, 48, 3)
-    assert video_fps(tmp_path / "clip.mp4") == 12.0
+    assert cv2.VideoCapture(str(tmp_path / "clip.mp4")).get(cv2.CAP_PROP_FPS) == 12.0
 
 
 def test_run_inference_writes_drawings_and_one_json_schema(tmp_path, capsys):
@@ -77,6 +77,7 @@ def test_run_inference_writes_drawings_and_one_json_schema(tmp_path, capsys):
                            draw)
     assert status == 0 and "missing.jpg: no such file" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["a_pose.jpg", "clip_pose.mp4", "predictions.json"]
+    assert cv2.VideoCapture(str(out / "clip_pose.mp4")).get(cv2.CAP_PROP_FPS) == 5.0     # the input's frame rate
     document = json.loads((out / "predictions.json").read_text())
     assert (document["model"], document["checkpoint"]) == ("center", "c.pt")
     assert document["keypoint_names"] == list(COCO17.names) and len(document["skeleton"]) == len(COCO17.skeleton)
