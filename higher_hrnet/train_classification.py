@@ -11,6 +11,10 @@ Preset `builtin` is the same recipe at CPU size. Any flag given overrides the pr
 """
 
 import argparse
+import json
+import math
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -23,10 +27,12 @@ from torchvision.transforms import v2
 
 from common.data import SeededSamples, collate_skip_bad, exit_on_bad_input, read_image
 from common.drawing import make_grid
-from common.engine import add_common_args, output_dirs, setup_device_and_distributed, train
+from common.engine import add_common_args, output_dirs, planned_steps, setup_device_and_distributed, train
 from common.pretrained import resolve_pretrained
+from common.synthetic import (L_ANK, L_EL, L_HIP, L_KNEE, L_SH, L_WR, PELVIS, R_ANK, R_EL, R_HIP, R_KNEE, R_SH,
+                              R_WR, THORAX, draw_human, random_background, random_human_figure)
 from higher_hrnet.checkpoints import load_official_checkpoint
-from higher_hrnet.model import ClassificationHRNet
+from higher_hrnet.model import BasicBlock, Bottleneck, ClassificationHRNet
 
 MODEL_NAME = "hrnet_classification"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -34,82 +40,103 @@ OFFICIAL_IMAGENET_FILE = "hrnetv2_w32_imagenet_pretrained.pth"
 
 PRESETS = {
     "official": dict(width=32, image_size=224, resize_size=256, crop_min_scale=0.08, epochs=100,
-                     batch_size=32, lr=0.05, lr_steps=[30, 60, 90], workers=4),
-    # Built-in shapes: 6 classes, 32 px crops that keep at least 35% of the image (an 8% crop of a
-    # shape picture often holds no shape), the official schedule shape compressed to 30 epochs.
-    "builtin": dict(width=8, image_size=32, resize_size=36, crop_min_scale=0.35, epochs=30,
-                    batch_size=32, lr=0.05, lr_steps=[18, 26], workers=2),
+                     batch_size=32, lr=0.05, lr_steps=[30, 60, 90], workers=4, optimizer="sgd",
+                     weight_decay=1e-4, schedule="step", warmup_steps=0, label_smoothing=0.0,
+                     zero_init_residual=False, builtin_per_class=None, builtin_size=None),
+    "builtin": dict(width=8, image_size=64, resize_size=72, crop_min_scale=0.5, epochs=8,
+                    batch_size=32, lr=0.05, lr_steps=[5, 7], workers=1, optimizer="sgd",
+                    weight_decay=1e-4, schedule="step", warmup_steps=0, label_smoothing=0.0,
+                    zero_init_residual=False, builtin_per_class=1000, builtin_size=80),
 }
-MOMENTUM, WEIGHT_DECAY, NESTEROV, LR_FACTOR = 0.9, 1e-4, True, 0.1
+MOMENTUM, NESTEROV, LR_FACTOR = 0.9, True, 0.1
 
 # ---------------------------------------------------------------------------------------------
-# Built-in data: a small ImageFolder of generated shapes, rendered deterministically on first use.
+# Built-in data: an ImageFolder of people in seven pose classes (plus "no person"), drawn with the
+# figures, backgrounds and clutter of the built-in pose scenes (common.synthetic), rendered once.
 
-SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "stripes")
-BUILTIN_SIZE, BUILTIN_TRAIN_PER_CLASS, BUILTIN_VAL_PER_CLASS = 80, 40, 10
-
-
-def _random_colour(rng, avoid=None):
-    while True:
-        colour = rng.integers(0, 256, 3)
-        if avoid is None or np.abs(colour - avoid).sum() > 200:
-            return colour
+POSE_CLASSES = ("no_person", "arms_down", "arms_out", "arms_up", "one_arm_up", "crouching", "lying")
+# Upper-arm direction per arm class, in degrees from the body's "down" towards the arm's own side.
+ARM_ANGLES = {"down": (15, 40), "out": (70, 110), "up": (150, 185)}
+BUILTIN_VERSION = 2  # bump when the renderer changes so the cached folder is rendered again
+BUILTIN_DEFAULTS = dict(image_size=80, train_per_class=1000, val_per_class=100)
 
 
-def render_shape(shape, rng, size=BUILTIN_SIZE):
-    """One RGB image of `shape` with random colours, size, position and rotation over noise."""
-    background = _random_colour(rng)
-    image = np.clip(background + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-    colour = tuple(int(c) for c in _random_colour(rng, avoid=background))
-    radius = rng.uniform(0.18, 0.38) * size
-    cx, cy = rng.uniform(radius, size - radius, 2)
-    angle = rng.uniform(0, 2 * np.pi)
-    thickness = max(2, int(radius / 4))
-
-    def polygon(n, r=radius, phase=angle):
-        t = phase + np.arange(n) * 2 * np.pi / n
-        return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1).round().astype(np.int32)
-
-    if shape == "circle":
-        cv2.circle(image, (int(cx), int(cy)), int(radius), colour, -1, cv2.LINE_AA)
-    elif shape == "ring":
-        cv2.circle(image, (int(cx), int(cy)), int(radius), colour, thickness, cv2.LINE_AA)
-    elif shape in ("square", "triangle"):
-        cv2.fillPoly(image, [polygon(4 if shape == "square" else 3)], colour, cv2.LINE_AA)
-    elif shape == "cross":
-        for phase in (angle, angle + np.pi / 2):
-            a, b = polygon(2, phase=phase)
-            cv2.line(image, tuple(map(int, a)), tuple(map(int, b)), colour, thickness, cv2.LINE_AA)
-    elif shape == "stripes":
-        direction = np.array([np.cos(angle), np.sin(angle)])
-        normal = np.array([-direction[1], direction[0]])
-        for offset in (-1.0, 0.0, 1.0):
-            centre = np.array([cx, cy]) + offset * radius * 0.6 * normal
-            a, b = centre - radius * direction, centre + radius * direction
-            cv2.line(image, tuple(map(int, a)), tuple(map(int, b)), colour, max(2, thickness // 2),
-                     cv2.LINE_AA)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-    return image
+def _unit(vector):
+    return vector / max(float(np.linalg.norm(vector)), 1e-6)
 
 
-def ensure_builtin_imagefolder(data_root, seed=0):
-    """Render the built-in shapes ImageFolder under data_root/hrnet_shapes (once) and return it."""
-    root = Path(data_root) / "hrnet_shapes"
-    done = root / ".complete"
-    if done.is_file():
+def _aim_limb(points, root, middle, end, down, outward, angle, bend):
+    """Point the limb root -> middle -> end `angle` degrees from `down` towards `outward` (its segment
+    lengths kept), the second segment `bend` degrees further."""
+    first = np.linalg.norm(points[middle] - points[root])
+    second = np.linalg.norm(points[end] - points[middle])
+    a, b = np.radians(angle), np.radians(angle + bend)
+    points[middle] = points[root] + first * (np.cos(a) * down + np.sin(a) * outward)
+    points[end] = points[middle] + second * (np.cos(b) * down + np.sin(b) * outward)
+
+
+def pose_figure(rng, pose, size):
+    """A random person (common.synthetic's figure: proportions, facing, colours) posed as `pose`,
+    placed near the middle of a size x size image at 0.5-0.85 of its side."""
+    fig = random_human_figure(rng, size, (0, 0), angle_range="upright")
+    while abs(np.sin(fig.yaw)) > 0.5:  # seen from the side, one arm hides the other: face or back only
+        fig = random_human_figure(rng, size, (0, 0), angle_range="upright")
+    points = fig.points.copy()
+    down = _unit(points[PELVIS] - points[THORAX])
+    across = np.array([-down[1], down[0]])
+    arms = {"arms_down": ("down", "down"), "arms_out": ("out", "out"), "arms_up": ("up", "up"),
+            "one_arm_up": tuple(rng.permutation(["up", "down"]))}.get(pose)
+    if arms is None:  # crouching or lying: any arms but raised ones
+        arms = tuple(rng.choice(["down", "out"], 2))
+    for (shoulder, elbow, wrist), arm in zip(((L_SH, L_EL, L_WR), (R_SH, R_EL, R_WR)), arms):
+        outward = across if (points[shoulder] - points[THORAX]) @ across >= 0 else -across
+        _aim_limb(points, shoulder, elbow, wrist, down, outward, rng.uniform(*ARM_ANGLES[arm]),
+                  rng.uniform(-30, 30))
+    if pose == "crouching":  # thighs out and up, shins back down
+        for hip, knee, ankle in ((L_HIP, L_KNEE, L_ANK), (R_HIP, R_KNEE, R_ANK)):
+            outward = across if (points[hip] - points[PELVIS]) @ across >= 0 else -across
+            thigh = rng.uniform(60, 105)
+            _aim_limb(points, hip, knee, ankle, down, outward, thigh, rng.uniform(-15, 15) - thigh)
+    head = fig.head_center
+    if pose == "lying":
+        angle = np.radians(rng.choice([-1, 1]) * rng.uniform(70, 110))
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        points, head = points @ rotation.T, rotation @ head
+    fig = replace(fig, points=points, head_center=head)
+    extent = (points.max(0) - points.min(0)).max() + 2 * fig.head_radius
+    middle = (points.max(0) + points.min(0)) / 2
+    scale = rng.uniform(0.5, 0.85) * size / extent
+    return fig.moved(scale, size / 2 + rng.normal(0, 0.05 * size, 2) - middle * scale)
+
+
+def render_pose(pose, rng, size=BUILTIN_DEFAULTS["image_size"]):
+    """One RGB image of class `pose`: a cluttered built-in background, the posed person, sensor noise."""
+    image = random_background(rng, (size, size))
+    if pose != "no_person":
+        draw_human(image, pose_figure(rng, pose, size))
+    noise = rng.normal(0, rng.uniform(1, 5), (size, size, 1))
+    return np.clip(image + noise, 0, 255).astype(np.uint8)
+
+
+def ensure_builtin_imagefolder(data_root, seed=0, **params):
+    """Render the built-in pose-class ImageFolder under data_root/hrnet_poses (unless params.json there
+    matches) and return it. params: image_size, train_per_class, val_per_class."""
+    settings = {"version": BUILTIN_VERSION, "seed": seed, **BUILTIN_DEFAULTS, **params}
+    root = Path(data_root) / "hrnet_poses"
+    stamp = root / "params.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return root
+    shutil.rmtree(root, ignore_errors=True)
     # Validation images come from a seed stream disjoint from training.
-    for split, per_class, stream in (("train", BUILTIN_TRAIN_PER_CLASS, 0),
-                                     ("val", BUILTIN_VAL_PER_CLASS, 1)):
-        for class_index, shape in enumerate(SHAPE_CLASSES):
-            folder = root / split / shape
+    for split, stream in (("train", 0), ("val", 1)):
+        for class_index, pose in enumerate(POSE_CLASSES):
+            folder = root / split / pose
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
+            for i in range(settings[f"{split}_per_class"]):
                 rng = np.random.default_rng([seed, stream, class_index, i])
-                image = render_shape(shape, rng)
-                cv2.imwrite(str(folder / f"{shape}_{i:04d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    done.write_text("rendered by higher_hrnet/train_classification.py\n")
+                image = render_pose(pose, rng, settings["image_size"])
+                cv2.imwrite(str(folder / f"{pose}_{i:05d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    stamp.write_text(json.dumps(settings) + "\n")
     return root
 
 
@@ -207,6 +234,37 @@ def draw_predictions(image, probabilities, class_names, top=5):
     return np.concatenate([image, panel], 0)
 
 
+def zero_init_residual(model):
+    """Zero the last BatchNorm scale of every residual block, so each block starts as the identity."""
+    for module in model.modules():
+        if isinstance(module, Bottleneck):
+            torch.nn.init.zeros_(module.bn3.weight)
+        elif isinstance(module, BasicBlock):
+            torch.nn.init.zeros_(module.bn2.weight)
+
+
+def build_optimizer_and_scheduler(model, args, num_samples):
+    """(optimizer, scheduler, "epoch" | "step") of the recipe in args."""
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM,
+                                    weight_decay=args.weight_decay, nesterov=NESTEROV)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.schedule == "step" and not args.warmup_steps:
+        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_steps, gamma=LR_FACTOR), "epoch"
+    total = planned_steps(args, num_samples)
+    warmup = max(args.warmup_steps, 0)
+    steps_per_epoch = max(total // max(args.epochs or 1, 1), 1)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if args.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
+        return LR_FACTOR ** sum(step >= m * steps_per_epoch for m in args.lr_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
+
+
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -219,6 +277,16 @@ def parse_args(argv=None):
     parser.add_argument("--crop-min-scale", type=float, default=None,
                         help="smallest image fraction a RandomResizedCrop keeps (official: 0.08)")
     parser.add_argument("--lr-steps", type=int, nargs="+", default=None, help="epochs where LR drops x0.1")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="sgd (Nesterov) or adamw")
+    parser.add_argument("--weight-decay", type=float, default=None, help="weight decay")
+    parser.add_argument("--schedule", choices=("step", "cosine"), default=None,
+                        help="step: x0.1 at --lr-steps epochs; cosine: per step to 0 after the warm-up")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="linear LR warm-up steps")
+    parser.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing")
+    parser.add_argument("--zero-init-residual", type=int, choices=(0, 1), default=None,
+                        help="1: zero the last BatchNorm of each residual block (Goyal et al. 2017)")
+    parser.add_argument("--builtin-per-class", type=int, default=None, help="built-in training images per class")
+    parser.add_argument("--builtin-size", type=int, default=None, help="built-in image side (px)")
     # The preset fills everything left at None; add_common_args' own defaults are replaced here.
     add_common_args(parser, epochs=None, batch_size=None, lr=None, workers=None, val_every="1e")
     args = parser.parse_args(argv)
@@ -236,11 +304,12 @@ def main(args):
     if args.data:
         data_root = Path(args.data)
     else:
-        data_root = dirs["data"] / "hrnet_shapes"
         if args.rank == 0:
-            ensure_builtin_imagefolder(dirs["data"], seed=0)
+            ensure_builtin_imagefolder(dirs["data"], seed=0, image_size=args.builtin_size,
+                                       train_per_class=args.builtin_per_class)
         if args.distributed:
             torch.distributed.barrier()
+        data_root = dirs["data"] / "hrnet_poses"
     train_set = ImageFolderSamples(data_root / "train", train_transform(args.image_size, args.crop_min_scale))
     val_set = None
     if (data_root / "val").is_dir():
@@ -253,13 +322,13 @@ def main(args):
     model = ClassificationHRNet(args.width, num_classes=len(train_set.classes))
     resolve_pretrained(args.pretrained, filename=OFFICIAL_IMAGENET_FILE, url=None,
                        load_fn=lambda state: load_official_checkpoint(model, state))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM,
-                                weight_decay=WEIGHT_DECAY, nesterov=NESTEROV)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_steps, gamma=LR_FACTOR)
+    if args.zero_init_residual:
+        zero_init_residual(model)
+    optimizer, scheduler, interval = build_optimizer_and_scheduler(model, args, len(train_set))
 
     def compute_loss(net, batch):
         logits = net(batch["image"])
-        loss = F.cross_entropy(logits, batch["label"])
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=args.label_smoothing)
         accuracy = (logits.argmax(1) == batch["label"]).float().mean()
         return loss, {"train_top1": float(accuracy)}
 
@@ -275,6 +344,7 @@ def main(args):
         return {"predictions": make_grid(drawn)}
 
     model, summary = train(args, model, train_set, compute_loss, optimizer, scheduler=scheduler,
+                           scheduler_interval=interval,
                            evaluate=evaluate, best_metric="top1" if evaluate else None,
                            log_images=log_images, model_name=MODEL_NAME)
     if args.rank == 0:
