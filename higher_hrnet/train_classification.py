@@ -57,7 +57,7 @@ MOMENTUM, NESTEROV, LR_FACTOR = 0.9, True, 0.1
 POSE_CLASSES = ("no_person", "arms_down", "arms_out", "arms_up", "one_arm_up", "crouching", "lying")
 # Upper-arm direction per arm class, in degrees from the body's "down" towards the arm's own side.
 ARM_ANGLES = {"down": (15, 40), "out": (70, 110), "up": (150, 185)}
-BUILTIN_VERSION = 2  # bump when the renderer changes so the cached folder is rendered again
+BUILTIN_VERSION = 3  # bump when the renderer changes so the cached folder is rendered again
 BUILTIN_DEFAULTS = dict(image_size=80, train_per_class=1000, val_per_class=100)
 
 
@@ -77,12 +77,14 @@ def _aim_limb(points, root, middle, end, down, outward, angle, bend):
 
 def pose_figure(rng, pose, size):
     """A random person (common.synthetic's figure: proportions, facing, colours) posed as `pose`,
-    placed near the middle of a size x size image at 0.5-0.85 of its side."""
-    fig = random_human_figure(rng, size, (0, 0), angle_range="upright")
-    while abs(np.sin(fig.yaw)) > 0.5:  # seen from the side, one arm hides the other: face or back only
+    0.5-0.85 of the image side tall or wide, placed at random in a size x size image with all of it in view."""
+    while True:  # standing upright (no rare bent-over figure), facing the camera or turned away:
+        # seen from the side one arm hides the other and the classes would overlap
         fig = random_human_figure(rng, size, (0, 0), angle_range="upright")
-    points = fig.points.copy()
-    down = _unit(points[PELVIS] - points[THORAX])
+        points = fig.points.copy()
+        down = _unit(points[PELVIS] - points[THORAX])
+        if abs(np.sin(fig.yaw)) <= 0.5 and down[1] >= np.cos(0.5):
+            break
     across = np.array([-down[1], down[0]])
     arms = {"arms_down": ("down", "down"), "arms_out": ("out", "out"), "arms_up": ("up", "up"),
             "one_arm_up": tuple(rng.permutation(["up", "down"]))}.get(pose)
@@ -103,10 +105,10 @@ def pose_figure(rng, pose, size):
         rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
         points, head = points @ rotation.T, rotation @ head
     fig = replace(fig, points=points, head_center=head)
-    extent = (points.max(0) - points.min(0)).max() + 2 * fig.head_radius
-    middle = (points.max(0) + points.min(0)) / 2
-    scale = rng.uniform(0.5, 0.85) * size / extent
-    return fig.moved(scale, size / 2 + rng.normal(0, 0.05 * size, 2) - middle * scale)
+    low, high = points.min(0) - fig.head_radius, points.max(0) + fig.head_radius
+    scale = rng.uniform(0.5, 0.85) * size / (high - low).max()
+    slack = size - scale * (high - low)  # anywhere in the image, but all of the person in view
+    return fig.moved(scale, rng.uniform(0.1, 0.9, 2) * slack - low * scale)
 
 
 def render_pose(pose, rng, size=BUILTIN_DEFAULTS["image_size"]):
@@ -250,18 +252,14 @@ def build_optimizer_and_scheduler(model, args, num_samples):
                                     weight_decay=args.weight_decay, nesterov=NESTEROV)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    if args.schedule == "step" and not args.warmup_steps:
+    if args.schedule == "step":
         return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_steps, gamma=LR_FACTOR), "epoch"
-    total = planned_steps(args, num_samples)
-    warmup = max(args.warmup_steps, 0)
-    steps_per_epoch = max(total // max(args.epochs or 1, 1), 1)
+    total, warmup = planned_steps(args, num_samples), max(args.warmup_steps, 0)
 
-    def factor(step):
+    def factor(step):  # linear warm-up from lr/warmup, then half a cosine down to 0 at the last step
         if step < warmup:
             return (step + 1) / warmup
-        if args.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
-        return LR_FACTOR ** sum(step >= m * steps_per_epoch for m in args.lr_steps)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
 
 
@@ -281,7 +279,7 @@ def parse_args(argv=None):
     parser.add_argument("--weight-decay", type=float, default=None, help="weight decay")
     parser.add_argument("--schedule", choices=("step", "cosine"), default=None,
                         help="step: x0.1 at --lr-steps epochs; cosine: per step to 0 after the warm-up")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="linear LR warm-up steps")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="linear LR warm-up steps (cosine schedule)")
     parser.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing")
     parser.add_argument("--zero-init-residual", type=int, choices=(0, 1), default=None,
                         help="1: zero the last BatchNorm of each residual block (Goyal et al. 2017)")
