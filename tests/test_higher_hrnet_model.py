@@ -375,7 +375,10 @@ def test_classification_defaults_and_builtin_data(tmp_path, monkeypatch, capsys)
     from higher_hrnet import eval_classification, train_classification
 
     args = train_classification.parse_args([])
-    assert (args.preset, args.width, args.image_size) == ("builtin", 8, 64)
+    from higher_hrnet.train import PRESETS as POSE_PRESETS
+
+    assert (args.preset, args.image_size) == ("builtin", 64)
+    assert args.width == POSE_PRESETS["cpu"]["width"]  # the pose preset can load this backbone
     small = dict(train_per_class=3, val_per_class=2)
     first = train_classification.ensure_builtin_imagefolder(tmp_path / "a", **small)
     second = train_classification.ensure_builtin_imagefolder(tmp_path / "b", **small)
