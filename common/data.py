@@ -1,23 +1,25 @@
-"""Reading images and COCO annotations, and the DataLoader plumbing every training script shares.
+"""Reading images and COCO annotations, and the ImageNet normalization every RGB model uses.
 
-Bad input never surfaces as a traceback from a worker: an unreadable image raises `BadImageError`
-(one line naming the file), which the loader wrapper turns into a warning and a skipped sample;
-a malformed annotation file raises `AnnotationError` at start-up, naming the file and annotation id.
+Bad input never surfaces as a traceback: an unreadable image raises `BadImageError` (one line naming the
+file; the loader turns it into a warning and a skipped sample), a malformed annotation file raises
+`AnnotationError` at start-up, naming the file and annotation id.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-import random
 import sys
-import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from pycocotools.coco import COCO
+
+# ImageNet statistics of RGB in [0, 1] (torchvision's), used by every pretrained-style backbone here.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 class BadImageError(Exception):
@@ -34,6 +36,12 @@ def exit_on_bad_input(main, *args, **kwargs):
         return main(*args, **kwargs)
     except (BadImageError, AnnotationError) as error:
         sys.exit(f"error: {error}")
+
+
+def normalize_image(image) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> float tensor (3, H, W) normalized with the ImageNet mean and std."""
+    x = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 def read_image(path) -> np.ndarray:
@@ -66,14 +74,12 @@ def read_image(path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def load_coco_keypoints(ann_file, num_keypoints=None):
+def load_coco_keypoints(ann_file, num_keypoints=None) -> COCO:
     """A pycocotools COCO object for a keypoint annotation file, validated once at start.
 
     Checks the JSON parses, has images/annotations/categories, and that every annotation's keypoint
     list holds 3 x K numbers (K = num_keypoints, else its category's keypoint count).
     """
-    from pycocotools.coco import COCO
-
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise AnnotationError(f"{ann_file}: annotation file not found")
@@ -93,171 +99,13 @@ def load_coco_keypoints(ann_file, num_keypoints=None):
         if len(ann["keypoints"]) != 3 * expected:
             raise AnnotationError(f"{ann_file}: annotation {ann.get('id')}: {len(ann['keypoints'])} keypoint "
                                   f"values, expected {3 * expected} ({expected} keypoints x 3)")
+    return coco_from_dict(dataset)
+
+
+def coco_from_dict(dataset: dict) -> COCO:
+    """A pycocotools COCO object over an in-memory annotation dict (quietly: pycocotools prints progress)."""
     coco = COCO()
     coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+    with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-# ---------------------------------------------------------------------------------------------
-# DataLoader plumbing. The sampler hands every sample its own seed, derived from (seed, epoch,
-# position in the epoch); the wrapper seeds random/numpy/torch from it before calling the
-# dataset. Augmentation then depends only on the sample, not on which worker drew it, so a run
-# resumed mid-epoch sees exactly the batches an uninterrupted run would have seen.
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that yields (index, sample_seed) and can start mid-epoch."""
-
-    def __init__(self, dataset_len, shuffle=True, seed=0, num_replicas=None, rank=None, drop_last=False):
-        if num_replicas is None:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            num_replicas = torch.distributed.get_world_size() if distributed else 1
-            rank = torch.distributed.get_rank() if distributed else 0
-        super().__init__(range(dataset_len), num_replicas=num_replicas, rank=rank or 0,
-                         shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.start_index = 0
-
-    def set_epoch(self, epoch, start_index=0):
-        """Choose the epoch's permutation; skip the first `start_index` samples of this rank."""
-        super().set_epoch(epoch)
-        self.start_index = start_index
-
-    def __iter__(self):
-        indices = list(super().__iter__())
-        seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(len(indices))
-        for position in range(self.start_index, len(indices)):
-            yield indices[position], int(seeds[position])
-
-    def __len__(self):
-        return self.num_samples - self.start_index
-
-
-class SeededSamples(Dataset):
-    """Seeds the global RNGs per sample and turns unreadable images into skipped samples."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        index, sample_seed = item if isinstance(item, tuple) else (item, item)
-        random.seed(sample_seed)
-        np.random.seed(sample_seed % 2**32)
-        torch.manual_seed(sample_seed)
-        try:
-            return self.dataset[index]
-        except BadImageError as error:
-            warnings.warn(f"skipping sample {index}: {error}", stacklevel=1)
-            return None
-
-
-def collate_skip_bad(samples, collate=default_collate):
-    """Collate the good samples; `batch['num_skipped']` counts the dropped (None) ones.
-
-    A batch in which every sample was bad holds only 'num_skipped'; the training loop skips it.
-    """
-    good = [s for s in samples if s is not None]
-    batch = collate(good) if good else {}
-    batch["num_skipped"] = len(samples) - len(good)
-    return batch
-
-
-def seed_worker(worker_id):
-    """Give each worker distinct numpy/random streams (the per-sample seeds override them)."""
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
-
-
-def make_loader(dataset, batch_size, shuffle, workers, seed=0, collate_fn=collate_skip_bad, drop_last=False,
-                num_replicas=None, rank=None):
-    """A DataLoader over `dataset` with a ResumableSampler (call `loader.sampler.set_epoch`)."""
-    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, num_replicas=num_replicas,
-                               rank=rank, drop_last=drop_last)
-    return DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=collate_fn, worker_init_fn=seed_worker, drop_last=drop_last,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
-
-
-def show_samples(images, out_path, ncols=4):
-    """Write a grid of RGB uint8 images (the `dataset.py --show N` pictures) and return its path."""
-    from common.drawing import make_grid
-
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out_path), cv2.cvtColor(make_grid(images, ncols=ncols), cv2.COLOR_RGB2BGR))
-    return out_path
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference inputs: every infer.py takes an image, a folder of images or a video.
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
-
-
-def iter_inputs(source, limit=None, errors=None, detail=False):
-    """Yield (name, RGB uint8 image) for an image file, a folder of images (sorted) or a video's frames.
-
-    An unreadable image prints one error line naming the file (also appended to `errors` when that is a
-    list) and the others continue. `limit` keeps a folder's first N files; a video is never cut short.
-    detail=True yields (name, image, path, frame): the file read, and the frame index (None for an image).
-    """
-    source = Path(source)
-    if source.is_dir():
-        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit or None]
-    elif source.suffix.lower() in VIDEO_SUFFIXES:
-        capture = cv2.VideoCapture(str(source))
-        if not capture.isOpened():
-            raise BadImageError(f"{source}: cannot open video")
-        index = 0
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            name, image = f"{source.stem}_{index:06d}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-            yield (name, image, source, index) if detail else (name, image)
-            index += 1
-        capture.release()
-        return
-    else:
-        paths = [source]
-    for path in paths:
-        try:
-            image = read_image(path)
-        except BadImageError as error:
-            print(f"error: {error}", file=sys.stderr)
-            if errors is not None:
-                errors.append(str(error))
-            continue
-        yield (path.stem, image, path, None) if detail else (path.stem, image)
-
-
-def video_properties(source):
-    """(frames per second, frame count) of a video file, for writing an output of the same length."""
-    capture = cv2.VideoCapture(str(source))
-    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    capture.release()
-    return fps, count
-
-
-class VideoWriter:
-    """mp4 writer taking RGB frames; opened lazily at the first frame's size."""
-
-    def __init__(self, path, fps=25.0):
-        self.path, self.fps, self.writer = Path(path), fps, None
-
-    def write(self, rgb):
-        if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
-                                          (rgb.shape[1], rgb.shape[0]))
-        self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.release()

@@ -4,6 +4,8 @@ Used for TensorBoard images, every `dataset.py --show N` and every inference scr
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 
@@ -36,12 +38,16 @@ def draw_keypoints(image, keypoints, skeleton=(), color=RED, threshold=0.0, radi
     return image
 
 
+def person_color(index):
+    """A distinct RGB color for the index-th person (golden-ratio steps around the hue circle)."""
+    hue = int(179 * ((index * 0.618) % 1.0))
+    return tuple(int(c) for c in cv2.cvtColor(np.uint8([[[hue, 220, 255]]]), cv2.COLOR_HSV2RGB)[0, 0])
+
+
 def draw_people(image, people, skeleton=(), threshold=0.0):
-    """Draw several people (P, K, >=3), each in its own colour."""
+    """Draw several people (P, K, >=3), each in its own color."""
     for index, person in enumerate(people):
-        hue = int(179 * ((index * 0.618) % 1.0))
-        color = cv2.cvtColor(np.uint8([[[hue, 220, 255]]]), cv2.COLOR_HSV2RGB)[0, 0]
-        image = draw_keypoints(image, np.asarray(person)[:, :3], skeleton, tuple(int(c) for c in color), threshold)
+        image = draw_keypoints(image, np.asarray(person)[:, :3], skeleton, person_color(index), threshold)
     return image
 
 
@@ -73,3 +79,11 @@ def make_grid(images, ncols=4, pad=2):
         y, x = pad + r * (cell_h + pad), pad + c * (cell_w + pad)
         grid[y:y + img.shape[0], x:x + img.shape[1]] = img
     return grid
+
+
+def show_samples(images, out_path, ncols=4):
+    """Write a grid of RGB uint8 images (the `dataset.py --show N` pictures) and return its path."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out_path), cv2.cvtColor(make_grid(images, ncols=ncols), cv2.COLOR_RGB2BGR))
+    return out_path

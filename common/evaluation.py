@@ -8,6 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pycocotools.cocoeval import COCOeval
+from torch.utils.flop_counter import FlopCounterMode
+
+from common.data import load_coco_keypoints
 
 COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
@@ -20,10 +24,6 @@ def coco_keypoint_ap(coco_gt, results, sigmas, print_table=True, image_ids=None)
     ground truth is evaluated unless `image_ids` narrows it (images without people count too).
     Returns the 10 summary numbers by name.
     """
-    from pycocotools.cocoeval import COCOeval
-
-    from common.data import load_coco_keypoints
-
     if isinstance(coco_gt, (str, Path)):
         coco_gt = load_coco_keypoints(coco_gt)
     if not results:  # pycocotools cannot load an empty result list
@@ -77,16 +77,6 @@ def pck(pred, gt, visible, norm, thresholds=(0.5,)):
     return table
 
 
-def print_pck_table(per_joint, names, title="PCK", mean=None):
-    """Print one row per joint (percent) and the mean."""
-    width = max(len(n) for n in names)
-    print(f"{title}")
-    for name, value in zip(names, per_joint):
-        print(f"  {name:<{width}}  {100 * value:6.2f}")
-    if mean is not None:
-        print(f"  {'Mean':<{width}}  {100 * mean:6.2f}")
-
-
 def count_parameters(model, trainable_only=False) -> int:
     """Parameter count (BatchNorm buffers excluded); works on meta-device models."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -94,8 +84,6 @@ def count_parameters(model, trainable_only=False) -> int:
 
 def count_flops(model, example_input) -> int:
     """FLOPs of one forward pass (torch.utils.flop_counter: a multiply-add counts as 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     was_training = model.training
     model.eval()

@@ -1,8 +1,9 @@
-"""Affine crops around a centre, their inverse, and horizontal flips.
+"""Affine crops around a center, their inverse, and horizontal flips.
 
-A crop is described by a centre (x, y) and a size (w, h) in original-image pixels, plus a
+A crop is described by a center (x, y) and a size (w, h) in original-image pixels, plus a
 rotation; `get_affine_transform` maps that box onto the network input. The same matrix warps the
 image, masks and keypoints, and its inverse maps predictions back to original pixels.
+(higher_hrnet/inference.py holds the official repositories' float64 construction, for its test pipeline.)
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 
 def box_to_center_scale(box_xywh, aspect_ratio, padding=1.25):
-    """Centre and (w, h) of a box grown to `aspect_ratio` (w / h), then padded (x1.25 in the papers)."""
+    """Center and (w, h) of a box grown to `aspect_ratio` (w / h), then padded (x1.25 in the papers)."""
     x, y, w, h = [float(v) for v in box_xywh]
     center = np.array([x + w * 0.5, y + h * 0.5], np.float32)
     if w > aspect_ratio * h:
@@ -32,7 +33,7 @@ def get_affine_transform(center, size, rotation_deg, output_size, inverse=False)
     scale = out_w / float(size[0])
     theta = np.deg2rad(rotation_deg)
     cos, sin = np.cos(theta), np.sin(theta)
-    # original -> output: translate centre to origin, rotate, scale, move to output centre
+    # original -> output: translate center to origin, rotate, scale, move to output center
     linear = scale * np.array([[cos, sin], [-sin, cos]])
     offset = np.array([out_w * 0.5, out_h * 0.5]) - linear @ center
     matrix = np.hstack([linear, offset[:, None]]).astype(np.float32)
@@ -44,7 +45,7 @@ def invert_affine(matrix):
 
 
 def affine_points(points, matrix):
-    """Apply a 2x3 matrix to the x, y of points (..., >=2); other columns are kept."""
+    """Apply a 2x3 matrix to the x, y of points (..., >=2), in float32; other columns are kept."""
     points = np.array(points, dtype=np.float32, copy=True)
     xy = points[..., :2]
     points[..., :2] = xy @ np.asarray(matrix, np.float32)[:, :2].T + np.asarray(matrix, np.float32)[:, 2]
@@ -52,7 +53,12 @@ def affine_points(points, matrix):
 
 
 def warp_image(image, matrix, output_size, interpolation=cv2.INTER_LINEAR, border_value=0):
-    return cv2.warpAffine(image, np.asarray(matrix, np.float32), (int(output_size[0]), int(output_size[1])),
+    """cv2.warpAffine with the matrix as given: OpenCV computes in float64 either way, so a float64
+    matrix (higher_hrnet.inference.official_affine_transform) must not be rounded to float32 on the way."""
+    matrix = np.asarray(matrix)
+    if matrix.dtype not in (np.float32, np.float64):
+        matrix = matrix.astype(np.float64)
+    return cv2.warpAffine(image, matrix, (int(output_size[0]), int(output_size[1])),
                           flags=interpolation, borderMode=cv2.BORDER_CONSTANT, borderValue=border_value)
 
 
@@ -61,7 +67,7 @@ def flip_image(image):
 
 
 def flip_keypoints(keypoints, image_width, flip_index):
-    """Mirror x (x -> width - 1 - x, pixel-centre convention) and swap left/right joints."""
+    """Mirror x (x -> width - 1 - x, pixel-center convention) and swap left/right joints."""
     keypoints = np.array(keypoints, dtype=np.float32, copy=True)
     keypoints[..., 0] = image_width - 1 - keypoints[..., 0]
     return keypoints[..., list(flip_index), :]

@@ -81,6 +81,12 @@ class KeypointLayout:
             index[a], index[b] = b, a
         return index
 
+    def as_dict(self) -> dict:
+        """Plain types for checkpoints; layout_from_dict rebuilds the same layout."""
+        return {"name": self.name, "names": list(self.names), "skeleton": [list(e) for e in self.skeleton],
+                "sigmas": list(self.sigmas), "sigmas_note": self.sigmas_note,
+                "flip_pairs": [list(p) for p in self.flip_pairs]}
+
     def subset(self, names, name=None) -> "KeypointLayout":
         """The layout restricted to `names` (in that order); sigmas and edges follow the names."""
         position = {n: i for i, n in enumerate(self.names)}
@@ -158,6 +164,11 @@ def get_layout(name: str) -> KeypointLayout:
     if name not in LAYOUTS:
         raise ValueError(f"unknown keypoint layout '{name}'; choose from {sorted(LAYOUTS)}")
     return LAYOUTS[name]
+
+
+def layout_from_dict(d: dict) -> KeypointLayout:
+    return KeypointLayout(d["name"], tuple(d["names"]), tuple(map(tuple, d["skeleton"])), tuple(d["sigmas"]),
+                          d["sigmas_note"], tuple(map(tuple, d["flip_pairs"])))
 
 
 def layout_from_coco_category(category: dict, sigmas=None) -> KeypointLayout:

@@ -1,13 +1,14 @@
-"""Built-in data: a deterministic figure renderer and the two shared synthetic pose data sets.
+"""Built-in data: the deterministic figure renderer, backgrounds and occluders, COCO annotation writing, and
+the cache every built-in data set lives in (`ensure_dataset`).
 
-Nothing can be downloaded, so models train out of the box on scenes rendered here from a seed:
-multi-person COCO-17 scenes and single-person crops (COCO-17 JSON + LIP-style CSV). Keypoints are
-pixel indices (x, y) = (col, row), each on a pixel drawn for its own joint; boxes and polygons use
-COCO's pixel-corner coordinates (pixel (col, row) covers [col, col + 1) x [row, row + 1)).
+Nothing can be downloaded, so models train out of the box on images rendered from a seed: higher_hrnet's
+multi-person scenes (higher_hrnet/scenes.py), simple_baseline's single-person crops (simple_baseline/crops.py),
+pose_spi's toy people and cpm_animal's quadrupeds are all drawn with these functions. Keypoints are pixel
+indices (x, y) = (col, row), each on a pixel drawn for its own joint; boxes and polygons use COCO's
+pixel-corner coordinates (pixel (col, row) covers [col, col + 1) x [row, row + 1)).
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import multiprocessing
@@ -21,7 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from common.keypoints import COCO17, MPII16
+from common.keypoints import COCO17
 
 DATA_VERSION = 2  # bump when the renderer changes so cached data sets regenerate
 SHIFT = 4  # OpenCV sub-pixel drawing: coordinates carry 4 fractional bits
@@ -29,22 +30,8 @@ SHIFT = 4  # OpenCV sub-pixel drawing: coordinates carry 4 fractional bits
 HUMAN_POINT_NAMES = COCO17.names + ("pelvis", "thorax", "upper_neck", "head_top")
 NOSE, L_EYE, R_EYE, L_EAR, R_EAR, L_SH, R_SH, L_EL, R_EL, L_WR, R_WR = range(11)
 L_HIP, R_HIP, L_KNEE, R_KNEE, L_ANK, R_ANK, PELVIS, THORAX, NECK, HEAD_TOP = range(11, 21)
-# MPII/LIP joint j is human point LIP_FROM_HUMAN[j] ("r_ankle" -> "right_ankle", ...).
-_MPII_TO_HUMAN = {"r": "right", "l": "left"}
-LIP_FROM_HUMAN = [HUMAN_POINT_NAMES.index("_".join(_MPII_TO_HUMAN.get(t, t) for t in n.split("_"))
-                  if n[:2] in ("r_", "l_") else n) for n in MPII16.names]
 _SKIN = np.array([[255, 219, 172], [241, 194, 125], [224, 172, 105], [198, 134, 66], [141, 85, 36],
                   [96, 60, 35]], np.float64)
-# sqrt(area) / short image side of keypoint-annotated people (num_keypoints > 0, not crowd): the OKS
-# tolerance scales with sqrt(area), so this fixes how strict COCO AP is. COCO: the 12 such people of
-# ../shared/data/coco_sample (4 val2017 images) have 10th / 50th / 90th percentiles 0.125 / 0.304 / 0.340.
-# The built-in scenes must stay inside these bands (tested on the rendered val split).
-COCO_RELATIVE_SIZE_BANDS = {10: (0.09, 0.17), 50: (0.26, 0.34), 90: (0.30, 0.42)}
-_DEFAULTS = {"multi_person": dict(num_images=1500, num_val=200, image_size=256, seed=0),
-             # pose_spread 0.75: the mean-pose baseline then scores PCKh@0.5 21.6% on these crops, as it
-             # does on the real LIP annotations (22.0% on ../shared/data/lip_annotations); at the full
-             # human range (1.0) it scores 16.9%, i.e. the poses were more varied than LIP's.
-             "single_person": dict(num_images=3000, num_val=300, image_size=128, seed=0, pose_spread=0.75)}
 
 
 def _disk(image, center, radius, color):
@@ -192,28 +179,6 @@ def random_human_figure(rng, height, center, angle_range="human"):
                        float(max(H * rng.uniform(0.04, 0.07), 2.0)), float(H * rng.uniform(0.1, 0.13)), colors)
 
 
-def random_human_pose(rng, height, center, angle_range="human", with_extra=False):
-    """float32 (17, 2) COCO-17 points of a random figure; (21, 2) adds pelvis, thorax, upper neck, head top."""
-    points = random_human_figure(rng, height, center, angle_range).points
-    return points[: 21 if with_extra else 17].astype(np.float32)
-
-
-def human_limb_edges(with_extra=False):
-    """Edges to draw a human with draw_figure: limbs, torso outline and diagonals, head and neck.
-
-    Over COCO-17 points the head is the face/ear polygon joined to the shoulders; with_extra=True
-    (21 points) uses the spine, neck and head-top points instead.
-    """
-    limbs = [(L_SH, L_EL), (L_EL, L_WR), (R_SH, R_EL), (R_EL, R_WR),
-             (L_HIP, L_KNEE), (L_KNEE, L_ANK), (R_HIP, R_KNEE), (R_KNEE, R_ANK)]
-    torso = [(L_SH, R_SH), (L_HIP, R_HIP), (L_SH, L_HIP), (R_SH, R_HIP), (L_SH, R_HIP), (R_SH, L_HIP)]
-    if with_extra:
-        head = [(THORAX, PELVIS), (THORAX, NECK), (NECK, HEAD_TOP), (L_EAR, R_EAR), (NOSE, HEAD_TOP)]
-    else:
-        head = [(NOSE, L_SH), (NOSE, R_SH), (L_EAR, R_EAR), (L_EYE, R_EYE), (NOSE, L_EAR), (NOSE, R_EAR)]
-    return torso + limbs + head
-
-
 def _human_parts(fig):
     """Draw operations back to front: (kind, geometry, colour, the joints this part draws)."""
     P, r, t = fig.points, fig.head_radius, fig.limb_thickness
@@ -314,7 +279,7 @@ def random_background(rng, size_wh):
     return image
 
 
-def _camera_noise(rng, image):
+def camera_noise(rng, image):
     noise = rng.standard_normal(image.shape[:2] + (1,), dtype=np.float32) * np.float32(rng.uniform(1, 5))
     noisy = np.clip(image + noise, 0, 255).astype(np.uint8)
     return cv2.GaussianBlur(noisy, (3, 3), 0) if rng.random() < 0.3 else noisy
@@ -333,14 +298,14 @@ def _shape_mask(rng, shape, center, size):
     return mask > 0
 
 
-def _draw_occluder(rng, image, owner, center, size):
+def draw_occluder(rng, image, owner, center, size):
     """A textured object over `center`; its pixels get owner 255 (they hide whatever is below)."""
     m = _shape_mask(rng, owner.shape, center, size)
     image[m] = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 12, (int(m.sum()), 1)), 0, 255).astype(np.uint8)
     owner[m] = 255
 
 
-class _Canvas:
+class Canvas:
     """An image being composed back to front, with the owner id of every pixel."""
 
     def __init__(self, image):
@@ -375,13 +340,6 @@ class _Canvas:
         return v
 
 
-def relative_person_sizes(coco_dict):
-    """sqrt(area) / short image side of every keypoint-annotated, non-crowd person of a COCO dict."""
-    sides = {image["id"]: min(image["width"], image["height"]) for image in coco_dict["images"]}
-    return np.array([math.sqrt(a["area"]) / sides[a["image_id"]] for a in coco_dict["annotations"]
-                     if a.get("num_keypoints", 0) > 0 and not a.get("iscrowd", 0)])
-
-
 def _polygons(mask, offset):
     """COCO polygons (lists of x, y in pixel-corner coordinates) of a binary mask's outer contours.
 
@@ -402,7 +360,7 @@ def _rle(mask):
     return {"counts": [int(c) for c in counts], "size": [int(mask.shape[0]), int(mask.shape[1])]}
 
 
-def _annotation(mask, keypoints, num_keypoints, iscrowd, offset=(0, 0)):
+def coco_annotation(mask, keypoints, num_keypoints, iscrowd, offset=(0, 0)):
     """COCO fields of one person from its visible mask (a window of the image at `offset`);
     the box also holds its labelled keypoints. Crowd masks must cover the whole image."""
     ys, xs = np.nonzero(mask)
@@ -418,81 +376,7 @@ def _annotation(mask, keypoints, num_keypoints, iscrowd, offset=(0, 0)):
             "iscrowd": int(iscrowd)}
 
 
-def _render_scene(rng, size):
-    """One multi-person scene: RGB image and its COCO annotations (without ids)."""
-    S = size
-    canvas = _Canvas(random_background(rng, (S, S)))
-    crowd = rng.random() < 0.08
-    if crowd:  # a dense knot of small people, annotated once as an iscrowd region
-        cx, cy, w = rng.uniform(0.2, 0.8) * S, rng.uniform(0.3, 0.8) * S, rng.uniform(0.2, 0.4) * S
-        for _ in range(rng.integers(6, 15)):
-            h = rng.uniform(0.06, 0.12) * S
-            center = (cx + rng.uniform(-w, w) / 2, cy + rng.normal(0, 0.1 * h))
-            canvas.add(random_human_figure(rng, h, center).rounded(), owner_id=254)
-    # far-away people too small to label: COCO's zero-keypoint annotations
-    unlabelled = [canvas.add(random_human_figure(rng, rng.uniform(0.04, 0.09) * S, rng.uniform(0, S, 2))
-                             .rounded()) for _ in range(rng.integers(1, 4) if rng.random() < 0.2 else 0)]
-    u = rng.random()
-    count = 0 if u < 0.07 else 1 if u < 0.25 else 2 if u < 0.45 else int(rng.integers(3, 7))
-    # Figure heights (of the image side): most people near the camera, a tail of smaller ones. Calibrated
-    # so that sqrt(area) / image side of the labelled people matches COCO's keypoint-annotated people
-    # (median 0.30, 10th percentile 0.13; see COCO_RELATIVE_SIZE). Figures taller than the image are cut
-    # by the border, as close-ups are in COCO.
-    scale = 1.1 * (1 - 0.7 * rng.beta(1.5, 3))
-    heights = np.clip(scale * rng.uniform(0.85, 1.15, count), 0.1, 1.4) * S
-    if count >= 3:  # a group side by side, neighbours overlapping, the ends maybe cut by the border
-        spacing = rng.uniform(0.3, 0.65, count) * heights
-        xs = np.cumsum(spacing) - spacing.sum() / 2 + rng.uniform(0.25, 0.75) * S
-        centers = np.stack([xs, rng.uniform(0.35, 0.65) * S + rng.normal(0, 0.08, count) * heights], 1)
-    else:
-        centers = np.stack([rng.uniform(0.05, 0.95, count) * S, rng.uniform(0.25, 0.75, count) * S], 1)
-    labelled = []
-    for k in np.argsort(heights + rng.normal(0, 0.1 * S, count)):  # taller people are usually nearer
-        labelled.append(canvas.add(random_human_figure(rng, heights[k], centers[k]).rounded()))
-    drawn = [index for index in labelled if index is not None]
-    if drawn and rng.random() < 0.2:  # an object in front of someone's joint
-        fig = canvas.people[drawn[rng.integers(len(drawn))]]["fig"]
-        size = rng.uniform(0.1, 0.25) * fig.height
-        _draw_occluder(rng, canvas.image, canvas.owner, fig.points[rng.integers(17)], size)
-    annotations = []
-    for index in unlabelled + labelled:
-        if index is None:
-            continue
-        person = canvas.people[index]
-        (x0, y0), (h, w) = person["origin"], person["labels"].shape
-        visible = canvas.owner[y0:y0 + h, x0:x0 + w] == person["owner_id"]
-        if not visible.any():
-            continue
-        kps = np.zeros((17, 3), np.int64)
-        if index in labelled:
-            kps[:, :2], kps[:, 2] = person["fig"].points[:17], canvas.visibility(index)[:17]
-            kps[kps[:, 2] == 0] = 0
-        annotations.append(_annotation(visible, kps, (kps[:, 2] > 0).sum(), 0, (x0, y0)))
-    if crowd and (canvas.owner == 254).any():
-        annotations.append(_annotation(canvas.owner == 254, np.zeros((17, 3), np.int64), 0, 1))
-    return _camera_noise(rng, canvas.image), annotations
-
-
-def _render_crop(rng, size, pose_spread=1.0):
-    """One single-person crop (like a detector's): RGB image, the 21 figure points, their COCO
-    visibility and the person's visible mask. About 1 in 7 crops cuts the person at the border.
-    pose_spread scales every joint-angle range (random_human_figure's angle_range)."""
-    S = size
-    while True:  # redrawn (from the same stream) in the rare case occluders hide most of the person
-        fig = random_human_figure(rng, S, (0, 0), angle_range=pose_spread)
-        extent = (fig.points.max(0) - fig.points.min(0)).max() + fig.head_radius
-        target = rng.uniform(1.0, 1.2) if rng.random() < 0.15 else rng.uniform(0.7, 0.92)
-        fig = fig.moved(target * S / extent, S / 2 + rng.normal(0, 0.05 * S, 2)).rounded()
-        canvas = _Canvas(random_background(rng, (S, S)))
-        canvas.add(fig)
-        drawn_area = (canvas.owner == 1).sum()
-        for _ in range(rng.integers(1, 3) if rng.random() < 0.35 else 0):
-            _draw_occluder(rng, canvas.image, canvas.owner, fig.points[rng.integers(21)], rng.uniform(0.1, 0.3) * S)
-        if (canvas.owner == 1).sum() >= 0.3 * drawn_area > 0:
-            return _camera_noise(rng, canvas.image), fig.points, canvas.visibility(0), canvas.owner == 1
-
-
-def _image_rng(seed, split, index):
+def image_rng(seed, split, index):
     # each image has its own stream: image i is the same whatever num_images; splits never share one
     return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
@@ -503,23 +387,23 @@ def _write_json(path, data):
         json.dump(data, f)
 
 
-def _write_coco(path, description, images, annotations):
+def write_coco(path, description, images, annotations):
     person = {"id": 1, "name": "person", "supercategory": "person", "keypoints": list(COCO17.names),
               "skeleton": [[a + 1, b + 1] for a, b in COCO17.skeleton]}  # COCO's skeleton is 1-based
     _write_json(path, {"info": {"description": description, "version": DATA_VERSION}, "licenses": [],
                        "images": images, "annotations": annotations, "categories": [person]})
 
 
-def _write_image(image_dir, image_id, image, size):
+def write_image(image_dir, image_id, image, size):
     name = f"{image_id:06d}.jpg"
     cv2.imwrite(str(image_dir / name), image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
     return {"id": image_id, "file_name": name, "width": size, "height": size}
 
 
-def _render_in_order(render_one, count, workers, desc, progress):
+def render_in_order(render_one, count, workers, desc, progress):
     """[render_one(i) for i in range(count)], spread over `workers` processes (default: one per core) when
     there are enough images to pay for starting them. Every image has its own random stream
-    (_image_rng), so the files are the same whatever the number of workers."""
+    (image_rng), so the files are the same whatever the number of workers."""
     if not workers:   # the cores this process may run on (a container can allow fewer than the host has)
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if workers > 1 and count >= 64 and "fork" in multiprocessing.get_all_start_methods():
@@ -529,85 +413,23 @@ def _render_in_order(render_one, count, workers, desc, progress):
     return [render_one(i) for i in tqdm(range(count), desc=desc, disable=not progress)]
 
 
-def _scene_item(image_dir, split, image_size, seed, i):
-    image, anns = _render_scene(_image_rng(seed, split, i), image_size)
-    return _write_image(image_dir, i + 1, image, image_size), anns
-
-
-def build_multi_person_scenes(root, split, num_images, image_size=256, seed=0, progress=False, workers=None):
-    """Render `num_images` scenes into root/images/{split}/%06d.jpg (the image id) and write
-    root/annotations/person_keypoints_{split}.json (COCO keypoints). Returns the JSON path."""
-    root = Path(root)
-    image_dir = root / "images" / split
-    image_dir.mkdir(parents=True, exist_ok=True)
-    items = _render_in_order(functools.partial(_scene_item, image_dir, split, image_size, seed), num_images,
-                             workers, f"multi_person {split}", progress)
-    images, annotations = [], []
-    for image, anns in items:
-        images.append(image)
-        # ids from 1: pycocotools' COCOeval treats annotation id 0 as "unmatched"
-        annotations += [{"id": len(annotations) + k, "image_id": image["id"], **ann} for k, ann in enumerate(anns, 1)]
-    path = root / "annotations" / f"person_keypoints_{split}.json"
-    _write_coco(path, f"posezoo synthetic multi-person scenes, seed {seed}", images, annotations)
-    return path
-
-
-def _crop_item(image_dir, split, image_size, seed, pose_spread, i):
-    """One crop written to disk: its COCO image entry, COCO annotation and LIP CSV row."""
-    image, points, v, mask = _render_crop(_image_rng(seed, split, i), image_size, pose_spread)
-    info = _write_image(image_dir, i + 1, image, image_size)
-    kps = np.concatenate([points[:17], v[:17, None]], 1).astype(np.int64)
-    kps[kps[:, 2] == 0] = 0
-    annotation = {"id": i + 1, "image_id": i + 1, **_annotation(mask, kps, (kps[:, 2] > 0).sum(), 0)}
-    fields = [info["file_name"]]
-    for k in LIP_FROM_HUMAN:
-        fields += (["nan"] * 3 if v[k] == 0 else [str(int(points[k, 0])), str(int(points[k, 1])),
-                                                  "1" if v[k] == 1 else "0"])
-    return info, annotation, ",".join(fields)
-
-
-def build_single_person_crops(root, split, num_images, image_size=128, seed=0, progress=False, pose_spread=1.0,
-                              workers=None):
-    """Render single-person crops into root/images/{split}/%06d.jpg with COCO-17 JSON and a LIP CSV.
-
-    LIP CSV: no header, `name, x0,y0,v0 ... x15,y15,v15` in MPII joint order; as in the real LIP
-    files v is 0 for a visible joint and 1 for an occluded one; joints outside the crop are `nan,nan,nan`.
-    Returns {"images": dir, "coco": json path, "lip": csv path}.
+def ensure_dataset(kind, build, defaults, root=None, **params):
+    """Path of the built-in data set `kind` under <root>/data/<kind>, generating train and val splits (same
+    seed, disjoint streams) with build(folder, split, count, progress=True, **settings) unless params.json
+    there matches. defaults: num_images (train), num_val and the builder's keywords (image_size, seed ...);
+    params override them. root: the output root (default: $POSE_OUTPUT_ROOT, else the current directory).
+    Under DDP, call it on rank 0 before the other ranks.
     """
-    root = Path(root)
-    image_dir = root / "images" / split
-    image_dir.mkdir(parents=True, exist_ok=True)
-    items = _render_in_order(functools.partial(_crop_item, image_dir, split, image_size, seed, pose_spread),
-                             num_images, workers, f"single_person {split}", progress)
-    images, annotations, rows = (list(column) for column in zip(*items)) if items else ([], [], [])
-    coco = root / "annotations" / f"person_keypoints_{split}.json"
-    _write_coco(coco, f"posezoo synthetic single-person crops, seed {seed}", images, annotations)
-    lip = root / "annotations" / f"lip_{split}.csv"
-    lip.write_text("\n".join(rows) + "\n")
-    return {"images": image_dir, "coco": coco, "lip": lip}
-
-
-def ensure_dataset(kind, root=None, **params):
-    """Path of the built-in data set `kind` ("multi_person" or "single_person") under <root>/data/<kind>,
-    generating train and val splits (same seed, disjoint streams) unless params.json there matches.
-
-    root: the output root (default: $POSE_OUTPUT_ROOT, else the current directory). params: num_images
-    (train), num_val, image_size, seed. Under DDP, call it on rank 0 before the other ranks.
-    """
-    if kind not in _DEFAULTS:
-        raise ValueError(f"unknown built-in data set '{kind}'; choose from {sorted(_DEFAULTS)}")
-    unknown = set(params) - set(_DEFAULTS[kind])
+    unknown = set(params) - set(defaults)
     if unknown:
-        raise TypeError(f"ensure_dataset({kind!r}): unknown parameters {sorted(unknown)}")
-    settings = {"kind": kind, "version": DATA_VERSION, **_DEFAULTS[kind], **params}
-    # the rule of common.engine.output_dirs, restated so that data generation does not import torch
+        raise TypeError(f"{kind} data: unknown parameters {sorted(unknown)}")
+    settings = {"kind": kind, "version": DATA_VERSION, **defaults, **params}
+    # the rule of common.runs.output_root, restated so that data generation does not import torch
     base = Path(root or os.environ.get("POSE_OUTPUT_ROOT") or os.getcwd()) / "data"
     target = base / kind
     stamp = target / "params.json"
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
         return target
-    build = build_multi_person_scenes if kind == "multi_person" else build_single_person_crops
-    # every setting except the split sizes is a keyword of the builder (image_size, seed, pose_spread, ...)
     build_params = {k: v for k, v in settings.items() if k not in ("kind", "version", "num_images", "num_val")}
     tmp = base / f".{kind}.tmp-{os.getpid()}"  # a half-written set is never mistaken for a finished one
     try:

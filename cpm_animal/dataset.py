@@ -18,17 +18,21 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
-from common.data import AnnotationError, BadImageError, load_coco_keypoints, read_image, show_samples
+from common.data import IMAGENET_MEAN, IMAGENET_STD, AnnotationError, BadImageError, load_coco_keypoints, read_image
+from common.drawing import draw_keypoints, show_samples
 from common.geometry import (affine_points, box_to_center_scale, flip_image, flip_keypoints,
                              get_affine_transform, invert_affine, warp_image)
-from common.heatmaps import make_heatmaps
+from common.heatmaps import HeatmapCodec
 from common.keypoints import CAT16, KeypointLayout, get_layout, layout_from_coco_category
-from cpm_animal.model import CPMConfig, heatmap_size, input_to_heatmap
+from common.runs import data_dir, output_dirs
+from cpm_animal.model import CPMConfig, config_from_dict, heatmap_size, input_to_heatmap, target_codec
+from cpm_animal.presets import load_preset
+from cpm_animal.quadrupeds import ensure_quadrupeds
 
 SEED_ANN_NAME = "train_keypoints_annotations.json"
-MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+MEAN, STD = IMAGENET_MEAN * 255, IMAGENET_STD * 255   # on 0-255 pixels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,21 +86,6 @@ def load_seed_json(ann_file, image_dir=None, layout: KeypointLayout = CAT16, qui
     return records
 
 
-def write_seed_json(records: list[dict], ann_file, layout: KeypointLayout = CAT16) -> None:
-    """Writes records (keypoints labelled in every joint) in the seed's JSON layout, image paths relative."""
-    ann_file = Path(ann_file)
-    images, keypoints = {}, {}
-    for record in records:
-        width, height = record["width"], record["height"]
-        images[record["id"]] = {"file_name": Path(record["image"]).name, "width": int(width), "height": int(height)}
-        keypoints[record["id"]] = {name: [float(x) / width, float(y) / height, int(v == 2)]
-                                   for name, (x, y, v) in zip(layout.names, record["keypoints"])}
-    ann_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ann_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"info": {"layout": layout.name}, "images": images, "keypoints": keypoints}))
-    tmp.replace(ann_file)
-
-
 def load_coco_records(ann_file, image_dir, layout_name="from_file") -> tuple[list[dict], KeypointLayout]:
     """One record per annotated animal of a COCO keypoint file (AP-10K, Animal-Pose, Horse-10, MacaquePose)."""
     coco = load_coco_keypoints(ann_file)
@@ -114,7 +103,7 @@ def load_coco_records(ann_file, image_dir, layout_name="from_file") -> tuple[lis
             raise AnnotationError(f"{ann_file}: annotation {ann.get('id')}: {len(kpts)} keypoints, "
                                   f"layout {layout.name} has {layout.num_keypoints}")
         if (kpts[:, 2] > 0).sum() < 2:
-            continue  # too few labelled points to crop or to normalise PCK by
+            continue  # too few labelled points to crop or to normalize PCK by
         info = coco.imgs[ann["image_id"]]
         records.append({"id": str(ann["id"]), "image_id": ann["image_id"], "image": Path(image_dir) / info["file_name"],
                         "width": float(info["width"]), "height": float(info["height"]), "keypoints": kpts,
@@ -162,8 +151,6 @@ class ImageCache:
 
     def prepare(self, records, quiet=False):
         """Decodes every large photo once; returns the records whose image could be read."""
-        from tqdm import tqdm
-
         good = []
         todo = [r for r in records if r["image"].is_file() and max(r["width"], r["height"]) > self.max_side
                 and not self.cached_path(r["image"]).is_file()]
@@ -251,22 +238,21 @@ def color_jitter(image, op):
 class KeypointCrops(Dataset):
     """Crops of single animals with targets: the seed's sample dict plus what evaluation needs.
 
-    Sample: image (3, H, W) float normalised; keypoints (K, 3) input pixels, COCO visibility (2 visible,
+    Sample: image (3, H, W) float normalized; keypoints (K, 3) input pixels, COCO visibility (2 visible,
     1 occluded, 0 unlabelled or pushed out of the crop), or (K, 2); heatmap (K, h, w) and target_weight
     (K,) when heatmap_size is set; index; inverse (2, 3) input -> original pixels; gt (K, 3) original
     pixels; norm = box diagonal in original pixels.
     """
 
     def __init__(self, records, layout: KeypointLayout, model_config: CPMConfig, augmentations: dict,
-                 image_cache: ImageCache, heatmap_size_wh=None, sigma=1.5, target_mode="signed",
+                 image_cache: ImageCache, codec: HeatmapCodec | None = None, target_mode="signed",
                  produce_visibility=True, box_padding=1.25):
         check_augmentations(augmentations)
         if target_mode not in ("signed", "positive"):
             raise ValueError(f"dataset.target_mode must be signed or positive, got {target_mode!r}")
         self.records, self.layout, self.model_config = records, layout, model_config
         self.augmentations, self.image_cache = augmentations, image_cache
-        self.heatmap_size = tuple(heatmap_size_wh) if heatmap_size_wh else None
-        self.sigma, self.signed = sigma, target_mode == "signed"
+        self.codec, self.signed = codec, target_mode == "signed"     # codec None: no heatmap targets
         self.produce_visibility, self.box_padding = produce_visibility, box_padding
         self.input_size = tuple(model_config.input_size)
 
@@ -345,18 +331,17 @@ class KeypointCrops(Dataset):
             "gt": torch.from_numpy(record["keypoints"].astype(np.float32)),
             "norm": torch.tensor(box_diagonal(record), dtype=torch.float32),
         }
-        if self.heatmap_size is not None:
+        if self.codec is not None:
             joints = target_keypoints.copy()
             joints[:, :2] = input_to_heatmap(joints[:, :2], self.model_config)
-            heatmaps, weights = make_heatmaps(joints, self.heatmap_size, self.sigma, center="subpixel",
-                                              occluded_negative=self.signed)
+            heatmaps, weights = self.codec.encode(joints, occluded_negative=self.signed)
             sample["heatmap"] = torch.from_numpy(heatmaps)
             sample["target_weight"] = torch.from_numpy(weights)
         return sample
 
 
-def denormalise(image_tensor) -> np.ndarray:
-    """Normalised (3, H, W) tensor -> RGB uint8 (H, W, 3) for drawing."""
+def denormalize(image_tensor) -> np.ndarray:
+    """Normalized (3, H, W) tensor -> RGB uint8 (H, W, 3) for drawing."""
     image = image_tensor.detach().cpu().numpy().transpose(1, 2, 0) * STD + MEAN
     return np.clip(image, 0, 255).astype(np.uint8)
 
@@ -367,17 +352,17 @@ def signed_heatmap_overlay(image, heatmaps, alpha=0.6) -> np.ndarray:
     positive = cv2.resize(np.clip(heatmaps, 0, 1).max(0), (image.shape[1], image.shape[0]))
     negative = cv2.resize(np.clip(-heatmaps, 0, 1).max(0), (image.shape[1], image.shape[0]))
     green, purple = np.array([40, 220, 60], np.float32), np.array([170, 40, 210], np.float32)
-    colour = positive[..., None] * green + negative[..., None] * purple
+    color = positive[..., None] * green + negative[..., None] * purple
     weight = alpha * np.clip(positive + negative, 0, 1)[..., None]
-    return np.clip(image * (1 - weight) + colour * weight, 0, 255).astype(np.uint8)
+    return np.clip(image * (1 - weight) + color * weight, 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
-# Building the data sets a config asks for.
+# Building the data sets a preset asks for.
 
-def check_heatmap_size(config: dict, model_config: CPMConfig):
-    """The config's dataset.heatmap_size must equal what the model produces; stop with the right value."""
-    wanted = config["dataset"].get("heatmap_size")
+def check_heatmap_size(preset: dict, model_config: CPMConfig):
+    """The preset's dataset.heatmap_size must equal what the model produces; stop with the right value."""
+    wanted = preset["dataset"].get("heatmap_size")
     actual = heatmap_size(model_config)
     if wanted is None:
         return None
@@ -389,13 +374,11 @@ def check_heatmap_size(config: dict, model_config: CPMConfig):
     return actual
 
 
-def resolve_sources(config: dict, data_root: Path, quiet=False):
+def resolve_sources(preset: dict, data_root: Path, quiet=False):
     """(train_records, val_records, layout) for the configured data set."""
-    ds = config["dataset"]
+    ds = preset["dataset"]
     kind = ds["kind"]
     if kind == "builtin":
-        from cpm_animal.quadrupeds import ensure_quadrupeds
-
         folder = Path(ds["data_dir"]) if ds.get("data_dir") else data_root / "quadrupeds"
         train_ann, val_ann = ensure_quadrupeds(folder, ds["builtin_train_images"], ds["builtin_val_images"],
                                                ds["builtin_image_size"], ds["builtin_seed"], quiet=quiet)
@@ -423,37 +406,36 @@ def resolve_sources(config: dict, data_root: Path, quiet=False):
     raise SystemExit(f"error: dataset.kind must be builtin, seed_json or coco, got {kind!r}")
 
 
-def build_datasets(config: dict, model_config: CPMConfig, data_root: Path, quiet=False):
+def build_datasets(preset: dict, model_config: CPMConfig, data_root: Path, quiet=False):
     """(train_set, val_set, layout) as KeypointCrops; val uses test_augmentations."""
-    ds = config["dataset"]
-    map_size = check_heatmap_size(config, model_config)
-    train_records, val_records, layout = resolve_sources(config, data_root, quiet)
+    ds = preset["dataset"]
+    map_size = check_heatmap_size(preset, model_config)
+    train_records, val_records, layout = resolve_sources(preset, data_root, quiet)
     if layout.num_keypoints != model_config.num_keypoints or layout.num_keypoints != ds["n_keypoints"]:
         raise SystemExit(f"error: layout {layout.name} has {layout.num_keypoints} keypoints; set "
                          f"dataset.n_keypoints={layout.num_keypoints} (the model follows it)")
     cache = ImageCache(data_root / "image_cache", ds["cache_max_side"])
     train_records = cache.prepare(train_records, quiet)
     val_records = cache.prepare(val_records, quiet)
-    common = dict(layout=layout, model_config=model_config, image_cache=cache, heatmap_size_wh=map_size,
-                  sigma=ds["sigma"], target_mode=ds["target_mode"], produce_visibility=ds["produce_visibility"],
+    codec = target_codec(model_config, ds["sigma"]) if map_size is not None else None
+    common = dict(layout=layout, model_config=model_config, image_cache=cache, codec=codec,
+                  target_mode=ds["target_mode"], produce_visibility=ds["produce_visibility"],
                   box_padding=ds["box_padding"])
-    train_set = KeypointCrops(train_records, augmentations=config["train_augmentations"], **common)
-    val_set = KeypointCrops(val_records, augmentations=config["test_augmentations"], **common)
+    train_set = KeypointCrops(train_records, augmentations=preset["train_augmentations"], **common)
+    val_set = KeypointCrops(val_records, augmentations=preset["test_augmentations"], **common)
     return train_set, val_set, layout
 
 
-def show(config: dict, model_config: CPMConfig, data_root: Path, count: int, out_dir: Path, seed: int) -> Path:
+def show(preset: dict, model_config: CPMConfig, data_root: Path, count: int, out_dir: Path, seed: int) -> Path:
     """The seed's pictures: crops with keypoints and skeleton, and their heatmap overlays."""
-    from common.drawing import draw_keypoints
-
-    train_set, _, layout = build_datasets(config, model_config, data_root)
+    train_set, _, layout = build_datasets(preset, model_config, data_root)
     rng = random.Random(seed)
     pictures = []
     for index in rng.sample(range(len(train_set)), min(count, len(train_set))):
         random.seed(rng.random())
         np.random.seed(rng.randrange(2**32))
         sample = train_set[index]
-        image = denormalise(sample["image"])
+        image = denormalize(sample["image"])
         keypoints = sample["keypoints"].numpy()
         drawn = draw_keypoints(image, keypoints[:, :3] if keypoints.shape[1] == 3 else keypoints,
                                layout.skeleton, threshold=0.0, scores=False)
@@ -468,21 +450,17 @@ def show(config: dict, model_config: CPMConfig, data_root: Path, count: int, out
 
 
 def main(argv=None):
-    from common.engine import output_dirs
-    from cpm_animal.config import load_config
-    from cpm_animal.model import config_from_dict
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--show", type=int, default=8, metavar="N", help="write N augmented training samples")
-    parser.add_argument("--config", default=None, help="YAML config (default cpm_animal/config.yaml)")
+    parser.add_argument("--preset", default="cpu", help="cpu, seed or a YAML file (default: %(default)s)")
     parser.add_argument("--out", default=None, help="output root (else $POSE_OUTPUT_ROOT, else .)")
     parser.add_argument("--seed", type=int, default=0, help="which samples and augmentations to draw")
-    parser.add_argument("overrides", nargs="*", help="config overrides group.key=value")
+    parser.add_argument("overrides", nargs="*", help="preset overrides group.key=value")
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    model_config = config_from_dict({**config["model"], "num_keypoints": config["dataset"]["n_keypoints"]})
-    dirs = output_dirs("cpm_animal", "show", args.out)
-    path = show(config, model_config, Path(dirs["data"]) / "cpm_animal", args.show, Path(dirs["outputs"]), args.seed)
+    preset = load_preset(args.preset, args.overrides)
+    model_config = config_from_dict({**preset["model"], "num_keypoints": preset["dataset"]["n_keypoints"]})
+    out_dir = output_dirs("cpm_animal", "show", args.out)["outputs"]
+    path = show(preset, model_config, data_dir(args.out) / "cpm_animal", args.show, out_dir, args.seed)
     print(f"wrote {args.show} samples and their heatmaps to {path}")
 
 

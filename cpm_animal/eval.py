@@ -16,32 +16,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from common.data import AnnotationError, collate_skip_bad, exit_on_bad_input
+from common.data import AnnotationError, coco_from_dict, exit_on_bad_input
 from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, pck, write_results_json
-from common.heatmaps import decode_heatmaps
-from common.keypoints import KeypointLayout
-from cpm_animal.model import CPM, CPMConfig, heatmap_to_input
-
-MODEL_NAME = "cpm_animal"
-
-
-# ----------------------------------------------------------------------------------------------
-# Prediction and metrics, shared with train.py and infer.py.
-
-def decode_predictions(heatmaps: torch.Tensor, model_config: CPMConfig, inverse: torch.Tensor):
-    """Final-stage maps (B, K(+bg), h, w) -> original-pixel xy (B, K, 2), scores (B, K), visible (B, K).
-
-    Signed maps: the peak of |map| gives the position and its sign the visibility.
-    """
-    maps = heatmaps[:, :model_config.num_keypoints].float()
-    coords, _ = decode_heatmaps(maps.abs())
-    height, width = maps.shape[-2:]
-    xi = coords[..., 0].round().long().clamp(0, width - 1)
-    yi = coords[..., 1].round().long().clamp(0, height - 1)
-    values = maps.flatten(2).gather(2, (yi * width + xi).unsqueeze(2)).squeeze(2)
-    xy = heatmap_to_input(coords, model_config)
-    xy = torch.einsum("bij,bkj->bki", inverse[:, :, :2].float(), xy) + inverse[:, None, :, 2].float()
-    return xy, values.abs(), values > 0
+from common.geometry import affine_points, invert_affine
+from common.keypoints import CAT16, KeypointLayout
+from common.loader import collate_skip_bad
+from common.runs import add_common_args, checkpoint_or_exit, data_dir, model_from_checkpoint, output_dirs, pick_device
+from cpm_animal.dataset import (ImageCache, KeypointCrops, box_diagonal, build_datasets, load_coco_records,
+                                load_seed_json, record_box)
+from cpm_animal.infer import decode_predictions
+from cpm_animal.model import MODEL_NAME, CPM, build_model, upgrade_checkpoint
+from cpm_animal.presets import apply_override
 
 
 @torch.no_grad()
@@ -78,8 +63,6 @@ def predict(model: CPM, dataset, device, batch_size=16, workers=0, compute_loss=
 
 def ground_truth(dataset, indices):
     """(gt (N, K, 3) original pixels, norm (N,)) for the given record indices."""
-    from cpm_animal.dataset import box_diagonal
-
     gt = np.stack([dataset.records[i]["keypoints"] for i in indices]) if len(indices) else np.zeros((0, 0, 3))
     norm = np.array([box_diagonal(dataset.records[i]) for i in indices])
     return gt, norm
@@ -106,8 +89,6 @@ def mean_shape(train_set) -> np.ndarray:
 
 def mean_shape_predictions(dataset, shape_xy) -> np.ndarray:
     """The mean shape placed in each record's crop, mapped to original pixels: (N, K, 2)."""
-    from common.geometry import affine_points, invert_affine
-
     preds = []
     for record in dataset.records:
         matrix, _, _ = dataset.crop_transform(record)
@@ -117,13 +98,6 @@ def mean_shape_predictions(dataset, shape_xy) -> np.ndarray:
 
 def records_to_coco(records, layout: KeypointLayout):
     """A pycocotools COCO ground truth built from records (area = box w * h), for AP."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-
-    from cpm_animal.dataset import record_box
-
     images, annotations = [], []
     for number, record in enumerate(records, start=1):
         box = [float(v) for v in record_box(record)]
@@ -132,13 +106,9 @@ def records_to_coco(records, layout: KeypointLayout):
         annotations.append({"id": number, "image_id": number, "category_id": 1, "iscrowd": 0, "bbox": box,
                             "area": box[2] * box[3], "keypoints": record["keypoints"].reshape(-1).tolist(),
                             "num_keypoints": int((record["keypoints"][:, 2] > 0).sum())})
-    coco = COCO()
-    coco.dataset = {"images": images, "annotations": annotations,
-                    "categories": [{"id": 1, "name": "animal", "keypoints": list(layout.names),
-                                    "skeleton": [[a + 1, b + 1] for a, b in layout.skeleton]}]}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
+    return coco_from_dict({"images": images, "annotations": annotations,
+                           "categories": [{"id": 1, "name": "animal", "keypoints": list(layout.names),
+                                           "skeleton": [[a + 1, b + 1] for a, b in layout.skeleton]}]})
 
 
 def print_pck_columns(table, names, thresholds):
@@ -186,69 +156,50 @@ def full_report(model, dataset, layout, device, batch_size, workers, thresholds,
     return metrics, results
 
 
-def model_from_checkpoint(path, device="cpu"):
-    """(model, checkpoint config dict, step) from a train.py checkpoint."""
-    from common.engine import load_checkpoint
-
-    state = load_checkpoint(path)
-    saved = state.get("config", {})
-    if "cpm_model" not in saved:
-        raise SystemExit(f"{path}: not a cpm_animal checkpoint (no cpm_model in its config)")
-    model_options = dict(saved["cpm_model"])
-    model_options["input_size"] = tuple(model_options["input_size"])
-    model = CPM(CPMConfig(**model_options))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), saved, state.get("step")
+def evaluation_data(args, saved, model, data_root):
+    """(dataset, layout, source) of --ann (the seed's cats JSON or a COCO file), else the checkpoint's preset's
+    validation split."""
+    preset = saved["settings"]["preset"]
+    for override in args.overrides:
+        apply_override(preset, override)
+    if not args.ann:
+        _, dataset, layout = build_datasets(preset, model.config, data_root)
+        return dataset, layout, f"the {preset['dataset']['kind']} validation split"
+    ann = Path(args.ann)
+    try:
+        content = json.loads(ann.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise AnnotationError(f"{ann}: cannot read annotation file ({error})") from None
+    if "keypoints" in content and "annotations" not in content:    # the seed's cats JSON
+        layout, records = CAT16, load_seed_json(ann, Path(args.data) if args.data else None)
+    else:
+        records, layout = load_coco_records(ann, args.data or ann.parent, preset["dataset"]["layout"])
+    ds = preset["dataset"]
+    cache = ImageCache(data_root / "image_cache", ds["cache_max_side"])
+    dataset = KeypointCrops(cache.prepare(records), layout, model.config, preset["test_augmentations"], cache,
+                            None, ds["target_mode"], True, ds["box_padding"])
+    return dataset, layout, str(ann)
 
 
 def main(argv=None):
-    from common.engine import add_common_args, checkpoint_or_exit, output_dirs
-    from cpm_animal.config import apply_override
-    from cpm_animal.dataset import ImageCache, KeypointCrops, build_datasets, load_coco_records, load_seed_json
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, workers=0)
-    parser.add_argument("overrides", nargs="*", help="config overrides applied to the checkpoint's config, "
+    add_common_args(parser, role="eval", workers=0)
+    parser.add_argument("overrides", nargs="*", help="preset overrides applied to the checkpoint's preset, "
                                                      "e.g. dataset.val_fraction=0.3")
     args = parser.parse_args(argv)
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python cpm_animal/train.py", args.out)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, saved, step = model_from_checkpoint(checkpoint, device)
-    config = saved["cpm_config"]
-    for override in args.overrides:
-        apply_override(config, override)
-    dirs = output_dirs(MODEL_NAME, "eval_" + checkpoint.parent.name, args.out)
-    thresholds = tuple(config["metric"]["pck_thresholds"])
-    if args.ann:
-        ann = Path(args.ann)
-        try:
-            is_seed_json = "keypoints" in json.loads(ann.read_text()) and "annotations" not in json.loads(ann.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise AnnotationError(f"{ann}: cannot read annotation file ({error})") from None
-        if is_seed_json:
-            from common.keypoints import CAT16 as layout
-            records = load_seed_json(ann, Path(args.data) if args.data else None)
-        else:
-            records, layout = load_coco_records(ann, args.data or ann.parent, config["dataset"]["layout"])
-        ds = config["dataset"]
-        cache = ImageCache(Path(dirs["data"]) / MODEL_NAME / "image_cache", ds["cache_max_side"])
-        dataset = KeypointCrops(cache.prepare(records), layout, model.config, config["test_augmentations"], cache,
-                                None, ds["sigma"], ds["target_mode"], True, ds["box_padding"])
-        source = str(ann)
-    else:
-        _, dataset, layout = build_datasets(config, model.config, Path(dirs["data"]) / MODEL_NAME)
-        source = f"the {config['dataset']['kind']} validation split"
-    print(f"checkpoint {checkpoint} (step {step}), evaluating on {source}: {len(dataset)} animals")
-    with torch.device("meta"):
-        meta_model = CPM(model.config)
-    params = count_parameters(meta_model)
+    device = pick_device(args.device)
+    model, saved = model_from_checkpoint(checkpoint, build_model, MODEL_NAME, upgrade_checkpoint, device)
+    dataset, layout, source = evaluation_data(args, saved, model, data_dir(args.out) / MODEL_NAME)
+    print(f"checkpoint {checkpoint} (step {saved.get('step')}), evaluating on {source}: {len(dataset)} animals")
     width, height = model.config.input_size
-    flops = count_flops(model, torch.zeros(1, 3, height, width, device=device))
+    params, flops = count_parameters(model), count_flops(model, torch.zeros(1, 3, height, width, device=device))
     print(f"parameters: {params:,}  GFLOPs (multiply-add = 2) per {width}x{height} crop: {flops / 1e9:.2f}")
-    shape = np.asarray(saved["mean_shape"], np.float32) if saved.get("mean_shape") else None
+    thresholds = tuple(saved["settings"]["preset"]["metric"]["pck_thresholds"])
+    shape = np.asarray(saved["settings"]["mean_shape"], np.float32)
     metrics, results = full_report(model, dataset, layout, device, args.batch_size, args.workers, thresholds, shape)
-    out_dir = Path(dirs["outputs"])
-    write_results_json(results, out_dir / "keypoints_results.json")
+    out_dir = output_dirs(MODEL_NAME, args.run_name or f"eval-{checkpoint.parent.name}", args.out)["outputs"]
+    write_results_json(results, out_dir / "results.json")
     (out_dir / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), "source": source,
                                                        "parameters": params, "gflops": flops / 1e9, **metrics},
                                                       indent=1))

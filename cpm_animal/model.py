@@ -1,8 +1,9 @@
 """Convolutional Pose Machines (Wei et al., CVPR 2016) as used by the seed "Animal Pose Estimation".
 
 `CPM(CPMConfig(...))` returns one heatmap stack per stage, shape (stages, B, K, h, w), every stage
-supervised. `PRESETS["original"]` is the seed network exactly (40,205,052 parameters, 368 -> 45x45);
-`PRESETS["small"]` is the CPU preset trained by default. Everything else is a config field.
+supervised. `SIZES["original"]` is the seed network exactly (40,205,052 parameters, 368 -> 45x45);
+`SIZES["small"]` is the CPU size trained by default. Everything else is a config field.
+`build_model(**arch)` rebuilds a model from the `arch` dict (the CPMConfig fields) its checkpoints store.
 """
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 from torch import nn
 
+from common.heatmaps import HeatmapCodec
+from common.keypoints import get_layout, layout_from_coco_category
+from common.runs import require
+
+MODEL_NAME = "cpm_animal"
 NORMS = ("none", "batch", "group", "layer")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
 DROPOUT_PLACES = ("features", "output")
@@ -39,8 +45,8 @@ class CPMConfig:
     group_norm_groups: int = 8
     drop_rate: float = 0.0
     dropout_on: str = "features"    # features (trunk outputs) | output (each stage's heatmaps, the seed)
-    centre_map: bool = False        # CPM centre-map Gaussian fed to every later stage
-    centre_sigma: float = 21.0      # input pixels, as in the CPM release
+    center_map: bool = False        # CPM center-map Gaussian fed to every later stage
+    center_sigma: float = 21.0      # input pixels, as in the CPM release
     background: bool = False        # one extra output channel: background = 1 - max |target|
 
     def __post_init__(self):
@@ -58,10 +64,11 @@ class CPMConfig:
         return self.num_keypoints + int(self.background)
 
 
-PRESETS = {
+# Architecture sizes (the YAML's model.size); every field can still be set on its own.
+SIZES = {
     # The seed's network: GELU, LayerNorm on the input and in every later stage, 7 stages.
     "original": CPMConfig(),
-    # CPU preset: 96 px input, two pools (23x23 heatmaps), one trunk shared by all 3 stages, 5x5 kernels.
+    # CPU size: 96 px input, two pools (23x23 heatmaps), one trunk shared by all 3 stages, 5x5 kernels.
     "small": CPMConfig(input_size=(96, 96), stages=3, trunk_channels=32, trunk_kernel=5, trunk_pools=2,
                        stage1_own_trunk=False, stage1_features=32, stage1_channels=64, stage1_kernel=5,
                        stage_features=32, stage_channels=32, stage_kernel=5, norm_layer="batch",
@@ -74,19 +81,19 @@ PRESETS = {
 
 
 def config_from_dict(options: dict) -> CPMConfig:
-    """Builds a CPMConfig from the YAML `model` group: `preset` first, then any field overrides."""
-    options = {key: value for key, value in options.items() if value is not None}  # null: the preset's
-    preset = options.pop("preset", "original")
-    if preset not in PRESETS:
-        raise ValueError(f"model.preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    """Builds a CPMConfig from the YAML `model` group: `size` first, then any field overrides."""
+    options = {key: value for key, value in options.items() if value is not None}  # null: the size's
+    size = options.pop("size", "original")
+    if size not in SIZES:
+        raise ValueError(f"model.size must be one of {tuple(SIZES)}, got {size!r}")
     known = {f.name for f in fields(CPMConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown}; known: {sorted(known)}")
     if "input_size" in options:
-        size = options["input_size"]
-        options["input_size"] = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
-    return replace(PRESETS[preset], **options)
+        side = options["input_size"]
+        options["input_size"] = (int(side), int(side)) if isinstance(side, int) else tuple(int(s) for s in side)
+    return replace(SIZES[size], **options)
 
 
 def pooled_size(length: int, pools: int) -> int:
@@ -103,7 +110,7 @@ def heatmap_size(config: CPMConfig) -> tuple[int, int]:
 
 
 def heatmap_stride(config: CPMConfig) -> tuple[int, float]:
-    """(stride, offset): heatmap pixel j is centred on input pixel stride * j + offset.
+    """(stride, offset): heatmap pixel j is centered on input pixel stride * j + offset.
 
     An unpadded 3x3/2 pool puts output j on input 2j + 1; stacking n of them gives 2^n j + 2^n - 1.
     """
@@ -167,13 +174,13 @@ class FirstStage(nn.Sequential):
 
 
 class LaterStage(nn.Module):
-    """Stage t >= 2: own 5x5 features of the shared trunk + previous maps (+ centre map) -> refined maps."""
+    """Stage t >= 2: own 5x5 features of the shared trunk + previous maps (+ center map) -> refined maps."""
 
     def __init__(self, cfg: CPMConfig):
         super().__init__()
         act = ACTIVATIONS[cfg.activation]
         self.features = nn.Sequential(conv(cfg.trunk_channels, cfg.stage_features, 5), act())
-        in_ch = cfg.stage_features + cfg.out_channels + int(cfg.centre_map)
+        in_ch = cfg.stage_features + cfg.out_channels + int(cfg.center_map)
         map_w, map_h = heatmap_size(cfg)
         self.norm = make_norm(cfg.norm_layer, in_ch, (map_h, map_w), cfg.group_norm_groups)
         layers = []
@@ -183,17 +190,18 @@ class LaterStage(nn.Module):
         layers += [conv(in_ch, cfg.stage_channels, 1), act(), conv(cfg.stage_channels, cfg.out_channels, 1)]
         self.refine = nn.Sequential(*layers)
 
-    def forward(self, shared_features, previous_maps, centre_map=None):
+    def forward(self, shared_features, previous_maps, center_map=None):
         parts = [self.features(shared_features), previous_maps]
-        if centre_map is not None:
-            parts.append(centre_map)
+        if center_map is not None:
+            parts.append(center_map)
         return self.refine(self.norm(torch.cat(parts, dim=1)))
 
 
 class CPM(nn.Module):
     def __init__(self, config: CPMConfig | None = None):
         super().__init__()
-        self.config = cfg = config or PRESETS["original"]
+        self.config = cfg = config or SIZES["original"]
+        self.arch = arch_of(cfg)
         self.stage1_trunk = Trunk(cfg) if cfg.stage1_own_trunk else None
         self.shared_trunk = Trunk(cfg) if cfg.stages > 1 or not cfg.stage1_own_trunk else None
         self.stage1 = FirstStage(cfg)
@@ -206,10 +214,10 @@ class CPM(nn.Module):
             nn.init.normal_(head.weight, std=0.001)
             nn.init.zeros_(head.bias)
 
-    def make_centre_map(self, batch: int, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
-        """The CPM centre map: a Gaussian at the middle of the crop, in heatmap pixels."""
+    def make_center_map(self, batch: int, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """The CPM center map: a Gaussian at the middle of the crop, in heatmap pixels."""
         stride = self.config.input_size[0] / max(heatmap_size(self.config)[0], 1)
-        sigma = self.config.centre_sigma / stride
+        sigma = self.config.center_sigma / stride
         ys = torch.arange(height, dtype=like.dtype, device=like.device) - (height - 1) / 2
         xs = torch.arange(width, dtype=like.dtype, device=like.device) - (width - 1) / 2
         gauss = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * sigma ** 2))
@@ -223,17 +231,48 @@ class CPM(nn.Module):
         maps = self.stage1(self.stage1_trunk(images) if self.stage1_trunk is not None else shared)
         outputs = [self.output_dropout(maps)]
         if self.config.stages > 1:
-            centre = (self.make_centre_map(images.shape[0], shared.shape[2], shared.shape[3], shared)
-                      if self.config.centre_map else None)
+            center = (self.make_center_map(images.shape[0], shared.shape[2], shared.shape[3], shared)
+                      if self.config.center_map else None)
             for stage in self.later_stages:
-                maps = stage(shared, maps, centre)
+                maps = stage(shared, maps, center)
                 outputs.append(self.output_dropout(maps))
         return torch.stack(outputs)
 
 
-def build_model(options: dict | CPMConfig) -> CPM:
-    return CPM(options if isinstance(options, CPMConfig) else config_from_dict(options))
-
-
-def describe(config: CPMConfig) -> dict:
+def arch_of(config: CPMConfig) -> dict:
+    """The CPMConfig as plain types: what checkpoints store and build_model takes."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+
+
+def build_model(**arch) -> CPM:
+    return CPM(CPMConfig(**{**arch, "input_size": tuple(arch["input_size"])}))
+
+
+def target_codec(config: CPMConfig, sigma: float) -> HeatmapCodec:
+    """The targets' owner: Gaussians of `sigma` heatmap pixels at the exact sub-pixel position on the
+    model's heatmaps (input_to_heatmap maps input pixels onto them)."""
+    return HeatmapCodec(tuple(config.input_size), heatmap_size(config), sigma, center="subpixel")
+
+
+def layout_named(name: str, num_keypoints: int):
+    """The dataset.layout of a preset: a known layout's name, or from_file (names unknown here)."""
+    if name != "from_file":
+        return get_layout(name)
+    return layout_from_coco_category({"keypoints": [str(k) for k in range(num_keypoints)]})
+
+
+def upgrade_checkpoint(checkpoint, path) -> dict:
+    """A checkpoint written before arch and settings had their own keys: the model was "cpm_model" in its
+    config (with the British center_map spelling), the YAML "cpm_config", the mean shape "mean_shape"."""
+    config = require(checkpoint, "config", path)
+    arch = {("center" + k[len("centre"):] if k.startswith("centre") else k): v
+            for k, v in require(config, "cpm_model", path).items()}
+    preset = require(config, "cpm_config", path)
+    preset["model"] = {("size" if k == "preset" else k): v for k, v in preset["model"].items()}
+    preset["model"] = {("center_map" if k == "centre_map" else k): v for k, v in preset["model"].items()}
+    model_config = CPMConfig(**{**arch, "input_size": tuple(arch["input_size"])})
+    dataset = preset["dataset"]
+    settings = {"codec": target_codec(model_config, dataset["sigma"]).as_dict(), "preset": preset,
+                "layout": layout_named(dataset["layout"], model_config.num_keypoints).as_dict(),
+                "mean_shape": require(config, "mean_shape", path)}
+    return {**checkpoint, "arch": arch, "settings": settings}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from common.keypoints import CAT16
 from common.synthetic import draw_figure, random_background
@@ -121,7 +122,26 @@ def _project(points, yaw, roll, scale, center):
 def render_quadruped(rng, size):
     """One image: RGB uint8 (size, size, 3), keypoints (16, 2) pixels, visibility (16,) 1/0 (seed's v)."""
     points, style = sample_quadruped(rng)
-    # mostly side views, like the cat photos; some three-quarter, a few head-on/tail-on
+    yaw, roll, scale, center = random_view(rng, points, style, size)
+    xy, depth = _project(points, yaw, roll, scale, center)
+    tail_xy, _ = _project(style["tail"], yaw, roll, scale, center)
+    image = random_background(rng, (size, size))
+    owner = np.zeros((size, size), np.uint8)    # the id of the part each pixel shows (255: an occluder)
+    parts = body_parts(xy, depth, tail_xy, style, roll, scale)
+    draws = draw_parts(image, owner, parts, yaw, roll)
+    draw_occluders(rng, image, owner, xy, size)
+    visible = np.zeros(16, np.int64)
+    for k, (x, y) in enumerate(np.round(xy).astype(int)):
+        part = owner[min(max(y, 0), size - 1), min(max(x, 0), size - 1)]
+        visible[k] = int(0 < part < 255 and k in draws[part - 1])
+    noisy = image.astype(np.float32) + rng.normal(0, rng.uniform(1, 5), image.shape)
+    image = np.clip(noisy, 0, 255).astype(np.uint8)
+    return image, xy.astype(np.float32), visible
+
+
+def random_view(rng, points, style, size):
+    """(yaw, roll, scale, center): mostly side views, like the cat photos; some three-quarter, a few
+    head-on/tail-on; a random size and anywhere that keeps the whole animal inside the image."""
     r = rng.random()
     yaw = rng.normal(0, 0.35) if r < 0.7 else rng.uniform(-1.2, 1.2) if r < 0.95 else rng.choice([-1, 1]) * rng.uniform(1.2, 1.5)
     if rng.random() < 0.5:  # facing left instead of right: the other flank towards the camera
@@ -134,14 +154,14 @@ def render_quadruped(rng, size):
     lo, hi = unit_xy.min(0) * scale, unit_xy.max(0) * scale
     margin = pad * scale + 1
     center = np.zeros(2)
-    for axis in range(2):  # anywhere that keeps the whole animal inside the image
+    for axis in range(2):
         low, high = margin - lo[axis], size - margin - hi[axis]
         center[axis] = rng.uniform(low, high) if high > low else (low + high) / 2
-    xy, depth = _project(points, yaw, roll, scale, center)
-    tail_xy, tail_depth = _project(style["tail"], yaw, roll, scale, center)
+    return yaw, roll, scale, center
 
-    image = random_background(rng, (size, size))
-    owner = np.zeros((size, size), np.uint8)
+
+def body_parts(xy, depth, tail_xy, style, roll, scale):
+    """[(depth, kind, geometry, thickness, color, joints it draws)]: legs, tail, body, neck, head."""
     fur, belly = style["fur"], style["belly"]
     leg_t = style["leg_thickness"] * scale
     body_t = style["depth"] * scale
@@ -149,51 +169,61 @@ def render_quadruped(rng, size):
     down = np.array([-math.sin(roll), math.cos(roll)])
     spine = xy[[BOTTOM_SPINE, CENTER_SPINE, UPPER_SPINE]]
     belly_line = spine + down * body_t * 0.3
-    parts = []  # (depth, kind, geometry, thickness, colour, joints it draws)
-    for side, joints in ((+1, (L_SHOULDER, L_ELBOW, L_FRONT_PAW, L_KNEE, L_HEEL, L_REAR_PAW)),
-                         (-1, (R_SHOULDER, R_ELBOW, R_FRONT_PAW, R_KNEE, R_HEEL, R_REAR_PAW))):
+    parts = []
+    for joints in ((L_SHOULDER, L_ELBOW, L_FRONT_PAW, L_KNEE, L_HEEL, L_REAR_PAW),
+                   (R_SHOULDER, R_ELBOW, R_FRONT_PAW, R_KNEE, R_HEEL, R_REAR_PAW)):
         d = float(depth[list(joints)].mean())
         near = d > float(depth[[UPPER_SPINE, BOTTOM_SPINE]].mean())
-        colour = fur * (1.0 if near else 0.72)  # the far side in shade: a fixed left/right cue
+        color = fur * (1.0 if near else 0.72)  # the far side in shade: a fixed left/right cue
         shoulder, elbow, paw, knee, heel, rpaw = joints
-        parts.append((d, "limb", [xy[shoulder], xy[elbow], xy[paw]], leg_t, colour, {shoulder, elbow, paw}))
-        parts.append((d, "limb", [belly_line[0], xy[knee], xy[heel], xy[rpaw]], leg_t * 1.15, colour, {knee, heel, rpaw}))
+        parts.append((d, "limb", [xy[shoulder], xy[elbow], xy[paw]], leg_t, color, {shoulder, elbow, paw}))
+        parts.append((d, "limb", [belly_line[0], xy[knee], xy[heel], xy[rpaw]], leg_t * 1.15, color, {knee, heel, rpaw}))
     body_depth = float(depth[[UPPER_SPINE, CENTER_SPINE, BOTTOM_SPINE]].mean())
     parts.append((body_depth - 1e-3, "limb", list(tail_xy), style["tail_thickness"] * scale, fur * 0.9, set()))
     parts.append((body_depth, "limb", list(belly_line), body_t, fur,
                   {UPPER_SPINE, CENTER_SPINE, BOTTOM_SPINE}))
     parts.append((float(depth[HEAD]) + 1e-3, "limb", [belly_line[2], xy[HEAD]], body_t * 0.6, fur, set()))
     parts.append((float(depth[HEAD]) + 2e-3, "head", xy[HEAD], style["head_r"] * scale, belly, {HEAD}))
+    return parts
+
+
+def draw_parts(image, owner, parts, yaw, roll):
+    """Draw far-to-near on the image, and each part's id on `owner`; returns the joints each id draws."""
+    down = np.array([-math.sin(roll), math.cos(roll)])
     draws = []
-    for part_id, (_, kind, geometry, thickness, colour, joints) in enumerate(sorted(parts, key=lambda p: p[0]),
-                                                                             start=1):
-        colour = np.clip(colour, 0, 255)
+    for part_id, (_, kind, geometry, thickness, color, joints) in enumerate(sorted(parts, key=lambda p: p[0]),
+                                                                            start=1):
+        color = np.clip(color, 0, 255)
         if kind == "limb":
             pts = np.asarray(geometry)
             edges = [(k, k + 1) for k in range(len(pts) - 1)]
-            draw_figure(image, pts, edges, thickness, colour)
+            draw_figure(image, pts, edges, thickness, color)
             draw_figure(owner, pts, edges, thickness, part_id)
         else:
-            centre, radius = np.asarray(geometry), float(thickness)
-            draw_figure(image, centre[None], [(0, 0)], 2 * radius, colour)
-            draw_figure(owner, centre[None], [(0, 0)], 2 * radius, part_id)
+            center, radius = np.asarray(geometry), float(thickness)
+            draw_figure(image, center[None], [(0, 0)], 2 * radius, color)
+            draw_figure(owner, center[None], [(0, 0)], 2 * radius, part_id)
             # ears and eyes tell which way the head faces
             forward = np.array([math.cos(yaw), 0.0]) @ np.array([[math.cos(roll), math.sin(roll)],
-                                                                           [-math.sin(roll), math.cos(roll)]])
+                                                                   [-math.sin(roll), math.cos(roll)]])
             up = -down
             for ear_side in (-1, 1):
-                base = centre + up * radius * 0.6 + forward * radius * 0.3 * ear_side
+                base = center + up * radius * 0.6 + forward * radius * 0.3 * ear_side
                 tip = base + up * radius * 0.9
-                draw_figure(image, np.array([base, tip]), [(0, 1)], radius * 0.45, colour * 0.85)
+                draw_figure(image, np.array([base, tip]), [(0, 1)], radius * 0.45, color * 0.85)
                 draw_figure(owner, np.array([base, tip]), [(0, 1)], radius * 0.45, part_id)
-            eye = centre + forward * radius * 0.45 - up * radius * 0.1
+            eye = center + forward * radius * 0.45 - up * radius * 0.1
             draw_figure(image, eye[None], [(0, 0)], max(radius * 0.25, 1.5), (20, 20, 20))
         draws.append(joints)
-    # occluders over some joints: boxes or blobs (cushions, grass, furniture)
+    return draws
+
+
+def draw_occluders(rng, image, owner, xy, size):
+    """Occluders over some joints: boxes or blobs (cushions, grass, furniture), owner 255."""
     for _ in range(rng.integers(1, 3) if rng.random() < 0.35 else 0):
         target = xy[rng.integers(16)] + rng.normal(0, 0.05 * size, 2)
         radius = rng.uniform(0.06, 0.14) * size
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
         mask = np.zeros_like(owner)
         if rng.random() < 0.5:
             cv2.ellipse(mask, tuple(int(v) for v in target), (int(radius), int(radius * rng.uniform(0.4, 1))),
@@ -201,21 +231,12 @@ def render_quadruped(rng, size):
         else:
             half = np.array([radius, radius * rng.uniform(0.4, 1)])
             cv2.rectangle(mask, tuple(int(v) for v in target - half), tuple(int(v) for v in target + half), 1, -1)
-        image[mask > 0] = colour
+        image[mask > 0] = color
         owner[mask > 0] = 255
-    visible = np.zeros(16, np.int64)
-    for k, (x, y) in enumerate(np.round(xy).astype(int)):
-        part = owner[min(max(y, 0), size - 1), min(max(x, 0), size - 1)]
-        visible[k] = int(0 < part < 255 and k in draws[part - 1])
-    noisy = image.astype(np.float32) + rng.normal(0, rng.uniform(1, 5), image.shape)
-    image = np.clip(noisy, 0, 255).astype(np.uint8)
-    return image, xy.astype(np.float32), visible
 
 
 def build_split(folder: Path, count: int, size: int, seed: int, desc: str, quiet=False) -> Path:
     """Renders `count` images into folder/images and writes folder/train_keypoints_annotations.json."""
-    from tqdm import tqdm
-
     image_dir = folder / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     images, keypoints = {}, {}

@@ -1,14 +1,16 @@
-"""Train Convolutional Pose Machines on animal keypoints with the shared loop (common.engine.train).
+"""Train Convolutional Pose Machines on animal keypoints.
 
-    python cpm_animal/train.py                                  # small CPU preset, built-in quadrupeds
-    python cpm_animal/train.py --config cpm_animal/seed.yaml    # the seed's recipe on the real cats
+    python cpm_animal/train.py                                  # the cpu preset (cpu.yaml), built-in quadrupeds
+    python cpm_animal/train.py --preset seed                    # the seed's recipe (seed.yaml) on the real cats
     python cpm_animal/train.py model.drop_rate=0.1 optimizer.name=sgd trainer.max_epochs=20
     torchrun --nproc_per_node=2 cpm_animal/train.py trainer.device=cuda   # several GPUs (or CPU processes)
-Settings come from config.yaml, then `group.key=value` overrides, then the shared flags (--epochs, --lr, ...).
+Presets are YAML files (cpm_animal/presets.py); `group.key=value` overrides change single values, and the
+shared flags (--epochs, --lr, ...) override the preset's values for them (--help shows the active ones).
 """
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -17,13 +19,21 @@ import torch
 
 from common.data import exit_on_bad_input
 from common.drawing import GREEN, RED, draw_keypoints, make_grid
-from common.engine import add_common_args, output_dirs, planned_steps, setup_device_and_distributed, train
-from cpm_animal.config import dump_config, load_config
-from cpm_animal.dataset import SEED_ANN_NAME, build_datasets, denormalise, signed_heatmap_overlay
-from cpm_animal.eval import decode_predictions, full_report, mean_shape, predict, compute_metrics, ground_truth
-from cpm_animal.model import CPM, config_from_dict, describe
+from common.engine import fit, planned_steps
+from common.runs import add_common_args, data_dir, output_dirs, setup_device_and_distributed
+from cpm_animal.dataset import SEED_ANN_NAME, build_datasets, denormalize, signed_heatmap_overlay
+from cpm_animal.eval import compute_metrics, full_report, ground_truth, mean_shape, predict
+from cpm_animal.infer import decode_predictions
+from cpm_animal.model import MODEL_NAME, CPM, config_from_dict, target_codec
+from cpm_animal.presets import dump_preset, load_preset
 
-MODEL_NAME = "cpm_animal"
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")   # group.key=value on the command line
+# The shared flags whose defaults a preset sets: flag -> (group, key) in the YAML ("" = top level).
+PRESET_FLAGS = {"epochs": ("trainer", "max_epochs"), "max_steps": ("trainer", "max_steps"),
+                "batch_size": ("dataset", "batch_size"), "lr": ("optimizer", "lr"), "seed": ("", "seed"),
+                "workers": ("dataset", "num_workers"), "accumulate": ("trainer", "accumulate_grad_batches"),
+                "clip_grad": ("trainer", "clip_grad"), "log_every": ("trainer", "log_every"),
+                "keep_best": ("callbacks", "save_top_k"), "init_from": ("", "checkpoint_path")}
 
 
 def cpm_loss(model, batch, stage_weights=None, num_keypoints=None):
@@ -45,8 +55,8 @@ def cpm_loss(model, batch, stage_weights=None, num_keypoints=None):
     return loss, {f"stage{i + 1}": float(v) for i, v in enumerate(per_stage.detach())}
 
 
-def build_optimizer(config, params, lr):
-    opt = config["optimizer"]
+def build_optimizer(preset, params, lr):
+    opt = preset["optimizer"]
     name = opt["name"]
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=opt["weight_decay"])
@@ -57,9 +67,9 @@ def build_optimizer(config, params, lr):
     raise SystemExit(f"error: optimizer.name must be adam, adamw or sgd, got {name!r}")
 
 
-def build_scheduler(config, optimizer, total_steps):
+def build_scheduler(preset, optimizer, total_steps):
     """(scheduler, interval) from the `scheduler` group."""
-    sched = config["scheduler"]
+    sched = preset["scheduler"]
     name = sched["name"]
     if name == "none":
         return None, "epoch"
@@ -74,24 +84,37 @@ def build_scheduler(config, optimizer, total_steps):
     raise SystemExit(f"error: scheduler.name must be onecycle, cosine, step or none, got {name!r}")
 
 
-def apply_cli(args, config):
-    """Shared flags override the YAML; the YAML fills what the flags left unset."""
-    trainer, ds = config["trainer"], config["dataset"]
-    pairs = [("epochs", trainer, "max_epochs"), ("max_steps", trainer, "max_steps"),
-             ("batch_size", ds, "batch_size"), ("lr", config["optimizer"], "lr"), ("seed", config, "seed"),
-             ("workers", ds, "num_workers"), ("accumulate", trainer, "accumulate_grad_batches"),
-             ("clip_grad", trainer, "clip_grad"), ("log_every", trainer, "log_every"),
-             ("keep_best", config["callbacks"], "save_top_k"), ("init_from", config, "checkpoint_path")]
-    for dest, group, key in pairs:
-        if getattr(args, dest) is None:
-            setattr(args, dest, group[key])
-        else:
-            group[key] = getattr(args, dest)
+def preset_group(preset, group):
+    return preset[group] if group else preset
+
+
+def parse_args(argv=None):
+    """(args, preset). The YAML preset (with its group.key=value overrides) sets the shared flags' defaults
+    before the real parse, so --help shows them; the values flags end with are written back into it."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", default="cpu")
+    known, rest = first.parse_known_args(argv)
+    preset = load_preset(known.preset, [a for a in rest if OVERRIDE.match(a)])
+    trainer = preset["trainer"]
+    defaults = {dest: preset_group(preset, group)[key] for dest, (group, key) in PRESET_FLAGS.items()}
+    defaults["val_every"] = f"{trainer['val_every']}e"
+    defaults["device"] = trainer["device"] if trainer["device"] != "auto" else None
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, **defaults)
+    parser.add_argument("--preset", default="cpu", help="cpu or seed (cpm_animal/<name>.yaml), or a YAML file "
+                                                        "(default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", help="preset overrides group.key=value, e.g. model.drop_rate=0.1")
+    args = parser.parse_args(argv)
+    for dest, (group, key) in PRESET_FLAGS.items():
+        preset_group(preset, group)[key] = getattr(args, dest)
     args.clip_grad = args.clip_grad or 0.0
-    if args.val_every is None:
-        args.val_every = f"{trainer['val_every']}e"
-    if args.device is None and trainer["device"] != "auto":
-        args.device = trainer["device"]
+    apply_data_flags(args, preset["dataset"])
+    return args, preset
+
+
+def apply_data_flags(args, ds):
+    """--data / --ann point the preset at a folder in the seed's layout or a COCO file; --pretrained PATH is
+    --init-from (CPM has no ImageNet backbone)."""
     if args.data:  # a folder in the seed's layout, or a COCO image folder with --ann
         ds["data_dir"] = args.data
         if ds["kind"] == "builtin":
@@ -116,14 +139,14 @@ def make_image_logger(layout, model_config, count=4):
                                                 .to(final.device))
         pictures = []
         for i in range(len(final)):
-            image = denormalise(batch["image"][i])
+            image = denormalize(batch["image"][i])
             truth = batch["keypoints"][i].cpu().numpy()
             image = draw_keypoints(image, truth[:, :3] if truth.shape[1] == 3 else truth, layout.skeleton,
                                    color=GREEN, scores=False)
             pred = np.concatenate([coords[i].cpu().numpy(), np.ones((len(coords[i]), 1))], 1)
             pictures.append(draw_keypoints(image, pred, layout.skeleton, color=RED, scores=False))
         maps = final[0].cpu().numpy()
-        image = denormalise(batch["image"][0])
+        image = denormalize(batch["image"][0])
         per_keypoint = [signed_heatmap_overlay(image, maps[k:k + 1]) for k in range(len(maps))]
         return {"val/skeletons_pred_red_true_green": make_grid(pictures, ncols=count),
                 "val/heatmaps_per_keypoint": make_grid(per_keypoint, ncols=8)}
@@ -131,47 +154,52 @@ def make_image_logger(layout, model_config, count=4):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # None = take the value from the YAML config
-    add_common_args(parser, epochs=None, batch_size=None, lr=None, seed=None, workers=None, accumulate=None,
-                    clip_grad=None, log_every=None, keep_best=None, val_every=None)
-    parser.add_argument("--config", default=None, help="YAML config (default: cpm_animal/config.yaml)")
-    parser.add_argument("overrides", nargs="*", help="config overrides group.key=value, e.g. model.drop_rate=0.1")
-    args = parser.parse_args(argv)
     start = time.time()
-    config = load_config(args.config, args.overrides)
-    apply_cli(args, config)
-    if config["trainer"].get("num_threads"):
-        torch.set_num_threads(int(config["trainer"]["num_threads"]))
+    args, preset = parse_args(argv)
+    if preset["trainer"].get("num_threads"):
+        torch.set_num_threads(int(preset["trainer"]["num_threads"]))
     device = setup_device_and_distributed(args)
     is_main = args.rank == 0
-
-    config["model"]["num_keypoints"] = config["dataset"]["n_keypoints"]
-    model_config = config_from_dict(config["model"])
-    data_root = output_dirs(MODEL_NAME, "data", args.out)["data"] / MODEL_NAME
+    preset["model"]["num_keypoints"] = preset["dataset"]["n_keypoints"]
+    model_config = config_from_dict(preset["model"])
     # rank 0 renders / caches the data first; the other ranks then read it
     if args.distributed and not is_main:
         torch.distributed.barrier()
-    train_set, val_set, layout = build_datasets(config, model_config, data_root, quiet=not is_main)
+    train_set, val_set, layout = build_datasets(preset, model_config, data_dir(args.out) / MODEL_NAME,
+                                                quiet=not is_main)
     if args.distributed and is_main:
         torch.distributed.barrier()
     model = CPM(model_config)
     shape_xy = mean_shape(train_set)
     if is_main:
-        print(f"data: {config['dataset']['kind']}, {len(train_set)} train / {len(val_set)} val animals, "
+        print(f"data: {preset['dataset']['kind']}, {len(train_set)} train / {len(val_set)} val animals, "
               f"layout {layout.name}; model: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"input {list(model_config.input_size)}, {model_config.stages} stages")
+    summary = train(args, preset, model, train_set, val_set, layout, shape_xy, device)
+    if not is_main:
+        return
+    out_dir = output_dirs(MODEL_NAME, summary["run_name"], args.out)["outputs"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "preset.yaml").write_text(dump_preset(preset))
+    print(f"\nfinal model (step {summary['steps']}) on the validation split:")
+    full_report(model, val_set, layout, device, args.batch_size, args.workers,
+                tuple(preset["metric"]["pck_thresholds"]), shape_xy)
+    print(f"total time {time.time() - start:.0f} s")
+    print(f"outputs: checkpoints in {summary['last_checkpoint'].parent}, TensorBoard logs in "
+          f"{summary['tensorboard']}, preset in {out_dir}")
 
-    total_steps = planned_steps(args, len(train_set))
-    optimizer = build_optimizer(config, model.parameters(), args.lr)
-    scheduler, interval = build_scheduler(config, optimizer, total_steps)
-    thresholds = tuple(config["metric"]["pck_thresholds"])
-    stage_weights = config["loss"]["stage_weights"]
-    if config["loss"]["name"] != "mse":
-        raise SystemExit(f"error: loss.name must be mse, got {config['loss']['name']!r}")
+
+def train(args, preset, model, train_set, val_set, layout, shape_xy, device):
+    """Optimizer, schedule, loss and validation from the preset, then the shared loop; returns its summary."""
+    optimizer = build_optimizer(preset, model.parameters(), args.lr)
+    scheduler, interval = build_scheduler(preset, optimizer, planned_steps(args, len(train_set)))
+    thresholds = tuple(preset["metric"]["pck_thresholds"])
+    stage_weights = preset["loss"]["stage_weights"]
+    if preset["loss"]["name"] != "mse":
+        raise SystemExit(f"error: loss.name must be mse, got {preset['loss']['name']!r}")
 
     def compute_loss(net, batch):
-        return cpm_loss(net, batch, stage_weights, model_config.num_keypoints)
+        return cpm_loss(net, batch, stage_weights, model.config.num_keypoints)
 
     def evaluate(net):
         predictions = predict(net, val_set, device, args.batch_size, args.workers, compute_loss)
@@ -181,26 +209,16 @@ def main(argv=None):
             metrics["val_loss"] = predictions["val_loss"]
         return metrics
 
-    # saved in every checkpoint's "config": eval.py and infer.py rebuild the model and data from it
-    args.cpm_config = config
-    args.cpm_model = describe(model_config)
-    args.mean_shape = shape_xy.tolist()
-    monitor = config["metric"]["monitor"]
-    model, summary = train(args, model, train_set, compute_loss, optimizer, scheduler=scheduler,
-                           scheduler_interval=interval, evaluate=evaluate, best_metric=monitor,
-                           higher_is_better=monitor != "val_loss",
-                           log_images=make_image_logger(layout, model_config), model_name=MODEL_NAME,
-                           early_stopping_patience=config["callbacks"].get("early_stopping_patience"))
-    if not is_main:
-        return
-    out_dir = output_dirs(MODEL_NAME, summary["run_name"], args.out)["outputs"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump_config(config))
-    print(f"\nfinal model (step {summary['steps']}) on the validation split:")
-    full_report(model, val_set, layout, device, args.batch_size, args.workers, thresholds, shape_xy)
-    print(f"total time {time.time() - start:.0f} s")
-    print(f"outputs: checkpoints in {summary['last_checkpoint'].parent}, TensorBoard logs in "
-          f"{summary['tensorboard']}, config in {out_dir}")
+    # eval.py and infer.py rebuild the model from arch and the data and decoding from these settings
+    settings = {"codec": target_codec(model.config, preset["dataset"]["sigma"]).as_dict(), "preset": preset,
+                "layout": layout.as_dict(), "mean_shape": shape_xy.tolist()}
+    monitor = preset["metric"]["monitor"]
+    _, summary = fit(args, model, train_set, compute_loss, optimizer, model_name=MODEL_NAME, arch=model.arch,
+                     settings=settings, scheduler=scheduler, scheduler_interval=interval, evaluate=evaluate,
+                     best_metric=monitor, higher_is_better=monitor != "val_loss",
+                     log_images=make_image_logger(layout, model.config),
+                     early_stopping_patience=preset["callbacks"].get("early_stopping_patience"))
+    return summary
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ from pathlib import Path
 
 import torch
 
+from common.keypoints import COCO17, get_layout
+from common.runs import load_checkpoint, model_from_checkpoint, require
+from higher_hrnet.dataset import target_codecs
+from higher_hrnet.model import MODEL_NAME, build_model
+
 # Keys of a wrapper dict that hold the weights one level down, in the order they are tried:
 # official releases (`state_dict`), our checkpoints (`model`), the seed (`module` -> `model`).
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "net")
@@ -227,11 +232,36 @@ def higher_hrnet_config(state_dict):
 def load_higher_hrnet(path_or_state_dict):
     """A HigherHRNet built to fit the checkpoint (width, joints, tag channels) with its weights loaded:
     our checkpoints, official releases in any form, or the seed's."""
-    from higher_hrnet.model import build_higher_hrnet
-
     state_dict = read_state_dict(path_or_state_dict)
     try:
         width, num_joints, tag_per_joint = higher_hrnet_config(state_dict)
     except CheckpointError as error:
         raise CheckpointError(f"{_describe(path_or_state_dict)}: {error}") from None
-    return load_official_checkpoint(build_higher_hrnet(width, num_joints, tag_per_joint), state_dict)
+    return load_official_checkpoint(build_model(width, num_joints, tag_per_joint), state_dict)
+
+
+def upgrade_checkpoint(checkpoint, path) -> dict:
+    """A checkpoint written before arch and settings had their own keys: the architecture follows from the
+    weights' shapes, the input size and layout were flags in its "config", sigma was always 2."""
+    config = require(checkpoint, "config", path)
+    width, num_joints, tag_per_joint = higher_hrnet_config(read_state_dict(require(checkpoint, "model", path)))
+    input_size = require(config, "input_size", path)
+    settings = {"input_size": input_size, "codecs": [c.as_dict() for c in target_codecs(input_size, 2.0)],
+                "layout": get_layout(require(config, "layout", path)).as_dict()}
+    return {**checkpoint, "arch": {"width": width, "num_joints": num_joints, "tag_per_joint": tag_per_joint},
+            "settings": settings}
+
+
+def load_for_inference(path, device="cpu"):
+    """(model in eval mode, settings) of any supported file: ours rebuilt from its arch with its settings;
+    an official release or the seed's built from its weights' shapes (settings: COCO-17, no input size)."""
+    contents = load_checkpoint(path)
+    if isinstance(contents, dict) and contents.get("model_name") == MODEL_NAME:
+        model, checkpoint = model_from_checkpoint(path, build_model, MODEL_NAME, upgrade_checkpoint, device,
+                                                  checkpoint=contents)
+        return model, checkpoint["settings"]
+    try:
+        model = load_higher_hrnet(path)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
+    return model.to(device).eval(), {"input_size": None, "layout": COCO17.as_dict()}

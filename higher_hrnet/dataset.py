@@ -2,7 +2,7 @@
 
 Follows the official COCOKeypoints + transforms: ignore mask from crowd regions and zero-keypoint people,
 random affine (rotation, scale of the short side, translation), horizontal flip with the layout's flip
-index, heatmaps (sigma 2, truncated centres) at 1/4 and 1/2 of the input, warped padding ignored.
+index, heatmaps (sigma 2, truncated centers) at 1/4 and 1/2 of the input, warped padding ignored.
     python higher_hrnet/dataset.py --show 8        # grid of augmented samples with targets drawn
 """
 from __future__ import annotations
@@ -11,23 +11,26 @@ import argparse
 import functools
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from common.data import collate_skip_bad, load_coco_keypoints, read_image
+from common.data import IMAGENET_MEAN, IMAGENET_STD, load_coco_keypoints, normalize_image, read_image
+from common.drawing import draw_heatmap_overlay, show_samples
 from common.geometry import affine_points, get_affine_transform, warp_image
-from common.heatmaps import make_heatmaps
+from common.heatmaps import HeatmapCodec
 from common.keypoints import COCO17
+from common.loader import collate_skip_bad
+from common.runs import output_dirs
+from higher_hrnet.scenes import ensure_scenes
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+TARGET_SIGMA = 2.0  # the official heatmap sigma, in output pixels at both resolutions
 
 
-def normalize_image(image):
-    """RGB uint8 (H, W, 3) -> float tensor (3, H, W) with ImageNet mean/std (the official transform)."""
-    x = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+def target_codecs(input_size, sigma=TARGET_SIGMA, center="truncate"):
+    """The targets' owners at 1/4 and 1/2 of the square input: truncated centers, as the official generator."""
+    return [HeatmapCodec((input_size, input_size), (input_size // s, input_size // s), sigma, center) for s in (4, 2)]
 
 
 def ignore_mask(coco, image_id, annotations, height, width):
@@ -52,35 +55,37 @@ def ignore_mask(coco, image_id, annotations, height, width):
 
 def tag_rows(joints, map_size, tag_per_joint=True):
     """(person, flat index) int64 rows for the AE loss: labelled joints whose truncated position lies on
-    the (W, H) map, index = joint * H * W + y * W + x (y * W + x for one shared tag map)."""
+    the (W, H) map, index = joint * H * W + y * W + x (y * W + x for one shared tag map); by person,
+    then joint."""
     width, height = map_size
-    rows = []
-    for person, kps in enumerate(joints):
-        x, y = np.trunc(kps[:, 0]), np.trunc(kps[:, 1])
-        ok = (kps[:, 2] > 0) & (x >= 0) & (y >= 0) & (x < width) & (y < height)
-        joint = np.flatnonzero(ok)
-        flat = y[ok].astype(np.int64) * width + x[ok].astype(np.int64)
-        if tag_per_joint:
-            flat = flat + joint * height * width
-        rows += [(person, int(f)) for f in flat]
-    return np.array(rows, np.int64).reshape(-1, 2)
+    joints = np.asarray(joints)
+    if joints.size == 0:
+        return np.zeros((0, 2), np.int64)
+    x, y = np.trunc(joints[..., 0]), np.trunc(joints[..., 1])
+    ok = (joints[..., 2] > 0) & (x >= 0) & (y >= 0) & (x < width) & (y < height)
+    person, joint = np.nonzero(ok)
+    flat = y[ok].astype(np.int64) * width + x[ok].astype(np.int64)
+    if tag_per_joint:
+        flat = flat + joint * height * width
+    return np.stack([person, flat], axis=1).astype(np.int64)
 
 
 class BottomUpDataset(torch.utils.data.Dataset):
     """COCO keypoint images as square augmented crops with multi-resolution targets.
 
-    Each sample: image (3, S, S) normalised; heatmaps_i (K, R_i, R_i) and mask_i (R_i, R_i) for
+    Each sample: image (3, S, S) normalized; heatmaps_i (K, R_i, R_i) and mask_i (R_i, R_i) for
     R = S/4, S/2; tag_rows (M, 2) int64 (person, flat index on the 1/4 map); image_id.
     """
 
-    def __init__(self, image_dir, ann_file, input_size=512, layout=COCO17, sigma=2.0, augment=True,
+    def __init__(self, image_dir, ann_file, input_size=512, layout=COCO17, sigma=TARGET_SIGMA, augment=True,
                  max_rotation=30.0, min_scale=0.75, max_scale=1.5, max_translate=40, flip=0.5,
                  tag_per_joint=True):
         self.image_dir = Path(image_dir)
         self.coco = load_coco_keypoints(ann_file, layout.num_keypoints)
         self.ids = sorted(self.coco.getImgIds())
         self.input_size = input_size
-        self.output_sizes = (input_size // 4, input_size // 2)
+        self.codecs = target_codecs(input_size, sigma)
+        self.output_sizes = tuple(codec.heatmap_size[0] for codec in self.codecs)
         self.layout, self.sigma, self.augment = layout, sigma, augment
         self.max_rotation, self.min_scale, self.max_scale = max_rotation, min_scale, max_scale
         self.max_translate, self.flip, self.tag_per_joint = max_translate, flip, tag_per_joint
@@ -134,7 +139,7 @@ class BottomUpDataset(torch.utils.data.Dataset):
                 if len(points):
                     points = points[:, self.layout.flip_index]
                     points[..., 0] = res - points[..., 0] - 1
-            heatmaps, _ = make_heatmaps(points, (res, res), self.sigma, center="truncate")
+            heatmaps, _ = self.codecs[i].encode(points)
             sample[f"heatmaps_{i}"] = torch.from_numpy(heatmaps)
             sample[f"mask_{i}"] = torch.from_numpy(warped_mask)
             if i == 0:
@@ -164,10 +169,6 @@ collate_skip_bad_bottom_up = functools.partial(collate_skip_bad, collate=collate
 
 def draw_sample(sample, layout=COCO17):
     """RGB picture of a sample: the input with its 1/2 heatmaps overlaid and the ignored area darkened."""
-    import cv2
-
-    from common.drawing import draw_heatmap_overlay
-
     image = sample["image"].numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
     image = (image.clip(0, 1) * 255).astype(np.uint8)
     picture = draw_heatmap_overlay(image, sample["heatmaps_1"].numpy(), alpha=0.5)
@@ -176,12 +177,8 @@ def draw_sample(sample, layout=COCO17):
 
 
 def main(args):
-    from common.data import show_samples
-    from common.engine import output_dirs
-    from common.synthetic import ensure_dataset
-
     if args.data is None:
-        root = ensure_dataset("multi_person", args.out)
+        root = ensure_scenes(args.out)
         image_dir, ann = root / "images" / "train", root / "annotations" / "person_keypoints_train.json"
     else:
         image_dir, ann = Path(args.data), Path(args.ann)

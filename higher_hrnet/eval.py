@@ -2,7 +2,7 @@
 
     python higher_hrnet/eval.py                         # newest built-in checkpoint, built-in val scenes
     python higher_hrnet/eval.py --checkpoint pose_higher_hrnet_w32_512.pth --data coco/images/val2017 \
-        --ann coco/annotations/person_keypoints_val2017.json --preset official [--scales 2 1 0.5]
+        --ann coco/annotations/person_keypoints_val2017.json --inference official [--scales 2 1 0.5]
 Every image of the annotation file is evaluated, people or not. Writes outputs/higher_hrnet/<run>/
 results.json, coco_output.txt (the pycocotools table) and config.yaml; for an image_info file (COCO
 test-dev, no annotations) only results.json.
@@ -23,15 +23,18 @@ import yaml
 from tqdm import tqdm
 
 from common.data import BadImageError, exit_on_bad_input, load_coco_keypoints, read_image
-from common.engine import add_common_args, checkpoint_or_exit, output_dirs
 from common.evaluation import coco_keypoint_ap, count_parameters, write_results_json
-from common.keypoints import COCO17, get_layout
 from common.geometry import affine_points, get_affine_transform
 from common.heatmaps import make_heatmaps
-from higher_hrnet.inference import (PRESETS, maps_to_people, multi_scale_size, people_to_coco_results, predict_people,
-                                    preset)
-
-MODEL_NAME = "higher_hrnet"
+from common.keypoints import COCO17, get_layout, layout_from_dict
+from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
+from higher_hrnet.checkpoints import load_for_inference
+from higher_hrnet.dataset import TARGET_SIGMA
+from higher_hrnet.infer import NO_CHECKPOINT_HINT, add_plain_network_arg
+from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, multi_scale_size,
+                                    people_to_coco_results, predict_people, prepare_for_inference)
+from higher_hrnet.model import MODEL_NAME
+from higher_hrnet.scenes import ensure_scenes
 
 
 def evaluate_model(model, image_dir, ann_file, config, layout=COCO17, device=None, out_dir=None,
@@ -77,7 +80,7 @@ def summary_line(metrics):
                                                                     ("AP_L", "APl"), ("AR", "AR")))
 
 
-def oracle_maps(people, image_shape, config, sigma=2.0):
+def oracle_maps(people, image_shape, config, sigma=TARGET_SIGMA):
     """The ground truth as the network's 1/4 output would show it at best, through the test pipeline's
     projection: sigma-2 heatmaps on truncated stride-4 joint positions (the training targets), and per
     joint a tag map holding 3 * (person index) around each person's joint. Returns predict_maps' values."""
@@ -121,96 +124,69 @@ def oracle_metrics(image_dir, ann_file, config, layout=COCO17, max_images=None):
     return coco_keypoint_ap(coco, results, layout.sigmas, print_table=False, image_ids=image_ids)
 
 
-def load_model_from_checkpoint(path, device="cpu"):
-    """Build the right width and load any supported file (ours, official, seed); returns (model, info)."""
-    from higher_hrnet.checkpoints import CheckpointError, higher_hrnet_config, load_higher_hrnet, read_state_dict
-
-    try:
-        state = read_state_dict(path)
-        width, num_joints, tag_per_joint = higher_hrnet_config(state)
-        model = load_higher_hrnet(state)
-    except CheckpointError as error:
-        raise SystemExit(f"error: {path}: {error}") from None
-    config = {}
-    with contextlib.suppress(Exception):
-        config = torch.load(path, map_location="cpu", weights_only=True).get("config", {}) or {}
-    return model.to(device).eval(), {"width": width, "num_joints": num_joints, "tag_per_joint": tag_per_joint,
-                                     "train_config": config}
-
-
-def load_for_inference(args):
-    """(checkpoint, device, model, info) for --checkpoint, else the newest higher_hrnet checkpoint (without
-    one: a line saying how to get one, exit 1). info["input_size"] is the checkpoint's training size, if known."""
-    checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python higher_hrnet/train.py", args.out,
-                                    hint=" (ours, official or the seed's)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_model_from_checkpoint(checkpoint, device)
-    train_config = info["train_config"]
-    info["input_size"] = train_config.get("input_size") if isinstance(train_config, dict) else None
-    return checkpoint, device, model, info
-
-
 def default_data(args):
     """(image_dir, ann_file): --data/--ann, else the built-in validation scenes."""
     if args.data:
         if not args.ann:
             raise SystemExit("--data needs --ann (the COCO keypoint JSON or image_info file)")
         return Path(args.data), Path(args.ann)
-    from common.synthetic import ensure_dataset
-
-    root = ensure_dataset("multi_person", args.out)
+    root = ensure_scenes(args.out)
     return root / "images" / "val", root / "annotations" / "person_keypoints_val.json"
 
 
 def main(args):
-    checkpoint, device, model, info = load_for_inference(args)
-    layout = get_layout(args.layout)
-    config = preset(args.preset, input_size=args.input_size or info["input_size"],
-                    scales=tuple(args.scales) if args.scales else None,
-                    detection_threshold=args.detection_threshold, tag_threshold=args.tag_threshold,
-                    flip=False if args.no_flip else None)
+    checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python higher_hrnet/train.py", args.out,
+                                    hint=NO_CHECKPOINT_HINT)
+    device = pick_device(args.device)
+    model, settings = load_for_inference(checkpoint, device)
+    layout = get_layout(args.layout) if args.layout else layout_from_dict(settings["layout"])
+    config = inference_settings(args.inference, input_size=args.input_size or settings["input_size"],
+                                scales=tuple(args.scales) if args.scales else None,
+                                detection_threshold=args.detection_threshold, tag_threshold=args.tag_threshold,
+                                flip=False if args.no_flip else None)
     image_dir, ann_file = default_data(args)
     run = args.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = output_dirs(MODEL_NAME, run, args.out)["outputs"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"checkpoint {checkpoint}: width {info['width']}, {count_parameters(model):,} parameters; "
-          f"preset {args.preset}, input {config.input_size}, flip {config.flip}, scales {list(config.scales)}")
+    print(f"checkpoint {checkpoint}: width {model.arch['width']}, {count_parameters(model):,} parameters; "
+          f"inference {args.inference}, input {config.input_size}, flip {config.flip}, scales {list(config.scales)}")
+    if not args.plain_network:
+        model = prepare_for_inference(model)
     start = time.perf_counter()
     metrics, results = evaluate_model(model, image_dir, ann_file, config, layout, device, out_dir,
                                       max_images=args.max_images)
     seconds = time.perf_counter() - start
-    settings = {"checkpoint": str(checkpoint), "data": str(image_dir), "ann": str(ann_file), "layout": layout.name,
-                "preset": args.preset, "inference": config.as_dict(), "model": {k: v for k, v in info.items()
-                                                                               if k != "train_config"},
-                "seconds": round(seconds, 1), "num_results": len(results), "metrics": metrics}
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
-    if metrics is None:
-        (out_dir / "config.yaml").unlink()   # image_info files: results.json only
+    report = {"checkpoint": str(checkpoint), "data": str(image_dir), "ann": str(ann_file), "layout": layout.name,
+              "inference": args.inference, "inference_settings": config.as_dict(), "model": model.arch,
+              "seconds": round(seconds, 1), "num_results": len(results), "metrics": metrics}
+    if metrics is None:   # image_info files: results.json only
         print(f"{len(results)} detections (no annotations to score)")
     else:
         print(f"{summary_line(metrics)}  ({seconds:.0f} s)")
         if args.data is None:   # the built-in scenes: say how far the model is from the stride-4 ceiling
             ceiling = oracle_metrics(image_dir, ann_file, config, layout, args.max_images)
             print(f"stride-4 oracle on the same images and settings: AP {ceiling['AP']:.4f} (the ceiling)")
-            settings["oracle_metrics"] = ceiling
-            (out_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+            report["oracle_metrics"] = ceiling
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(report, sort_keys=False))
     print(f"outputs: {out_dir}")
     return 0
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    parser.add_argument("--preset", default="official", choices=sorted(PRESETS),
+    add_common_args(parser, role="eval")
+    parser.add_argument("--inference", default="official", choices=sorted(INFERENCE_SETTINGS),
                         help="test settings: official (flip, detection 0.1, tag 1.0) or seed (default: %(default)s)")
     parser.add_argument("--input-size", type=int, default=None,
                         help="short side at scale 1 (default: the checkpoint's training size, else 512)")
     parser.add_argument("--scales", type=float, nargs="+", default=None, help="multi-scale test factors, e.g. 2 1 0.5")
     parser.add_argument("--no-flip", action="store_true", help="turn flip test off")
-    parser.add_argument("--detection-threshold", type=float, default=None, help="override the preset's")
-    parser.add_argument("--tag-threshold", type=float, default=None, help="override the preset's")
-    parser.add_argument("--layout", default="coco17", help="keypoint layout: coco17 or crowdpose14 (default: %(default)s)")
+    parser.add_argument("--detection-threshold", type=float, default=None, help="override the settings'")
+    parser.add_argument("--tag-threshold", type=float, default=None, help="override the settings'")
+    parser.add_argument("--layout", default=None, help="keypoint layout: coco17 or crowdpose14 (default: the "
+                                                       "checkpoint's, else coco17)")
     parser.add_argument("--max-images", type=int, default=None, help="only the first N images (quick checks)")
+    add_plain_network_arg(parser)
     return parser.parse_args(argv)
 
 

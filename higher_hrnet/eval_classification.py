@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets.folder import find_classes
 
-from common.data import BadImageError, read_image
-from common.engine import add_common_args, checkpoint_or_exit, output_dirs
+from common.data import BadImageError, exit_on_bad_input, read_image
+from common.prediction import IMAGE_SUFFIXES
+from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
 from higher_hrnet.checkpoints import CheckpointError, checkpoint_width, load_official_checkpoint, read_state_dict
 from higher_hrnet.model import ClassificationHRNet
 from higher_hrnet.train_classification import (MODEL_NAME, PRESETS, ImageFolderSamples,
@@ -30,7 +31,8 @@ SYNSET_FILE = "LOC_synset_mapping.txt"
 
 
 def load_classifier(path):
-    """(model, config dict) from any supported checkpoint; config is {} for files without one."""
+    """(model, info) from any supported checkpoint; info holds our checkpoints' settings and config (image
+    size, class names, data folder); it is {} for files without them (official, seed)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -38,7 +40,7 @@ def load_classifier(path):
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
         raise CheckpointError(f"{path}: cannot be read with weights_only=True ({type(exc).__name__})") from None
-    config = raw.get("config", {}) if isinstance(raw, dict) else {}
+    config = {**raw.get("config", {}), **raw.get("settings", {})} if isinstance(raw, dict) else {}
     state = read_state_dict(raw, name=path)
     if "classifier.weight" not in state:
         raise CheckpointError(f"{path}: not a ClassificationHRNet checkpoint (no classifier weights)")
@@ -70,11 +72,10 @@ def class_display_names(class_names, args, data_root):
 
 
 def image_paths(inputs):
-    suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            yield from sorted(p for p in item.rglob("*") if p.suffix.lower() in suffixes)
+            yield from sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         else:
             yield item
 
@@ -89,7 +90,7 @@ def parse_args(argv=None):
                         help=f"a {SYNSET_FILE} for readable ImageNet names (default: <data>/{SYNSET_FILE})")
     parser.add_argument("--image-size", type=int, default=None, help="crop size (default: the checkpoint's, else 224)")
     parser.add_argument("--resize-size", type=int, default=None, help="short-side resize (default: the checkpoint's, else 256)")
-    add_common_args(parser, batch_size=32, workers=2)
+    add_common_args(parser, role="eval", batch_size=32, workers=2)
     return parser.parse_args(argv)
 
 
@@ -101,7 +102,7 @@ def main(args):
     except CheckpointError as error:
         print(f"error: {error}")
         return 1
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     model.to(device)
     official = PRESETS["official"]
     image_size = args.image_size or config.get("image_size") or official["image_size"]
@@ -166,4 +167,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    sys.exit(exit_on_bad_input(main, parse_args()))

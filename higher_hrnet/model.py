@@ -4,11 +4,14 @@ Module and parameter names follow the official code (HRNet/HigherHRNet-Human-Pos
 HRNet/HRNet-Image-Classification) exactly, so official checkpoints load with `load_state_dict`
 (see `checkpoints.py`). Widths 32 and 48 are the official models; a width below 32 is a test/CPU
 size in which the fixed-size parts (64-channel stem, classification head) shrink by width/32.
+`build_model(**arch)` rebuilds a HigherHRNet from the `arch` dict its checkpoints store.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+MODEL_NAME = "higher_hrnet"
 
 # The official code uses momentum 0.1 (PyTorch's default) for every BatchNorm.
 BN_MOMENTUM = 0.1
@@ -17,7 +20,6 @@ BN_MOMENTUM = 0.1
 # holds 4 BasicBlocks (official W32/W48 config: NUM_MODULES 1/4/3, NUM_BLOCKS 4).
 STAGE_MODULES = {2: 1, 3: 4, 4: 3}
 BLOCKS_PER_BRANCH = 4
-OFFICIAL_WIDTHS = (32, 48)
 
 
 def conv3x3(in_channels, out_channels, stride=1):
@@ -232,6 +234,7 @@ class HigherHRNet(HRNetBackbone):
 
     def __init__(self, width=32, num_joints=17, tag_per_joint=True):
         super().__init__(width, last_stage_multi_scale=False)
+        self.arch = {"width": width, "num_joints": num_joints, "tag_per_joint": tag_per_joint}
         self.num_joints = num_joints
         self.tag_per_joint = tag_per_joint
         quarter_channels = num_joints + (num_joints if tag_per_joint else 1)
@@ -286,6 +289,7 @@ class ClassificationHRNet(HRNetBackbone):
 
     def __init__(self, width=32, num_classes=1000):
         super().__init__(width, last_stage_multi_scale=True)
+        self.arch = {"width": width, "num_classes": num_classes}
         head, final_channels = classification_head_channels(width)
         self.incre_modules = nn.ModuleList(
             make_residual_layer(Bottleneck, c, h, 1)
@@ -318,7 +322,7 @@ class ClassificationHRNet(HRNetBackbone):
         return self.classifier(F.adaptive_avg_pool2d(y, 1).flatten(1))
 
 
-def build_higher_hrnet(width=32, num_joints=17, tag_per_joint=True):
+def build_model(width=32, num_joints=17, tag_per_joint=True):
     """HigherHRNet-W32 / W48 (official), or a tiny width (4 for tests, 8 or 16 for CPU training)."""
     if width < 4 or width % 4:
         raise ValueError(f"HigherHRNet width must be a positive multiple of 4 (32, 48, or tiny 4/8/16), "

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from common.engine import output_dirs
+from common.runs import data_dir
 
 # Each COCO archive and the folder it extracts to (an extracted folder is accepted instead).
 COCO_ARCHIVES = {"train2017.zip": "train2017", "val2017.zip": "val2017",
@@ -228,7 +228,7 @@ def main(args):
                   f"annotations_trainval2017.zip) or `prepare_data.py imagenet --src {IMAGENET_ARCHIVE}`")
             return 1
         kind, src = found_kind, found_src
-    dest = Path(args.dest) if args.dest else output_dirs("higher_hrnet", out=args.out)["data"] / kind
+    dest = Path(args.dest) if args.dest else data_dir(args.out) / kind
     prepare = {"coco": prepare_coco, "imagenet": prepare_imagenet, "crowdpose": prepare_crowdpose}[kind]
     prepare(src, dest)
     print(f"{kind} prepared in {dest}")

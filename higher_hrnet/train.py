@@ -1,4 +1,4 @@
-"""Train HigherHRNet (bottom-up, associative embedding) with the shared loop in common.engine.
+"""Train HigherHRNet (bottom-up, associative embedding).
 
     python higher_hrnet/train.py                          # preset cpu: built-in scenes, CPU-sized, ends with eval
     python higher_hrnet/train.py --preset official --data coco/images/train2017 \
@@ -18,28 +18,30 @@ import torch
 import torch.distributed as dist
 
 from common.data import exit_on_bad_input
-from common.engine import add_common_args, run_dirs, setup_device_and_distributed, train
+from common.engine import fit
 from common.keypoints import get_layout
+from common.pretrained import resolve_pretrained
+from common.runs import add_common_args, parse_with_preset, run_dirs, setup_device_and_distributed
+from higher_hrnet.checkpoints import load_imagenet_backbone
 from higher_hrnet.dataset import BottomUpDataset, collate_skip_bad_bottom_up
 from higher_hrnet.eval import evaluate_model, oracle_metrics, summary_line
-from higher_hrnet.inference import preset
+from higher_hrnet.inference import INFERENCE_SETTINGS, inference_settings
 from higher_hrnet.loss import multi_resolution_loss
-from higher_hrnet.model import build_higher_hrnet
-
-MODEL_NAME = "higher_hrnet"
+from higher_hrnet.model import MODEL_NAME, build_model
+from higher_hrnet.scenes import ensure_scenes
 
 # Defaults per preset. "milestones" are epochs (scheduler stepped per epoch) or, with "max_steps",
 # steps (stepped per step).
 PRESETS = {
     "official": dict(width=32, input_size=512, batch_size=12, lr=1e-3, epochs=300, milestones=(200, 260),
-                     max_steps=None, val_every="10e", workers=4, eval_preset="official", ae_loss="exp",
-                     push_factor=1e-3, pull_factor=1e-3),
+                     max_steps=None, val_every="10e", workers=4, inference="official", ae_loss="exp",
+                     push_factor=1e-3, pull_factor=1e-3, foreground_weight=0.0),
     # Two CPU cores, built-in 256 px scenes at their own resolution (small people keep their pixels).
     # 1,200 steps of 8 images (6.4 epochs) fit the 30-minute budget on an idle machine; see README for what
     # it reaches.
     "cpu": dict(width=8, input_size=256, batch_size=8, lr=2e-3, epochs=None, max_steps=1200,
-                milestones=(1000, 1150), val_every="0", workers=1, eval_preset="official", ae_loss="exp",
-                push_factor=1e-3, pull_factor=1e-3),
+                milestones=(1000, 1150), val_every="0", workers=1, inference="official", ae_loss="exp",
+                push_factor=1e-3, pull_factor=1e-3, foreground_weight=0.0),
 }
 
 
@@ -55,15 +57,23 @@ def data_paths(args):
         if not args.ann:
             raise SystemExit("--data needs --ann (COCO keypoint JSON)")
         return args.data, args.ann, args.val_data, args.val_ann
-    from common.synthetic import ensure_dataset
-
     if args.rank == 0:
-        root = ensure_dataset("multi_person", args.out)
+        root = ensure_scenes(args.out)
     if args.distributed:
         dist.barrier()
-    root = ensure_dataset("multi_person", args.out)
+    root = ensure_scenes(args.out)
     return (root / "images" / "train", root / "annotations" / "person_keypoints_train.json",
             root / "images" / "val", root / "annotations" / "person_keypoints_val.json")
+
+
+def build(args, layout):
+    """HigherHRNet of --width (its backbone from --pretrained PATH, an ImageNet ClassificationHRNet file)."""
+    model = build_model(args.width, layout.num_keypoints, tag_per_joint=not args.shared_tag)
+    if args.pretrained not in (None, "none"):
+        # no download URL: the official ImageNet weights come from a OneDrive link, fetched by hand
+        resolve_pretrained(args.pretrained, filename=f"hrnetv2_w{args.width}_imagenet_pretrained.pth", url=None,
+                           load_fn=lambda state: print(f"backbone: {load_imagenet_backbone(model, state)} tensors"))
+    return model
 
 
 def main(args):
@@ -71,24 +81,18 @@ def main(args):
     dirs = run_dirs(args, MODEL_NAME)
     layout = get_layout(args.layout)
     train_images, train_ann, val_images, val_ann = data_paths(args)
-    train_set = BottomUpDataset(train_images, train_ann, args.input_size, layout)
-
-    model = build_higher_hrnet(args.width, layout.num_keypoints)
-    if args.pretrained not in (None, "none"):
-        from higher_hrnet.checkpoints import load_imagenet_backbone
-        from common.pretrained import resolve_pretrained
-
-        # no download URL: the official ImageNet weights come from a OneDrive link, fetched by hand
-        resolve_pretrained(args.pretrained, filename=f"hrnetv2_w{args.width}_imagenet_pretrained.pth", url=None,
-                           load_fn=lambda state: print(f"backbone: {load_imagenet_backbone(model, state)} tensors"))
+    train_set = BottomUpDataset(train_images, train_ann, args.input_size, layout, tag_per_joint=not args.shared_tag)
+    model = build(args, layout)
+    arch = model.arch
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler, interval = build_optimizer_and_scheduler(model, args)
-    eval_config = preset(args.eval_preset, input_size=args.input_size)
+    eval_config = inference_settings(args.inference, input_size=args.input_size)
 
     def compute_loss(net, batch):
         losses = multi_resolution_loss(net(batch["image"]), batch, layout.num_keypoints, push_factor=args.push_factor,
-                                       pull_factor=args.pull_factor, ae_type=args.ae_loss)
+                                       pull_factor=args.pull_factor, ae_type=args.ae_loss,
+                                       foreground_weight=args.foreground_weight)
         return losses["total"], {k: float(v.detach()) for k, v in losses.items() if k != "total"}
 
     evaluate = None
@@ -98,9 +102,11 @@ def main(args):
                                         dirs["outputs"], max_images=args.val_images)
             return metrics or {}
 
-    model, summary = train(args, model, train_set, compute_loss, optimizer, scheduler=scheduler,
-                           scheduler_interval=interval, evaluate=evaluate, best_metric="AP",
-                           collate_fn=collate_skip_bad_bottom_up, model_name=MODEL_NAME)
+    settings = {"input_size": args.input_size, "codecs": [c.as_dict() for c in train_set.codecs],
+                "layout": layout.as_dict()}
+    model, summary = fit(args, model, train_set, compute_loss, optimizer, model_name=MODEL_NAME, arch=arch,
+                         settings=settings, scheduler=scheduler, scheduler_interval=interval, evaluate=evaluate,
+                         best_metric="AP", collate_fn=collate_skip_bad_bottom_up)
     if args.rank == 0:
         if summary["metrics"].get("AP") is not None:
             print(f"final COCO {summary_line(summary['metrics'])} on {val_ann} ({eval_config.input_size} px, "
@@ -113,29 +119,28 @@ def main(args):
 
 
 def parse_args(argv=None):
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    known, _ = first.parse_known_args(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="defaults to start from (default: cpu)")
-    chosen = dict(PRESETS[known.preset])
-    add_common_args(parser, **{k: chosen.pop(k) for k in ("batch_size", "lr", "epochs", "max_steps", "val_every",
-                                                            "workers")})
-    parser.add_argument("--width", type=int, default=chosen["width"], help="HRNet width: 32, 48 or tiny 8/16 (default: %(default)s)")
-    parser.add_argument("--input-size", type=int, default=chosen["input_size"], help="square training input (default: %(default)s)")
-    parser.add_argument("--milestones", type=int, nargs="+", default=chosen["milestones"],
+    add_common_args(parser)
+    parser.add_argument("--width", type=int, help="HRNet width: 32, 48 or tiny 8/16 (default: %(default)s)")
+    parser.add_argument("--input-size", type=int, help="square training input (default: %(default)s)")
+    parser.add_argument("--milestones", type=int, nargs="+",
                         help="LR x0.1 at these epochs (or steps with --max-steps) (default: %(default)s)")
-    parser.add_argument("--ae-loss", choices=("exp", "max"), default=chosen["ae_loss"],
+    parser.add_argument("--ae-loss", choices=("exp", "max"),
                         help="associative-embedding push: exp(-d^2) or max(0, 1 - |d|) (default: %(default)s)")
-    parser.add_argument("--push-factor", type=float, default=chosen["push_factor"], help="AE push weight (default: %(default)s)")
-    parser.add_argument("--pull-factor", type=float, default=chosen["pull_factor"], help="AE pull weight (default: %(default)s)")
-    parser.add_argument("--eval-preset", default=chosen["eval_preset"], help="inference preset for validation")
+    parser.add_argument("--push-factor", type=float, help="AE push weight (default: %(default)s)")
+    parser.add_argument("--pull-factor", type=float, help="AE pull weight (default: %(default)s)")
+    parser.add_argument("--shared-tag", action="store_true",
+                        help="one tag map for all joints instead of one per joint (the official TAG_PER_JOINT False)")
+    parser.add_argument("--foreground-weight", type=float,
+                        help="heatmap loss weight 1 + this * target per pixel; 0 = official (default: %(default)s)")
+    parser.add_argument("--inference", choices=sorted(INFERENCE_SETTINGS),
+                        help="test settings of the validation (default: %(default)s)")
     parser.add_argument("--val-data", default=None, help="validation image folder (with --data)")
     parser.add_argument("--val-ann", default=None, help="validation COCO keypoint JSON (with --data)")
     parser.add_argument("--val-images", type=int, default=None, help="validate on the first N images only")
     parser.add_argument("--layout", default="coco17", help="coco17 or crowdpose14 (default: %(default)s)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    return parser.parse_args(argv)
+    return parse_with_preset(parser, PRESETS, argv, default="cpu")
 
 
 if __name__ == "__main__":

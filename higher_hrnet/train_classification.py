@@ -6,11 +6,11 @@
 `--data` holds `train/<class>/*` and `val/<class>/*` (see prepare_data.py for the ImageNet archive).
 Preset `official` (HRNet-Image-Classification, cls_hrnet_w32_sgd_lr5e-2_wd1e-4_bs32_x100): SGD lr
 0.05, momentum 0.9, weight decay 1e-4, Nesterov, 100 epochs, LR x0.1 at 30/60/90, 32 images per
-GPU on 4 GPUs, RandomResizedCrop 224 + flip; evaluation resizes to 256 and centre-crops 224.
+GPU on 4 GPUs, RandomResizedCrop 224 + flip; evaluation resizes to 256 and center-crops 224.
 Preset `builtin` (no --data) renders 7 classes of people from the pose scenes' figures (no_person,
 arms_down, arms_out, arms_up, one_arm_up, crouching, lying) and trains the width of train.py's `cpu`
 preset (W8 today; --width 16 works too) on 64 px crops: AdamW lr 4e-3, weight decay 0.05, 100 warm-up
-steps then cosine decay, the last BatchNorm of each residual block zero-initialised, 6 epochs.
+steps then cosine decay, the last BatchNorm of each residual block zero-initialized, 6 epochs.
 Any flag given overrides the preset.
 """
 
@@ -29,10 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
 
-from common.data import SeededSamples, collate_skip_bad, exit_on_bad_input, read_image
+from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input, read_image
 from common.drawing import make_grid
-from common.engine import add_common_args, output_dirs, planned_steps, setup_device_and_distributed, train
+from common.engine import fit, planned_steps
+from common.loader import SeededSamples, collate_skip_bad
 from common.pretrained import resolve_pretrained
+from common.runs import add_common_args, output_dirs, parse_with_preset, setup_device_and_distributed
 from common.synthetic import (L_ANK, L_EL, L_HIP, L_KNEE, L_SH, L_WR, PELVIS, R_ANK, R_EL, R_HIP, R_KNEE, R_SH,
                               R_WR, THORAX, draw_human, random_background, random_human_figure)
 from higher_hrnet.checkpoints import load_official_checkpoint
@@ -40,7 +42,6 @@ from higher_hrnet.model import BasicBlock, Bottleneck, ClassificationHRNet
 from higher_hrnet.train import PRESETS as POSE_PRESETS
 
 MODEL_NAME = "hrnet_classification"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OFFICIAL_IMAGENET_FILE = "hrnetv2_w32_imagenet_pretrained.pth"
 
 PRESETS = {
@@ -51,8 +52,8 @@ PRESETS = {
     # Built-in pose classes on two CPU cores (README: what each choice bought, measured): 64 px crops
     # of the 80 px images, AdamW with warm-up and cosine decay, residual blocks starting as identities.
     # The width follows the pose `cpu` preset, so its backbone can start from this checkpoint.
-    "builtin": dict(width=POSE_PRESETS["cpu"]["width"], image_size=64, resize_size=72, crop_min_scale=0.5, epochs=6,
-                    batch_size=32, lr=4e-3, lr_steps=None, workers=1, optimizer="adamw",
+    "builtin": dict(width=POSE_PRESETS["cpu"]["width"], image_size=64, resize_size=72, crop_min_scale=0.5,
+                    epochs=6, batch_size=32, lr=4e-3, lr_steps=None, workers=1, optimizer="adamw",
                     weight_decay=0.05, schedule="cosine", warmup_steps=100, zero_init_residual=True,
                     builtin_per_class=1000, builtin_size=80),
 }
@@ -84,7 +85,7 @@ def _aim_limb(points, root, middle, end, down, outward, angle, bend):
 
 
 def pose_figure(rng, pose, size):
-    """A random person (common.synthetic's figure: proportions, facing, colours) posed as `pose`,
+    """A random person (common.synthetic's figure: proportions, facing, colors) posed as `pose`,
     0.5-0.85 of the image side tall or wide, placed at random in a size x size image with all of it in view."""
     while True:  # standing upright (no rare bent-over figure), facing the camera or turned away:
         # seen from the side one arm hides the other and the classes would overlap
@@ -158,7 +159,7 @@ def train_transform(image_size, crop_min_scale=0.08):
         v2.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.Normalize(IMAGENET_MEAN.tolist(), IMAGENET_STD.tolist()),
     ])
 
 
@@ -167,7 +168,7 @@ def eval_transform(image_size, resize_size):
         v2.Resize(resize_size, antialias=True),
         v2.CenterCrop(image_size),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.Normalize(IMAGENET_MEAN.tolist(), IMAGENET_STD.tolist()),
     ])
 
 
@@ -224,7 +225,7 @@ def evaluate_topk(model, dataset, batch_size, workers, device):
 
 
 def denormalize(images):
-    """(B,3,H,W) normalised float -> list of HxWx3 uint8 RGB."""
+    """(B,3,H,W) normalized float -> list of HxWx3 uint8 RGB."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=images.device)[:, None, None]
     pixels = ((images * std + mean).clamp(0, 1) * 255).round().byte()
@@ -275,32 +276,27 @@ def build_optimizer_and_scheduler(model, args, num_samples):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("auto", *PRESETS), default="auto",
-                        help="recipe defaults; auto = official with --data, builtin without (default: auto)")
-    parser.add_argument("--width", type=int, default=None, help="HRNet width: 32, 48, or tiny 8/16")
-    parser.add_argument("--image-size", type=int, default=None, help="training/eval crop size")
-    parser.add_argument("--resize-size", type=int, default=None, help="eval resize of the short side")
-    parser.add_argument("--crop-min-scale", type=float, default=None,
-                        help="smallest image fraction a RandomResizedCrop keeps (official: 0.08)")
-    parser.add_argument("--lr-steps", type=int, nargs="+", default=None, help="epochs where LR drops x0.1")
-    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="sgd (Nesterov) or adamw")
-    parser.add_argument("--weight-decay", type=float, default=None, help="weight decay")
-    parser.add_argument("--schedule", choices=("step", "cosine"), default=None,
-                        help="step: x0.1 at --lr-steps epochs; cosine: per step to 0 after the warm-up")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="linear LR warm-up steps (cosine schedule)")
-    parser.add_argument("--zero-init-residual", type=int, choices=(0, 1), default=None,
-                        help="1: zero the last BatchNorm of each residual block (Goyal et al. 2017)")
-    parser.add_argument("--builtin-per-class", type=int, default=None, help="built-in training images per class")
-    parser.add_argument("--builtin-size", type=int, default=None, help="built-in image side (px)")
-    # The preset fills everything left at None; add_common_args' own defaults are replaced here.
-    add_common_args(parser, epochs=None, batch_size=None, lr=None, workers=None, val_every="1e")
-    args = parser.parse_args(argv)
-    preset = args.preset if args.preset != "auto" else ("official" if args.data else "builtin")
-    args.preset = preset
-    for name, value in PRESETS[preset].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    parser.add_argument("--width", type=int, help="HRNet width: 32, 48, or tiny 8/16 (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, help="training/eval crop size (default: %(default)s)")
+    parser.add_argument("--resize-size", type=int, help="eval resize of the short side (default: %(default)s)")
+    parser.add_argument("--crop-min-scale", type=float,
+                        help="smallest image fraction a RandomResizedCrop keeps (official: 0.08; "
+                             "default: %(default)s)")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), help="sgd (Nesterov) or adamw (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, help="weight decay (default: %(default)s)")
+    parser.add_argument("--schedule", choices=("step", "cosine"),
+                        help="step: LR x0.1 at --lr-steps epochs; cosine: per step down to 0 after the warm-up "
+                             "(default: %(default)s)")
+    parser.add_argument("--lr-steps", type=int, nargs="+", help="epochs where LR drops x0.1 (default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps, cosine schedule (default: %(default)s)")
+    parser.add_argument("--zero-init-residual", type=int, choices=(0, 1),
+                        help="1: zero the last BatchNorm of each residual block (default: %(default)s)")
+    parser.add_argument("--builtin-per-class", type=int,
+                        help="built-in data: training images per class (default: %(default)s)")
+    parser.add_argument("--builtin-size", type=int, help="built-in data: image side in px (default: %(default)s)")
+    add_common_args(parser, val_every="1e")
+    # official with --data (ImageNet), builtin without
+    return parse_with_preset(parser, PRESETS, argv, default="builtin", default_with_data="official")
 
 
 def main(args):
@@ -320,9 +316,7 @@ def main(args):
     if (data_root / "val").is_dir():
         val_set = ImageFolderSamples(data_root / "val", eval_transform(args.image_size, args.resize_size),
                                      classes=train_set.classes)
-    # Stored in the checkpoint's config, so eval_classification.py needs no data folder.
-    args.class_names = train_set.classes
-    args.data_root = str(data_root)
+    args.data_root = str(data_root)     # in the checkpoint's config: eval_classification.py finds the data
 
     model = ClassificationHRNet(args.width, num_classes=len(train_set.classes))
     resolve_pretrained(args.pretrained, filename=OFFICIAL_IMAGENET_FILE, url=None,
@@ -348,10 +342,10 @@ def main(args):
                  for img, p in zip(denormalize(batch["image"][:8]), probabilities)]
         return {"predictions": make_grid(drawn)}
 
-    model, summary = train(args, model, train_set, compute_loss, optimizer, scheduler=scheduler,
-                           scheduler_interval=interval,
-                           evaluate=evaluate, best_metric="top1" if evaluate else None,
-                           log_images=log_images, model_name=MODEL_NAME)
+    settings = {"image_size": args.image_size, "resize_size": args.resize_size, "class_names": train_set.classes}
+    model, summary = fit(args, model, train_set, compute_loss, optimizer, model_name=MODEL_NAME,
+                         arch=model.arch, settings=settings, scheduler=scheduler, scheduler_interval=interval,
+                         evaluate=evaluate, best_metric="top1" if evaluate else None, log_images=log_images)
     if args.rank == 0:
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
         print(f"final: {metrics}" if metrics else "final: no validation folder, no metrics")

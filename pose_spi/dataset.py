@@ -15,9 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.data import load_coco_keypoints, read_image
+from common import synthetic
+from common.data import exit_on_bad_input, load_coco_keypoints, read_image
+from common.drawing import draw_keypoints, show_samples
 from common.geometry import flip_keypoints
 from common.keypoints import POSE_SPI13, layout_from_coco_category
+from common.runs import data_dir, output_dirs
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as the seed's grayscale conversion
 # v2: people sized, placed and posed like the toy set's (the first renderer's were smaller, anywhere in the
@@ -33,7 +36,7 @@ def to_gray(image_rgb):
 
 
 def to_input_pixels(xy, size, input_size):
-    """Original-image pixels -> resized-input pixels (pixel centres at integers, as cv2.resize)."""
+    """Original-image pixels -> resized-input pixels (pixel centers at integers, as cv2.resize)."""
     return (xy + 0.5) * input_size / np.asarray(size, np.float32) - 0.5
 
 
@@ -77,7 +80,7 @@ class PoseSPIDataset(Dataset):
     """One sample per image with a usable person: its largest one, resized to input_size x input_size.
 
     Returns {"image": (1,S,S) float in [0,1], "target": (K,3) float, "image_id", "size": (W,H) original}.
-    target: x/S, y/S and v>0 (normalised, default) or the seed's raw pixels and raw v (normalize=False).
+    target: x/S, y/S and v>0 (normalized, default) or the seed's raw pixels and raw v (normalize=False).
     augment: horizontal flip with left/right swap, shifts up to S/16 and scales 0.9-1.1.
     """
 
@@ -161,17 +164,15 @@ def synthetic_paths(data_root):
 
 
 def render_toy_style_person(rng, size=64, supersample=2):
-    """One toy-set-style image: a single figure facing the camera, near the centre, its keypoints spanning
+    """One toy-set-style image: a single figure facing the camera, near the center, its keypoints spanning
     50-80% of the image, on black (75%) or a dim cluttered background, drawn at
     `supersample` x the size and area-averaged down.
 
-    The ranges follow the toy set's own statistics (103 people: keypoint-box centre x 32 +- 3, y 34 +- 4 px;
+    The ranges follow the toy set's own statistics (103 people: keypoint-box center x 32 +- 3, y 34 +- 4 px;
     longest keypoint-box side 31-51 px for 90% of them; mean-pose baseline AP 0.05).
     Returns RGB uint8 (size, size, 3), keypoints (13, 3) in the POSE_SPI13 order (all v=2, inside the image,
     as in the toy set) and the person's box [x, y, w, h] from its drawn pixels.
     """
-    from common import synthetic
-
     big = size * supersample
     index = [synthetic.HUMAN_POINT_NAMES.index(n) for n in POSE_SPI13.names]
     while True:  # the toy set shows people facing the camera: drop back views, whose left/right are ambiguous
@@ -194,7 +195,7 @@ def render_toy_style_person(rng, size=64, supersample=2):
         canvas = (synthetic.random_background(rng, (big, big)) * rng.uniform(0.05, 0.25)).astype(np.uint8)
     labels = synthetic.draw_human(canvas, fig)
     image = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
-    xy = (fig.points[index] + 0.5) / supersample - 0.5  # pixel centres at integers in both images
+    xy = (fig.points[index] + 0.5) / supersample - 0.5  # pixel centers at integers in both images
     keypoints = np.concatenate([np.clip(xy, 0, size - 1), np.full((len(index), 1), 2.0)], 1)
     ys, xs = np.nonzero(labels)
     x0, y0 = min(xs.min() / supersample, keypoints[:, 0].min()), min(ys.min() / supersample, keypoints[:, 1].min())
@@ -287,9 +288,6 @@ def build_datasets(args, data_root):
 
 def show(dataset, count, out_path):
     """Write a grid of `count` augmented samples with their target keypoints drawn."""
-    from common.data import show_samples
-    from common.drawing import draw_keypoints
-
     tiles = []
     for index in range(min(count, len(dataset))):
         sample = dataset[index]
@@ -304,8 +302,6 @@ def show(dataset, count, out_path):
 
 
 def main():
-    from common.engine import output_dirs
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="image folder (default: the built-in set)")
     parser.add_argument("--ann", help="COCO keypoint JSON (default: the built-in set)")
@@ -315,13 +311,10 @@ def main():
     parser.add_argument("--show", type=int, default=16, help="number of augmented samples to draw")
     add_data_args(parser)
     args = parser.parse_args()
-    dirs = output_dirs("pose_spi", "show", args.out)
-    train, _ = build_datasets(args, dirs["data"])
-    path = show(train, args.show, Path(dirs["outputs"]) / "show_samples.png")
+    train, _ = build_datasets(args, data_dir(args.out))
+    path = show(train, args.show, output_dirs("pose_spi", "show", args.out)["outputs"] / "show_samples.png")
     print(f"{len(train)} training samples; wrote {args.show} drawn samples to {path}")
 
 
 if __name__ == "__main__":
-    from common.data import exit_on_bad_input
-
     exit_on_bad_input(main)

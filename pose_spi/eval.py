@@ -10,19 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.data import exit_on_bad_input
 from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, write_results_json
+from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
 from pose_spi.dataset import build_datasets, to_image_pixels
-from pose_spi.model import PoseSPI
-
-MODEL_NAMES = ("pose_spi", "pose_spi_keypointrcnn")  # train.py and train_keypointrcnn.py runs
-
-
-def decode_output(output, input_size, num_keypoints, raw_targets=False):
-    """Network output (B, 3K) -> keypoints (B, K, 2) in input pixels and visibility scores (B, K) in [0, 1]."""
-    out = output.float().view(-1, num_keypoints, 3)
-    if raw_targets:  # the seed's: raw pixels, v regressed towards 0..2
-        return out[..., :2], (out[..., 2] / 2).clamp(0, 1)
-    return out[..., :2] * input_size, torch.sigmoid(out[..., 2])
+from pose_spi.infer import MODEL_NAMES, decode_output
+from pose_spi.model import build_model, upgrade_checkpoint
 
 
 def self_oks(a, b, sigmas):
@@ -99,63 +92,38 @@ def mean_pose_ap(mean_xy, dataset, print_table=False):
     return coco_ap(dataset, points, np.ones(len(dataset)), print_table)["AP"]
 
 
-def load_model(checkpoint, device="cpu"):
-    """PoseSPI rebuilt from a checkpoint's stored config; returns (model, config)."""
-    from common.engine import load_checkpoint
-    from pose_spi.model import model_config
-
-    state = load_checkpoint(checkpoint)
-    config = argparse.Namespace(**state["config"])
-    model = PoseSPI(**model_config(config))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), config
-
-
-def load_for_inference(args):
-    """(checkpoint, device, model, config, output dirs of its run) for --checkpoint, else the newest Pose-SPI
-    checkpoint; without one, say in one line how to get one and exit 1."""
-    from common.engine import checkpoint_or_exit, output_dirs
-
-    checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAMES, "python pose_spi/train.py", args.out)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, config = load_model(checkpoint, device)
-    dirs = output_dirs(Path(checkpoint).parent.parent.name, Path(checkpoint).parent.name, args.out)
-    return checkpoint, device, model, config, dirs
-
-
 def main(argv=None):
-    from common.engine import add_common_args
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    add_common_args(parser, role="eval")
     parser.add_argument("--no-flip-test", dest="flip_test", action="store_false",
                         help="one forward pass per image; score = mean visibility")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="with --ann and no --val-ann: evaluate the same held-out split train.py used")
     parser.add_argument("--val-ann", help="evaluate this annotation file as a whole")
     args = parser.parse_args(argv)
-    checkpoint, device, model, config, dirs = load_for_inference(args)
+    checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAMES, "python pose_spi/train.py", args.out)
+    device = pick_device(args.device)
+    model, saved = model_from_checkpoint(checkpoint, build_model, MODEL_NAMES, upgrade_checkpoint, device)
+    arch, raw_targets = saved["arch"], saved["settings"]["raw_targets"]
+    dirs = output_dirs(checkpoint.parent.parent.name, checkpoint.parent.name, args.out)
     data_args = argparse.Namespace(
         data=args.data, ann=args.ann, val_ann=args.val_ann, val_data=args.data, val_fraction=args.val_fraction,
-        input_size=config.input_size, num_keypoints=config.num_keypoints, raw_targets=config.raw_targets,
+        input_size=arch["input_size"], num_keypoints=arch["num_keypoints"], raw_targets=raw_targets,
         augment=False, subset=None, repeat=1)
-    if args.ann and not args.val_ann and getattr(config, "ann", None) != args.ann:
-        # a file train.py never saw: evaluate all of it
-        data_args.val_ann = args.ann
+    if args.ann and not args.val_ann and saved["config"].get("ann") != args.ann:
+        data_args.val_ann = args.ann     # a file train.py never saw: evaluate all of it
     train_set, val_set = build_datasets(data_args, dirs["data"])
-    print(f"checkpoint {checkpoint} ({config.head} head, {config.encoder} encoder)")
-    print(f"parameters {count_parameters(model):,}; GFLOPs per image "
-          f"{count_flops(model, torch.zeros(1, 1, config.input_size, config.input_size, device=device)) / 1e9:.4f}")
-    points, scores, _ = predict(model, val_set, device, flip_test=args.flip_test, raw_targets=config.raw_targets)
+    print(f"checkpoint {checkpoint} ({arch['head']} head, {arch['encoder']} encoder)")
+    example = torch.zeros(1, 1, arch["input_size"], arch["input_size"], device=device)
+    print(f"parameters {count_parameters(model):,}; GFLOPs per image {count_flops(model, example) / 1e9:.4f}")
+    points, scores, _ = predict(model, val_set, device, flip_test=args.flip_test, raw_targets=raw_targets)
     print(f"COCO keypoint AP on {len(val_set)} images ({val_set.ann_file}), sigmas by keypoint name:")
     stats = coco_ap(val_set, points, scores)
     baseline = mean_pose_ap(mean_pose(train_set), val_set)
     print(f"AP {stats['AP']:.4f}  (mean-pose baseline AP {baseline:.4f})")
-    path = write_results_json(to_results(val_set, points, scores), Path(dirs["outputs"]) / "predictions.json")
-    print(f"predictions written to {path}")
+    path = write_results_json(to_results(val_set, points, scores), Path(dirs["outputs"]) / "results.json")
+    print(f"results written to {path}")
 
 
 if __name__ == "__main__":
-    from common.data import exit_on_bad_input
-
     exit_on_bad_input(main)

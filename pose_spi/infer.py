@@ -1,75 +1,97 @@
-"""Run a Pose-SPI checkpoint on an image or a folder and draw the predicted keypoints.
+"""Run a Pose-SPI checkpoint on images, folders or videos: the predicted skeleton drawn enlarged, and
+predictions.json (the schema of the top README).
 
-    python pose_spi/infer.py                          # newest checkpoint, the first 16 built-in val images
-    python pose_spi/infer.py IMAGE_OR_FOLDER [--checkpoint CKPT] [--limit N]
-Each image is read as grayscale, resized to the model's input size, and drawn 4x enlarged with its skeleton.
+    python pose_spi/infer.py                                   # newest checkpoint, 16 built-in val images
+    python pose_spi/infer.py --input IMAGE_OR_FOLDER [--checkpoint CKPT] [--limit N]
+Each image is read as grayscale and resized to the model's input size: the whole image is the person's crop.
+Holds the image -> keypoints path (`Predictor`, `decode_output`) that eval.py and train.py use.
 """
 import argparse
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-from common.data import exit_on_bad_input, iter_inputs
+from common.data import exit_on_bad_input
+from common.drawing import draw_keypoints
+from common.keypoints import layout_from_dict
+from common.prediction import Predictor as BasePredictor
+from common.prediction import make_person, run_inference
+from common.runs import add_common_args, checkpoint_or_exit, data_dir, model_from_checkpoint, output_dirs, pick_device
 from pose_spi.dataset import synthetic_paths, to_gray, to_image_pixels
-from pose_spi.eval import decode_output, load_for_inference
+from pose_spi.model import EFFICIENTNET_MODEL_NAME, MODEL_NAME, build_model, upgrade_checkpoint
+
+MODEL_NAMES = (MODEL_NAME, EFFICIENTNET_MODEL_NAME)  # train.py and train_keypointrcnn.py runs
 
 
-@torch.no_grad()
-def predict_image(model, config, image_rgb, device="cpu"):
-    """Keypoints (K, 3) as (x, y, visibility) in the image's own pixels."""
-    s = config.input_size
-    h, w = image_rgb.shape[:2]
-    gray = cv2.resize(to_gray(image_rgb), (s, s), interpolation=cv2.INTER_AREA)
-    tensor = torch.from_numpy(gray)[None, None].to(device)
-    xy, vis = decode_output(model(tensor), s, config.num_keypoints, config.raw_targets)
-    xy = to_image_pixels(xy[0].cpu().numpy(), (w, h), s)
-    return np.concatenate([xy, vis[0].cpu().numpy()[:, None]], 1)
+def decode_output(output, input_size, num_keypoints, raw_targets=False):
+    """Network output (B, 3K) -> keypoints (B, K, 2) in input pixels and visibility scores (B, K) in [0, 1]."""
+    out = output.float().view(-1, num_keypoints, 3)
+    if raw_targets:  # the seed's: raw pixels, v regressed towards 0..2
+        return out[..., :2], (out[..., 2] / 2).clamp(0, 1)
+    return out[..., :2] * input_size, torch.sigmoid(out[..., 2])
 
 
-def draw(image_rgb, keypoints, skeleton, scale=4):
-    from common.drawing import draw_keypoints
+class Predictor(BasePredictor):
+    """Grayscale, resized to the input size -> one person: keypoints in image pixels, visibility as scores,
+    their mean as the person score."""
+    model_name = MODEL_NAME
 
-    big = cv2.resize(image_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-    points = keypoints.copy()
-    points[:, :2] = (points[:, :2] + 0.5) * scale - 0.5
-    return draw_keypoints(big, points, skeleton, threshold=-1)
+    def __init__(self, model, settings, device="cpu"):
+        self.model, self.device = model.to(device).eval(), device
+        self.raw_targets = settings["raw_targets"]
+        self.layout = layout_from_dict(settings["layout"])
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        model, checkpoint = model_from_checkpoint(path, build_model, MODEL_NAMES, upgrade_checkpoint, device)
+        return cls(model, checkpoint["settings"], device)
+
+    @torch.no_grad()
+    def keypoints(self, image_rgb):
+        """(K, 3): x, y in the image's own pixels and the visibility score."""
+        s = self.model.input_size
+        h, w = image_rgb.shape[:2]
+        gray = cv2.resize(to_gray(image_rgb), (s, s), interpolation=cv2.INTER_AREA)
+        tensor = torch.from_numpy(gray)[None, None].to(self.device)
+        xy, vis = decode_output(self.model(tensor), s, self.model.num_keypoints, self.raw_targets)
+        xy = to_image_pixels(xy[0].cpu().numpy(), (w, h), s)
+        return np.concatenate([xy, vis[0].cpu().numpy()[:, None]], 1)
+
+    def predict(self, image_rgb):
+        keypoints = self.keypoints(image_rgb)
+        return [make_person(keypoints[:, :2], keypoints[:, 2], keypoints[:, 2].mean())]
+
+
+def enlarged_drawing(skeleton, scale, threshold):
+    """The 64x64 inputs are small: draw on the image enlarged `scale` times (pixel centers kept)."""
+    def draw(image, people):
+        big = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        for person in people:
+            points = person.as_array()
+            points[:, :2] = (points[:, :2] + 0.5) * scale - 0.5
+            big = draw_keypoints(big, points, skeleton, threshold=threshold)
+        return {"pose": big}
+    return draw
 
 
 def main(argv=None):
-    from common.keypoints import POSE_SPI13, layout_from_coco_category
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", nargs="?", help="image file or folder (default: the built-in val images)")
-    parser.add_argument("--checkpoint", help="weights (default: the newest Pose-SPI checkpoint)")
-    parser.add_argument("--out", help="output root (default $POSE_OUTPUT_ROOT or .)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--limit", type=int, default=None, help="at most N images (default: all; 16 built-in)")
-    parser.add_argument("--scale", type=int, default=4, help="enlarge drawings by this factor (default 4)")
+    add_common_args(parser, role="infer", threshold=-1.0)
+    parser.add_argument("--scale", type=int, default=4, help="enlarge drawings by this factor (default: %(default)s)")
     args = parser.parse_args(argv)
-    _, device, model, config, dirs = load_for_inference(args)
-    source, limit = args.source, args.limit
-    if source is None:
-        source = synthetic_paths(dirs["data"])["val"][0]
-        limit = limit or 16
-        if not source.is_dir():
-            sys.exit(f"error: no built-in val images at {source}; run python pose_spi/train.py first or pass an image")
-    skeleton = POSE_SPI13.skeleton if config.num_keypoints == 13 else layout_from_coco_category(
-        {"keypoints": [f"kp{i}" for i in range(config.num_keypoints)]}).skeleton
-    out_dir = Path(dirs["outputs"]) / "infer"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    drawn, unreadable = 0, []
-    for name, image in iter_inputs(source, limit, unreadable):
-        keypoints = predict_image(model, config, image, device)
-        picture = draw(image, keypoints, skeleton, args.scale)
-        cv2.imwrite(str(out_dir / f"{name}.png"), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
-        drawn += 1
-    if not drawn and not unreadable:
-        sys.exit(f"error: {source}: no images found")
-    print(f"drew {drawn} of {drawn + len(unreadable)} images ({len(unreadable)} unreadable) into {out_dir}")
-    return 0 if drawn else 1
+    checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAMES, "python pose_spi/train.py", args.out)
+    predictor = Predictor.from_checkpoint(checkpoint, pick_device(args.device))
+    sources, limit = args.input, args.limit
+    if not sources:
+        sources, limit = [synthetic_paths(data_dir(args.out))["val"][0]], limit or 16
+        if not sources[0].is_dir():
+            sys.exit(f"error: no built-in val images at {sources[0]}; run python pose_spi/train.py or pass --input")
+    out_dir = output_dirs(checkpoint.parent.parent.name, args.run_name or f"infer-{checkpoint.parent.name}",
+                          args.out)["outputs"]
+    draw = enlarged_drawing(predictor.layout.skeleton, args.scale, args.threshold)
+    return run_inference(predictor, sources, out_dir, checkpoint, draw, limit)
 
 
 if __name__ == "__main__":

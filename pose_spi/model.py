@@ -4,14 +4,26 @@
 
 The head is the seed's simple CNN (`train.py`) or an EfficientNet-b0 trunk cut at `reduction_4`
 (`train_keypointrcnn.py`). Every size follows `input_size`; only the layers a configuration uses exist.
+`build_model(**arch)` rebuilds a model from the `arch` dict its checkpoints store.
 """
 import math
+import sys
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from efficientnet_pytorch import EfficientNet
+from efficientnet_pytorch.utils import url_map
 
+from common.keypoints import POSE_SPI13, layout_from_coco_category
+from common.pretrained import resolve_pretrained
+from common.runs import require
+
+MODEL_NAME = "pose_spi"                              # runs of train.py
+EFFICIENTNET_MODEL_NAME = "pose_spi_keypointrcnn"    # runs of train_keypointrcnn.py (the seed's script name)
+EFFICIENTNET_B0_FILE = "efficientnet-b0-355c32eb.pth"  # efficientnet-pytorch's release file name
+ARCH_KEYS = ("input_size", "num_keypoints", "head", "encoder", "reduce", "measurements", "patterns")
 ENCODERS = ("product", "conv", "patterns")
 PATTERN_KINDS = ("learned", "hadamard", "random")
 HEADS = ("simple", "efficientnet")
@@ -103,7 +115,7 @@ class MeasurementEncoder(nn.Module):
         With PyTorch's default init the FC layer maps measurements to noise, and the FSRCNN and head see no
         image until it has learned one; started as a (pseudo-)inverse of the measurement, the whole net trains
         from a meaningful picture. product: each pixel's mask weight is divided back out; conv: the kernel
-        starts as a centred delta (y = x up to the resize); reduce: the max-pooled map is already (S/2)^2, so
+        starts as a centerd delta (y = x up to the resize); reduce: the max-pooled map is already (S/2)^2, so
         the FC starts as a diagonal that divides out each 2x2 block's largest mask weight; patterns: the
         pseudo-inverse of Phi, then the 2x2 average.
         """
@@ -185,7 +197,6 @@ def efficientnet_b0_trunk(input_size, endpoint=4):
     efficientnet-pytorch records reduction_i just before the i-th stride-2 stage (the stem being the first
     reduction), so reduction_4 is the output of block 10 (112 channels, stride 16); later blocks are dropped.
     """
-    from efficientnet_pytorch import EfficientNet
     # BN momentum 0.1 (PyTorch's default) instead of the TF port's 0.01: with 0.01 the running statistics of a
     # short CPU run still mostly hold their initial values, and eval-mode predictions are far off
     net = EfficientNet.from_name("efficientnet-b0", image_size=input_size, batch_norm_momentum=0.9)
@@ -230,6 +241,8 @@ class PoseSPI(nn.Module):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+        self.arch = dict(input_size=input_size, num_keypoints=num_keypoints, head=head, encoder=encoder,
+                         reduce=reduce, measurements=measurements, patterns=patterns)
         self.input_size, self.num_keypoints = input_size, num_keypoints
         self.encoder = MeasurementEncoder(input_size, encoder, reduce, measurements, patterns)
         self.fsrcnn = FSRCNN(input_size)
@@ -244,10 +257,56 @@ class PoseSPI(nn.Module):
         return self.head(self.reconstruct(image))
 
 
-def model_config(args):
-    """The constructor keywords of PoseSPI from parsed command-line args (stored in checkpoints)."""
-    return dict(input_size=args.input_size, num_keypoints=args.num_keypoints, head=args.head,
-                encoder=args.encoder, reduce=args.reduce, measurements=args.measurements, patterns=args.patterns)
+def build_model(**arch) -> PoseSPI:
+    return PoseSPI(**arch)
+
+
+def arch_from_args(args) -> dict:
+    """The keywords of build_model from parsed command-line args."""
+    return {key: getattr(args, key) for key in ARCH_KEYS}
+
+
+def upgrade_checkpoint(checkpoint, path) -> dict:
+    """A checkpoint written before arch and settings had their own keys: both were flags in its "config"."""
+    config = require(checkpoint, "config", path)
+    arch = {key: require(config, key, path) for key in ARCH_KEYS}
+    num_keypoints = arch["num_keypoints"]
+    layout = POSE_SPI13 if num_keypoints == 13 else generic_layout(num_keypoints)
+    settings = {"raw_targets": require(config, "raw_targets", path), "layout": layout.as_dict()}
+    return {**checkpoint, "arch": arch, "settings": settings}
+
+
+def generic_layout(num_keypoints):
+    """Keypoints without names (kp0, kp1, ...): what a file without a matching category gets."""
+    return layout_from_coco_category({"name": "custom", "keypoints": [f"kp{i}" for i in range(num_keypoints)]})
+
+
+def load_pretrained_trunk(model, spec):
+    """The shared --pretrained policy for the EfficientNet trunk: none | imagenet | PATH.
+
+    An efficientnet-pytorch state dict (keys `_conv_stem.*`, `_bn0.*`, `_blocks.N.*`) fills the trunk's stem
+    and its first blocks (the rest of b0 is not built); a Pose-SPI checkpoint fills the whole model.
+    """
+    def load(state):
+        if any(key.startswith("_conv_stem") for key in state):
+            trunk = model.head.trunk
+            renamed = {}
+            for key, value in state.items():
+                if key.startswith("_blocks."):
+                    index = int(key.split(".")[1])
+                    if index < len(trunk.blocks):
+                        renamed["blocks." + key[len("_blocks."):]] = value
+                elif key.startswith(("_conv_stem.", "_bn0.")):
+                    renamed[key[1:]] = value  # "_bn0.weight" -> "bn0.weight"
+            missing, _ = trunk.load_state_dict(renamed, strict=False)
+            if missing:
+                sys.exit(f"error: --pretrained {spec}: the EfficientNet-b0 file lacks {len(missing)} trunk "
+                         f"tensors (first: {missing[0]})")
+        else:
+            model.load_state_dict(state)
+
+    url = url_map["efficientnet-b0"] if str(spec).lower() == "imagenet" else None
+    return resolve_pretrained(spec, filename=EFFICIENTNET_B0_FILE, url=url, load_fn=load)
 
 
 def add_model_args(parser, head="simple", encoder="product"):

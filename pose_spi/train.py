@@ -1,46 +1,50 @@
-"""Train Pose-SPI (measurement encoder + FSRCNN + simple CNN head) with the shared loop.
+"""Train Pose-SPI (measurement encoder + FSRCNN + simple CNN head).
 
-    python pose_spi/train.py                        # built-in 64x64 data, the default preset (~7 min on 2 CPU cores)
+    python pose_spi/train.py                        # built-in 64x64 data, the cpu preset (~7 min on 2 CPU cores)
     python pose_spi/train.py --preset seed          # the seed's recipe: SGD lr 1e-4, batch 4, 1000 epochs, MSE, raw pixels
     python pose_spi/train.py --data_path IMAGES --annotation_path ANN.json --subset 8    # the seed's flag names
     torchrun --nproc_per_node=2 pose_spi/train.py   # several processes (gloo on CPU, NCCL on GPU)
-Evaluation after every epoch prints the COCO AP table (sigmas by keypoint name) next to the mean-pose baseline.
+Evaluation after every other epoch prints the COCO AP table (sigmas by keypoint name) next to the mean-pose
+baseline. Presets (PRESETS below; every flag overrides them): cpu, seed.
 """
 import argparse
 import sys
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.engine import add_common_args, output_dirs, planned_steps, setup_device_and_distributed, train
+from common.data import exit_on_bad_input
+from common.drawing import GREEN, RED, draw_keypoints, make_grid
+from common.engine import fit, planned_steps
+from common.runs import add_common_args, output_dirs, parse_with_preset, setup_device_and_distributed
 from pose_spi.dataset import add_data_args, build_datasets
-from pose_spi.eval import coco_ap, decode_output, mean_pose, mean_pose_ap, predict
-from pose_spi.model import PoseSPI, add_model_args, model_config
+from pose_spi.eval import coco_ap, mean_pose, mean_pose_ap, predict
+from pose_spi.infer import decode_output
+from pose_spi.model import MODEL_NAME, add_model_args, arch_from_args, build_model, load_pretrained_trunk
 
-MODEL_NAME = "pose_spi"
-
-# The default presets are sized for 2 CPU cores (about 7 and 13 minutes with data rendering and evaluation):
+# The cpu presets are sized for 2 CPU cores (about 7 and 13 minutes with data rendering and evaluation):
 # AdamW with a one-cycle schedule converges far faster than the seed's plain SGD at lr 1e-4, which barely moves
 # this 21M-parameter net in that time; so does starting the encoder's FC layer as a reconstruction
 # (`--encoder-init downsample`: +0.08 AP after 500 steps) rather than as noise. The seed presets reproduce the
 # original recipe for comparison.
 PRESETS = {
-    "default": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=4, batch_size=16, loss="l1",
-                    schedule="onecycle", workers=0, val_every="2e", encoder_init="downsample"),
+    "cpu": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=4, batch_size=16, loss="l1",
+                schedule="onecycle", workers=0, val_every="2e", encoder_init="downsample"),
     "seed": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, epochs=1000, batch_size=4, loss="mse",
                  schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0, encoder_init="random"),
 }
 KEYPOINTRCNN_PRESETS = {
-    "default": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, epochs=6, max_steps=1000, batch_size=16,
-                    loss="l1", schedule="onecycle", workers=0, val_every="2e", encoder_init="downsample"),
+    "cpu": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, epochs=6, max_steps=1000, batch_size=16,
+                loss="l1", schedule="onecycle", workers=0, val_every="2e", encoder_init="downsample"),
     "seed": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, epochs=1000, batch_size=4, loss="l1",
                  schedule="none", raw_targets=True, augment=False, flip_test=False, workers=0, encoder_init="random"),
 }
 
 
 def keypoint_loss(output, target, kind="l1", raw_targets=False, vis_weight=0.1):
-    """(loss, parts). Normalised targets: coordinate loss on labelled points + BCE on the visibility logit.
+    """(loss, parts). Normalized targets: coordinate loss on labelled points + BCE on the visibility logit.
     Raw targets (the seed): one regression loss over all 3K raw numbers."""
     regress = {"l1": F.l1_loss, "mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}[kind]
     out = output.float().view_as(target)
@@ -73,10 +77,6 @@ def make_optimizer(args, model, total_steps):
 
 def draw_predictions(model, batch, layout, input_size, raw_targets, count=8):
     """Predicted (red) vs true (green) skeletons on the first images of a batch, 4x enlarged."""
-    import cv2
-
-    from common.drawing import GREEN, RED, draw_keypoints, make_grid
-
     images, targets = batch["image"][:count], batch["target"][:count].float().cpu().numpy()
     xy, vis = decode_output(model(images), input_size, targets.shape[1], raw_targets)
     tiles = []
@@ -93,15 +93,13 @@ def draw_predictions(model, batch, layout, input_size, raw_targets, count=8):
     return make_grid(tiles, ncols=4)
 
 
-def build_parser(presets, head, description):
+def build_parser(head, description):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(presets), default="default",
-                        help="recipe whose values become the defaults (flags still override) (default: default)")
     add_common_args(parser)
     # the seed's train_keypointrcnn.py measured with the conv encoder, its train.py with the product one
     add_model_args(parser, head=head, encoder="conv" if head == "efficientnet" else "product")
     add_data_args(parser)
-    g = parser.add_argument_group("optimisation")
+    g = parser.add_argument_group("optimization")
     g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), help="optimizer (preset)")
     g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (the seed used none)")
     g.add_argument("--weight-decay", type=float, help="weight decay (preset)")
@@ -116,11 +114,26 @@ def build_parser(presets, head, description):
     return parser
 
 
-def parse_args(presets, head, description, argv=None):
-    parser = build_parser(presets, head, description)
-    preset = parser.parse_known_args(argv)[0].preset
-    parser.set_defaults(**presets[preset])
-    return parser.parse_args(argv)
+def parse_args(presets=PRESETS, head="simple", description=__doc__, argv=None):
+    return parse_with_preset(build_parser(head, description), presets, argv)
+
+
+def build(args, train_set):
+    """The model (encoder initialization, EfficientNet weights) for the data's keypoint count."""
+    args.num_keypoints = train_set.num_keypoints
+    try:
+        model = build_model(**arch_from_args(args))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    if args.encoder_init == "downsample":
+        model.encoder.init_as_downsampling()
+    if args.head == "efficientnet":
+        load_pretrained_trunk(model, args.pretrained)
+    elif args.pretrained not in (None, "", "none"):
+        sys.exit("error: --pretrained applies to the EfficientNet head (pose_spi/train_keypointrcnn.py)")
+    print(f"model: {args.head} head, {args.encoder} encoder{' + reduce' if args.reduce else ''}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    return model
 
 
 def main(args, model_name=MODEL_NAME):
@@ -128,36 +141,21 @@ def main(args, model_name=MODEL_NAME):
     dirs = output_dirs(model_name, args.run_name, args.out)
     torch.manual_seed(args.seed)
     train_set, val_set = build_datasets(args, dirs["data"])
-    args.num_keypoints = train_set.num_keypoints  # stored in the checkpoint's config for eval/infer
-    print(f"data: {len(train_set.people)} training / {len(val_set)} validation images, {train_set.num_keypoints} keypoints "
-          f"({', '.join(train_set.layout.names)})")
-    try:
-        model = PoseSPI(**model_config(args))
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    if args.encoder_init == "downsample":
-        model.encoder.init_as_downsampling()
-    if args.head == "efficientnet":
-        from pose_spi.train_keypointrcnn import load_pretrained_trunk
-        load_pretrained_trunk(model, args.pretrained)
-    elif args.pretrained not in (None, "", "none"):
-        sys.exit("error: --pretrained applies to the EfficientNet head (pose_spi/train_keypointrcnn.py)")
-    print(f"model: {args.head} head, {args.encoder} encoder{' + reduce' if args.reduce else ''}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
-
+    print(f"data: {len(train_set.people)} training / {len(val_set)} validation images, {train_set.num_keypoints} "
+          f"keypoints ({', '.join(train_set.layout.names)})")
+    model = build(args, train_set)
     # the schedule spans the run: whichever of --epochs and --max-steps ends it first
     optimizer, scheduler = make_optimizer(args, model, planned_steps(args, len(train_set)))
     baseline = mean_pose_ap(mean_pose(train_set), val_set)
     print(f"mean-pose baseline AP on the validation split: {baseline:.4f}")
     device = torch.device(args.device)
 
-    def compute_loss(net, batch):
-        return keypoint_loss(net(batch["image"]), batch["target"], args.loss, args.raw_targets, args.vis_weight)
+    def loss_fn(output, target):
+        return keypoint_loss(output, target, args.loss, args.raw_targets, args.vis_weight)
 
     def evaluate(net):
-        points, scores, val_loss = predict(
-            net, val_set, device, flip_test=args.flip_test, raw_targets=args.raw_targets,
-            loss_fn=lambda out, target: keypoint_loss(out, target, args.loss, args.raw_targets, args.vis_weight))
+        points, scores, val_loss = predict(net, val_set, device, flip_test=args.flip_test,
+                                           raw_targets=args.raw_targets, loss_fn=loss_fn)
         stats = coco_ap(val_set, points, scores, print_table=True)
         return {"AP": stats["AP"], "AP50": stats["AP50"], "AR": stats["AR"], "loss/val": val_loss,
                 "baseline_AP": baseline}
@@ -169,9 +167,10 @@ def main(args, model_name=MODEL_NAME):
         return {"val/predicted_red_vs_true_green": draw_predictions(
             net, batch, train_set.layout, args.input_size, args.raw_targets)}
 
-    model, summary = train(args, model, train_set, compute_loss, optimizer, scheduler=scheduler,
-                           scheduler_interval="step", evaluate=evaluate, best_metric="AP", log_images=log_images,
-                           model_name=model_name)
+    settings = {"raw_targets": args.raw_targets, "layout": train_set.layout.as_dict()}
+    model, summary = fit(args, model, train_set, lambda net, batch: loss_fn(net(batch["image"]), batch["target"]),
+                         optimizer, model_name=model_name, arch=model.arch, settings=settings, scheduler=scheduler,
+                         scheduler_interval="step", evaluate=evaluate, best_metric="AP", log_images=log_images)
     if args.rank == 0:
         ap = summary["metrics"].get("AP", float("nan"))
         print(f"final validation AP {ap:.4f}  (mean-pose baseline AP {baseline:.4f})")
@@ -180,6 +179,4 @@ def main(args, model_name=MODEL_NAME):
 
 
 if __name__ == "__main__":
-    from common.data import exit_on_bad_input
-
-    exit_on_bad_input(main, parse_args(PRESETS, "simple", __doc__))
+    exit_on_bad_input(main, parse_args())

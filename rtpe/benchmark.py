@@ -1,8 +1,8 @@
 """Speed and size of the rtpe students (and the HigherHRNet teacher): parameters, GFLOPs, latency median/p90
-and FPS at 256/448/512, batch 1, model only and image -> keypoints (resize + normalise + network + grouping).
+and FPS at 256/448/512, batch 1, model only and image -> keypoints (resize + normalize + network + grouping).
 
     python rtpe/benchmark.py                               # light + seed students and teacher W32, 2 threads
-    python rtpe/benchmark.py --presets light --sizes 256 --frames 300
+    python rtpe/benchmark.py --student-sizes light --sizes 256 --frames 300
 
 Backends: torch CPU fp32 channels_last (BatchNorm folded), onnxruntime CPU when installed, CUDA fp16/bf16
 when a GPU is present. Untrained weights: speed does not depend on them (grouping work does a little:
@@ -15,10 +15,19 @@ import argparse
 import copy
 import json
 import os
+import tempfile
 import time
 
 import numpy as np
 import torch
+
+from common.evaluation import count_flops
+from common.runs import output_dirs
+from higher_hrnet.inference import fold_batchnorm
+from higher_hrnet.model import build_model as build_teacher
+from rtpe.export import export_onnx
+from rtpe.infer import Predictor, decoding_settings
+from rtpe.model import RealtimePoseStudent
 
 
 def timed(function, frames, warmup):
@@ -39,43 +48,35 @@ def timed(function, frames, warmup):
 
 
 def model_gflops(model, size):
-    from common.evaluation import count_flops
     return count_flops(copy.deepcopy(model).eval(), torch.randn(1, 3, size, size)) / 1e9
 
 
-def bench_student(preset, size, frames, warmup, backends):
-    from rtpe.infer import Predictor
-    from rtpe.model import RealtimePoseStudent, fold_batchnorm
-
+def bench_student(student_size, size, frames, warmup, backends):
     torch.manual_seed(0)
-    model = RealtimePoseStudent(preset, "lab").eval()
+    model = RealtimePoseStudent(student_size, "lab").eval()
     rows = []
     params = sum(p.numel() for p in model.parameters())
     gflops = model_gflops(model, size)
     folded = fold_batchnorm(copy.deepcopy(model)).to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, size, size).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        rows.append({"model": f"student {preset}", "backend": "torch cpu fp32 cl", "part": "model", "size": size,
+        rows.append({"model": f"student {student_size}", "backend": "torch cpu fp32 cl", "part": "model", "size": size,
                      **timed(lambda: folded(x), frames, warmup)})
-    predictor = Predictor(copy.deepcopy(model), input_size=size)
+    predictor = Predictor(copy.deepcopy(model), decoding_settings(size))
     image = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
-    rows.append({"model": f"student {preset}", "backend": "torch cpu fp32 cl", "part": "image->keypoints",
-                 "size": size, **timed(lambda: predictor(image), frames, warmup)})
+    rows.append({"model": f"student {student_size}", "backend": "torch cpu fp32 cl", "part": "image->keypoints",
+                 "size": size, **timed(lambda: predictor.run(image), frames, warmup)})
     if "onnxruntime" in backends:
-        rows += bench_onnxruntime(model, preset, size, frames, warmup)
+        rows += bench_onnxruntime(model, student_size, size, frames, warmup)
     if "cuda" in backends:
-        rows += bench_cuda(model, f"student {preset}", size, frames, warmup)
+        rows += bench_cuda(model, f"student {student_size}", size, frames, warmup)
     for row in rows:
         row.update(params=params, gflops=gflops)
     return rows
 
 
-def bench_onnxruntime(model, preset, size, frames, warmup):
-    import tempfile
-
-    import onnxruntime
-
-    from rtpe.export import export_onnx
+def bench_onnxruntime(model, student_size, size, frames, warmup):
+    import onnxruntime   # optional dependency
 
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, f"{tmp}/m.onnx", example_size=size)
@@ -84,7 +85,7 @@ def bench_onnxruntime(model, preset, size, frames, warmup):
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
         result = timed(lambda: session.run(None, {"image": x}), frames, warmup)
-    return [{"model": f"student {preset}", "backend": "onnxruntime cpu fp32", "part": "model", "size": size, **result}]
+    return [{"model": f"student {student_size}", "backend": "onnxruntime cpu fp32", "part": "model", "size": size, **result}]
 
 
 def bench_cuda(model, name, size, frames, warmup):
@@ -104,9 +105,7 @@ def bench_cuda(model, name, size, frames, warmup):
 
 
 def bench_teacher(width, size, frames, warmup, backends):
-    from higher_hrnet.model import build_higher_hrnet
-
-    model = build_higher_hrnet(width).eval()
+    model = build_teacher(width).eval()
     params = sum(p.numel() for p in model.parameters())
     gflops = model_gflops(model, size)
     m = model.to(memory_format=torch.channels_last)
@@ -122,8 +121,6 @@ def bench_teacher(width, size, frames, warmup, backends):
 
 
 def main(args):
-    from common.engine import output_dirs
-
     torch.set_num_threads(args.threads)
     backends = ["torch"]
     try:
@@ -136,10 +133,10 @@ def main(args):
         backends.append("cuda")
     rows = []
     for size in args.sizes:
-        for preset in args.presets:
-            finished = bench_student(preset, size, args.frames, args.warmup, backends)
+        for student_size in args.student_sizes:
+            finished = bench_student(student_size, size, args.frames, args.warmup, backends)
             rows += finished
-            print(f"done: {preset} at {size}: " + ", ".join(f"{r['part']} {r['backend']} {r['median_ms']:.1f} ms"
+            print(f"done: {student_size} at {size}: " + ", ".join(f"{r['part']} {r['backend']} {r['median_ms']:.1f} ms"
                                                            for r in finished), flush=True)
         if args.teacher_width:
             rows += bench_teacher(args.teacher_width, size, max(3, args.teacher_frames), 2, backends)
@@ -159,7 +156,7 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["light", "seed"], help="student presets (default: light seed)")
+    p.add_argument("--student-sizes", nargs="+", default=["light", "seed"], help="student sizes (default: light seed)")
     p.add_argument("--sizes", nargs="+", type=int, default=[256, 448, 512], help="square input sides")
     p.add_argument("--frames", type=int, default=200, help="timed frames per row (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=20, help="untimed frames first (default: %(default)s)")

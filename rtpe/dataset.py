@@ -2,7 +2,7 @@
 
     python rtpe/dataset.py --show 8        # the seed's dataloader pictures, after augmentation
 
-Each sample: image (3,S,S) ImageNet-normalised; at stride 4: ground-truth heatmaps (sigma 1.75),
+Each sample: image (3,S,S) ImageNet-normalized; at stride 4: ground-truth heatmaps (sigma 1.75),
 teacher heatmaps warped by the same affine, person segmentation (union of non-crowd masks), loss
 weights (0 on crowd regions and zero-keypoint people), and per-person flat joint indices for the
 associative-embedding loss. Rotation +-45, scale 0.7-1.3, translation 10%, flip 0.5 with left/right
@@ -19,16 +19,24 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.data import collate_skip_bad, exit_on_bad_input, load_coco_keypoints, read_image
+from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input, load_coco_keypoints, read_image
+from common.drawing import draw_heatmap_overlay, show_samples
 from common.geometry import affine_points, get_affine_transform
-from common.heatmaps import make_heatmaps
+from common.heatmaps import HeatmapCodec
 from common.keypoints import COCO17
-from rtpe.model import IMAGENET_MEAN, IMAGENET_STD
-from rtpe.teacher_inference import read_entry, read_index
+from common.loader import collate_skip_bad
+from common.runs import output_dirs
+from higher_hrnet.scenes import ensure_scenes
+from rtpe.model import STRIDE
+from rtpe.teacher_inference import ensure_builtin_cache, read_entry, read_index
 
-STRIDE = 4
-GT_SIGMA = 1.75
-MEAN_RGB = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)  # padding colour: 0 after normalisation
+GT_SIGMA = 1.75   # ground-truth heatmap sigma in map pixels (the seed's)
+MEAN_RGB = tuple(int(round(255 * float(m))) for m in IMAGENET_MEAN)  # padding color: 0 after normalization
+
+
+def target_codec(crop_size, sigma=GT_SIGMA) -> HeatmapCodec:
+    """The ground truth's owner: Gaussians at the exact sub-pixel position on the stride-4 map of the crop."""
+    return HeatmapCodec((crop_size, crop_size), (crop_size // STRIDE, crop_size // STRIDE), sigma, "subpixel")
 
 
 def to_3x3(affine):
@@ -37,18 +45,18 @@ def to_3x3(affine):
 
 def random_augmentation(image_size, crop_size, rotation=45, scale_range=(0.7, 1.3), translation=0.1,
                         flip_probability=0.5):
-    """(centre, box size, rotation, flip) of one random crop, drawn from `random` (seeded per sample)."""
+    """(center, box size, rotation, flip) of one random crop, drawn from `random` (seeded per sample)."""
     width, height = image_size
     scale = random.uniform(*scale_range)
     box = max(width, height) / scale
-    centre = (width / 2 + random.uniform(-translation, translation) * box,
+    center = (width / 2 + random.uniform(-translation, translation) * box,
               height / 2 + random.uniform(-translation, translation) * box)
-    return centre, box, random.uniform(-rotation, rotation), random.random() < flip_probability
+    return center, box, random.uniform(-rotation, rotation), random.random() < flip_probability
 
 
-def crop_affine(centre, box, rotation, flip, crop_size):
-    """Original pixels -> network input pixels (pixel centres on integers), mirrored when `flip`."""
-    matrix = to_3x3(get_affine_transform(centre, (box, box), rotation, (crop_size, crop_size)))
+def crop_affine(center, box, rotation, flip, crop_size):
+    """Original pixels -> network input pixels (pixel centers on integers), mirrored when `flip`."""
+    matrix = to_3x3(get_affine_transform(center, (box, box), rotation, (crop_size, crop_size)))
     if flip:
         matrix = np.array([[-1, 0, crop_size - 1], [0, 1, 0], [0, 0, 1]], np.float64) @ matrix
     return matrix[:2]
@@ -84,12 +92,12 @@ def tag_indices(joints, map_size):
 
 
 class DistillationDataset(Dataset):
-    """One COCO split (+ its teacher cache). `augment=False` gives the centred, unrotated crop."""
+    """One COCO split (+ its teacher cache). `augment=False` gives the centered, unrotated crop."""
 
     def __init__(self, image_dir, ann_file, cache_dir=None, crop_size=448, augment=True,
                  image_ids=None, layout=COCO17, sigma=GT_SIGMA):
         self.image_dir, self.crop_size, self.augment = Path(image_dir), crop_size, augment
-        self.layout, self.sigma = layout, sigma
+        self.layout, self.codec = layout, target_codec(crop_size, sigma)
         self.coco = load_coco_keypoints(ann_file, num_keypoints=layout.num_keypoints)
         self.image_ids = sorted(self.coco.getImgIds()) if image_ids is None else list(image_ids)
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -109,13 +117,13 @@ class DistillationDataset(Dataset):
         image = read_image(self.image_dir / info["file_name"])
         height, width = image.shape[:2]
         anns = self.annotations(image_id)
-        size, map_size = self.crop_size, (self.crop_size // STRIDE, self.crop_size // STRIDE)
+        size, map_size = self.crop_size, self.codec.heatmap_size
 
         if self.augment:
-            centre, box, rotation, flip = random_augmentation((width, height), size)
+            center, box, rotation, flip = random_augmentation((width, height), size)
         else:
-            centre, box, rotation, flip = (width / 2, height / 2), max(width, height), 0.0, False
-        to_input = crop_affine(centre, box, rotation, flip, size)
+            center, box, rotation, flip = (width / 2, height / 2), max(width, height), 0.0, False
+        to_input = crop_affine(center, box, rotation, flip, size)
         to_map = input_to_map(to_input)
 
         crop = cv2.warpAffine(image, to_input.astype(np.float32), (size, size), flags=cv2.INTER_LINEAR,
@@ -147,7 +155,7 @@ class DistillationDataset(Dataset):
         joints = affine_points(joints, to_map)
         if flip:
             joints = joints[:, flip_index]
-        heatmaps, _ = make_heatmaps(joints, map_size, self.sigma, center="subpixel")
+        heatmaps, _ = self.codec.encode(joints)
 
         sample = {"image": tensor, "heatmaps": torch.from_numpy(heatmaps),
                   "segmentation": torch.from_numpy(segmentation.astype(np.float32))[None],
@@ -178,37 +186,30 @@ def collate_people(samples):
 
 def sample_picture(sample):
     """The seed's dataloader picture: image | ignore mask | GT heatmaps | teacher heatmaps | segmentation."""
-    from common.drawing import draw_heatmap_overlay
-
     image = sample["image"] * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     image = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     size = image.shape[1::-1]
 
-    def grey(map_2d):
+    def gray(map_2d):
         up = cv2.resize(np.asarray(map_2d, np.float32), size, interpolation=cv2.INTER_NEAREST)
         return np.repeat((up.clip(0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
 
-    panels = [image, grey(sample["weight"][0])]
+    panels = [image, gray(sample["weight"][0])]
     panels.append(draw_heatmap_overlay(image, sample["heatmaps"].numpy()))
     if "teacher" in sample:
         panels.append(draw_heatmap_overlay(image, sample["teacher"].numpy()))
-    panels.append(grey(sample["segmentation"][0]))
+    panels.append(gray(sample["segmentation"][0]))
     return np.concatenate(panels, axis=1)
 
 
 def main(args):
-    from common.data import show_samples
-    from common.engine import output_dirs
-    from rtpe.teacher_inference import ensure_builtin_cache
-
     if args.data:
         data, cache = Path(args.data), None
         ann = Path(args.ann) if args.ann else data / "annotations" / "person_keypoints_val2017.json"
         image_dir = data / "images" / "val2017"
     else:
         cache_root, _ = ensure_builtin_cache("auto", args.out)
-        from common.synthetic import ensure_dataset
-        data = Path(ensure_dataset("multi_person", root=args.out))
+        data = Path(ensure_scenes(args.out))
         ann, image_dir, cache = data / "annotations" / "person_keypoints_train.json", data / "images" / "train", \
             cache_root / "train"
     dataset = DistillationDataset(image_dir, ann, cache, crop_size=args.crop_size, augment=True)

@@ -4,8 +4,8 @@
     python rtpe/export.py --checkpoint best.pt --onnx student.onnx
 
 onnx, onnxscript and onnxruntime are an optional extra (`pip install -e .[onnx]`). Input `image`
-(1,3,H,W) ImageNet-normalised RGB; outputs `segmentation` (1,1,H/4,W/4) logits and `keypoints`
-(1,K+1,H/4,W/4): K heatmap logits and one tag channel. The colour conversion is part of the graph.
+(1,3,H,W) ImageNet-normalized RGB; outputs `segmentation` (1,1,H/4,W/4) logits and `keypoints`
+(1,K+1,H/4,W/4): K heatmap logits and one tag channel. The color conversion is part of the graph.
 """
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ import numpy as np
 import torch
 
 from common.data import exit_on_bad_input
-from rtpe.model import fold_batchnorm
+from common.runs import checkpoint_or_exit, model_from_checkpoint, output_dirs
+from higher_hrnet.inference import fold_batchnorm
+from rtpe.model import MODEL_NAME, build_model, upgrade_checkpoint
 
 
 def export_onnx(model, path, example_size=256, opset=18):
     """Fold BN into a copy of `model` and write it to `path` with dynamic batch, height and width."""
     try:
-        import onnx  # noqa: F401  (the exporter needs it)
+        import onnx  # noqa: F401  (optional dependency; the exporter needs it)
     except ImportError:
         raise SystemExit("ONNX export needs the optional extra: pip install onnx onnxscript onnxruntime") from None
     folded = fold_batchnorm(copy.deepcopy(model).cpu().eval())
@@ -39,7 +41,7 @@ def export_onnx(model, path, example_size=256, opset=18):
 
 def onnx_parity(model, path, sizes=((256, 256), (320, 224)), seed=0):
     """Largest absolute difference between torch (unfolded, eval) and onnxruntime outputs over `sizes`."""
-    import onnxruntime
+    import onnxruntime   # optional dependency
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(seed)
@@ -58,13 +60,10 @@ def onnx_parity(model, path, sizes=((256, 256), (320, 224)), seed=0):
 
 
 def main(args):
-    from common.engine import output_dirs
-    from rtpe.infer import default_checkpoint, load_student
-
-    checkpoint = default_checkpoint(args)
-    model = load_student(checkpoint)
-    out = Path(args.onnx) if args.onnx else (output_dirs("rtpe", "export", args.out)["outputs"]
-                                             / f"rtpe_{model.preset}_{model.colour}.onnx")
+    checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python rtpe/train.py", args.out)
+    model, _ = model_from_checkpoint(checkpoint, build_model, MODEL_NAME, upgrade_checkpoint)
+    out = Path(args.onnx) if args.onnx else (output_dirs(MODEL_NAME, "export", args.out)["outputs"]
+                                             / f"rtpe_{model.size}_{model.color}.onnx")
     export_onnx(model, out, args.example_size)
     try:
         worst = onnx_parity(model, out)
@@ -77,7 +76,7 @@ def main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="rtpe checkpoint (default: the newest)")
-    p.add_argument("--onnx", default=None, help="output file (default: outputs/rtpe/export/rtpe_<preset>.onnx)")
+    p.add_argument("--onnx", default=None, help="output file (default: outputs/rtpe/export/rtpe_<size>_<color>.onnx)")
     p.add_argument("--example-size", type=int, default=256, help="example input side for tracing (default: 256)")
     p.add_argument("--out", default=None, help="output root (default: $POSE_OUTPUT_ROOT, else .)")
     return p.parse_args(argv)

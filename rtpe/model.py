@@ -1,8 +1,9 @@
 """The real-time student: Context-Aware Modules (Progressive Context Refinement) with a human
-segmentation head used as attention, plus a colour branch. Two presets: `seed` (the seed's default
+segmentation head used as attention, plus a color branch. Two sizes: `seed` (the seed's default
 student on the frozen HigherHRNet stem, bugs fixed: 1,905,290 parameters) and `light` (own small
 stem, sized for >= 30 FPS image->keypoints at 256x256 on 2 CPU threads).
 Output: (segmentation logits (B,1,H/4,W/4), keypoint map (B,K+1,H/4,W/4) = K heatmap logits + 1 tag).
+`build_model(**arch)` rebuilds a student from the `arch` dict its checkpoints store.
 """
 from __future__ import annotations
 
@@ -13,19 +14,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import Bottleneck
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from common.data import IMAGENET_MEAN, IMAGENET_STD
+from common.heatmaps import HeatmapCodec
+from common.keypoints import COCO17
+from common.runs import require
 
-# Preset widths. `seed` follows the seed's AttentionStudentSteps (inplanes 80, colour 50->80);
+MODEL_NAME = "rtpe"
+STRIDE = 4  # the student's maps are the input at 1/4 (map pixel = input pixel / 4)
+
+# Architecture sizes. `seed` follows the seed's AttentionStudentSteps (inplanes 80, color 50->80);
 # `light` was sized on the 2-core benchmark (rtpe/benchmark.py) to keep image->keypoints >= 30 FPS.
-PRESETS = {
-    "seed": dict(stem="hrnet", mid_channels=(168, 80), colour_channels=(50, 80),
-                 colour_input_stride=1, attention_dilations=(1, 2, 3, 4), detector_dilations=(1, 2, 3),
+SIZES = {
+    "seed": dict(stem="hrnet", mid_channels=(168, 80), color_channels=(50, 80),
+                 color_input_stride=1, attention_dilations=(1, 2, 3, 4), detector_dilations=(1, 2, 3),
                  detector_blocks=3),
-    # light: channel counts multiples of 8 after the +3 colour channels (faster channels_last kernels);
-    # the colour branch reads a half-resolution image (the pointwise LAB maths dominated at full size)
-    "light": dict(stem="light", stem_channels=(16, 32), mid_channels=(29,), colour_channels=(8, 16),
-                  colour_input_stride=2, attention_dilations=(1, 2), detector_dilations=(1, 2, 3),
+    # light: channel counts multiples of 8 after the +3 color channels (faster channels_last kernels);
+    # the color branch reads a half-resolution image (the pointwise LAB maths dominated at full size)
+    "light": dict(stem="light", stem_channels=(16, 32), mid_channels=(29,), color_channels=(8, 16),
+                  color_input_stride=2, attention_dilations=(1, 2), detector_dilations=(1, 2, 3),
                   detector_blocks=2),
 }
 
@@ -79,7 +85,7 @@ class HRNetStem(nn.Module):
 
 
 class LightStem(nn.Module):
-    """A small trainable stride-4 stem for the `light` preset (can be distilled from HRNetStem
+    """A small trainable stride-4 stem for the `light` size (can be distilled from HRNetStem
     with `train.py --stage stem`)."""
 
     def __init__(self, channels=(16, 32)):
@@ -131,44 +137,45 @@ def rgb_to_hsv(rgb):
     return torch.cat([hue, saturation, value], dim=1)
 
 
-class ColourTransform(nn.Module):
-    """Turns the ImageNet-normalised RGB input into the colour branch's input inside the network,
+class ColorTransform(nn.Module):
+    """Turns the ImageNet-normalized RGB input into the color branch's input inside the network,
     so the model has one input and exports as one graph."""
 
-    def __init__(self, colour="lab"):
+    def __init__(self, color="lab"):
         super().__init__()
-        if colour not in ("lab", "hsv", "none"):
-            raise ValueError(f"colour must be lab, hsv or none, not {colour!r}")
-        self.colour = colour
+        if color not in ("lab", "hsv", "none"):
+            raise ValueError(f"color must be lab, hsv or none, not {color!r}")
+        self.color = color
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, normalised):
-        if self.colour == "none":
-            return normalised
-        rgb = normalised * self.std + self.mean
-        if self.colour == "lab":
+    def forward(self, normalized):
+        if self.color == "none":
+            return normalized
+        rgb = normalized * self.std + self.mean
+        if self.color == "lab":
             lab = rgb_to_lab(rgb)
             # roughly unit range for the convolutions
             return torch.cat([lab[:, :1] / 50 - 1, lab[:, 1:] / 100], dim=1)
         hsv = rgb_to_hsv(rgb)
-        # hue is circular: embed it as a saturation-weighted point on the colour wheel
+        # hue is circular: embed it as a saturation-weighted point on the color wheel
         angle = hsv[:, :1] * (math.pi / 180)
         return torch.cat([hsv[:, 1:2] * torch.cos(angle), hsv[:, 1:2] * torch.sin(angle),
                           hsv[:, 2:3] * 2 - 1], dim=1)
 
 
 class RealtimePoseStudent(nn.Module):
-    """Stem -> mid-stem (+ colour image at 1/4) -> attention pyramid of CAMs at 1/4, 1/8, 1/16
+    """Stem -> mid-stem (+ color image at 1/4) -> attention pyramid of CAMs at 1/4, 1/8, 1/16
     summed -> 1-channel segmentation logits; features * sigmoid(logits / divisor), concatenated with
-    the colour branch -> CAMs -> 3x3 conv to K heatmap logits + 1 tag channel."""
+    the color branch -> CAMs -> 3x3 conv to K heatmap logits + 1 tag channel."""
 
-    def __init__(self, preset="seed", colour="lab", num_joints=17):
+    def __init__(self, size="seed", color="lab", num_joints=17):
         super().__init__()
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, not {preset!r}")
-        config = PRESETS[preset]
-        self.preset, self.colour, self.num_joints = preset, colour, num_joints
+        if size not in SIZES:
+            raise ValueError(f"size must be one of {sorted(SIZES)}, not {size!r}")
+        config = SIZES[size]
+        self.arch = {"size": size, "color": color, "num_joints": num_joints}
+        self.size, self.color, self.num_joints = size, color, num_joints
         self.frozen_stem = config["stem"] == "hrnet"
         self.stem = HRNetStem() if self.frozen_stem else LightStem(config["stem_channels"])
         if self.frozen_stem:
@@ -179,19 +186,19 @@ class RealtimePoseStudent(nn.Module):
             mids.append(conv_bn_relu(previous, channels, 3))
             previous = channels
         self.mid_stem = nn.Sequential(*mids)
-        features = previous + 3  # mid-stem output + the colour image resized to 1/4
+        features = previous + 3  # mid-stem output + the color image resized to 1/4
 
-        self.colour_transform = ColourTransform(colour)
-        self.colour_input_stride = 1
-        colour_out = 0
-        if colour != "none":
-            first, second = config["colour_channels"]
+        self.color_transform = ColorTransform(color)
+        self.color_input_stride = 1
+        color_out = 0
+        if color != "none":
+            first, second = config["color_channels"]
             # two 5x5 convolutions down to 1/4 (seed: both stride 2 on the full-resolution image)
-            self.colour_input_stride = config["colour_input_stride"]
-            self.colour_branch = nn.Sequential(
-                conv_bn_relu(3, first, 5, stride=4 // (2 * self.colour_input_stride)),
+            self.color_input_stride = config["color_input_stride"]
+            self.color_branch = nn.Sequential(
+                conv_bn_relu(3, first, 5, stride=4 // (2 * self.color_input_stride)),
                 conv_bn_relu(first, second, 5, stride=2))
-            colour_out = second
+            color_out = second
 
         dilations = config["attention_dilations"]
         self.attention_high = ContextAwareModule(features, dilations)
@@ -199,7 +206,7 @@ class RealtimePoseStudent(nn.Module):
         self.attention_low = ContextAwareModule(features, dilations)
         self.attention_head = nn.Conv2d(features, 1, 3, padding=1)
 
-        detector_channels = features + colour_out
+        detector_channels = features + color_out
         self.detector = nn.Sequential(*[ContextAwareModule(detector_channels, config["detector_dilations"])
                                         for _ in range(config["detector_blocks"])])
         self.detector_head = nn.Conv2d(detector_channels, num_joints + 1, 3, padding=1)
@@ -209,6 +216,11 @@ class RealtimePoseStudent(nn.Module):
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("attention_divisor", torch.tensor(21.0))
         self._init_weights()
+
+    def add_stem_adapter(self, out_channels):
+        """The 1x1 conv `--stage stem` trains with, from this stem's channels to the teacher stem's."""
+        self.stem_adapter = nn.Conv2d(self.stem.out_channels, out_channels, 1)
+        self.arch["stem_adapter"] = out_channels
 
     def _init_weights(self):
         for module in self.modules():
@@ -245,11 +257,11 @@ class RealtimePoseStudent(nn.Module):
         stem = self.stem_features(x)
         features = self.mid_stem(stem)
         size = features.shape[-2:]
-        if self.colour != "none" and self.colour_input_stride > 1:
-            x = F.avg_pool2d(x, self.colour_input_stride)
-        colour_image = self.colour_transform(x)
-        small_colour = F.interpolate(colour_image, size=size, mode="bilinear", align_corners=False)
-        features = torch.cat([features, small_colour], dim=1)
+        if self.color != "none" and self.color_input_stride > 1:
+            x = F.avg_pool2d(x, self.color_input_stride)
+        color_image = self.color_transform(x)
+        small_color = F.interpolate(color_image, size=size, mode="bilinear", align_corners=False)
+        features = torch.cat([features, small_color], dim=1)
 
         high = self.attention_high(features)
         mid = self.attention_mid(F.avg_pool2d(features, 3, 2, 1, count_include_pad=False))
@@ -262,11 +274,11 @@ class RealtimePoseStudent(nn.Module):
         attention = torch.sigmoid(segmentation / self.attention_divisor.clone())
 
         detector_in = features * attention
-        if self.colour != "none":
-            colour = self.colour_branch(colour_image)
-            if colour.shape[-2:] != size:
-                colour = F.interpolate(colour, size=size, mode="bilinear", align_corners=False)
-            detector_in = torch.cat([detector_in, colour], dim=1)
+        if self.color != "none":
+            color = self.color_branch(color_image)
+            if color.shape[-2:] != size:
+                color = F.interpolate(color, size=size, mode="bilinear", align_corners=False)
+            detector_in = torch.cat([detector_in, color], dim=1)
         keypoints = self.detector_head(self.detector(detector_in))
         return segmentation, keypoints
 
@@ -275,8 +287,27 @@ def _is_inside(module, parent):
     return any(module is m for m in parent.modules())
 
 
-def build_student(preset="light", colour="lab", num_joints=17):
-    return RealtimePoseStudent(preset=preset, colour=colour, num_joints=num_joints)
+def build_model(size="light", color="lab", num_joints=17, stem_adapter=None) -> RealtimePoseStudent:
+    model = RealtimePoseStudent(size, color, num_joints)
+    if stem_adapter:
+        model.add_stem_adapter(stem_adapter)
+    return model
+
+
+def upgrade_checkpoint(checkpoint, path) -> dict:
+    """A checkpoint written before arch and settings had their own keys: the student's size was its
+    config's "preset" and its color "colour" (also in the weights' names); the joint count is in the
+    weights; the target and decoding settings were constants (stride 4, sigma 1.75, pos_weight 100)."""
+    config = require(checkpoint, "config", path)
+    weights = {k.replace("colour_", "color_"): v for k, v in require(checkpoint, "model", path).items()
+               if not k.startswith("stem_adapter.")}    # only the stem stage trained with the adapter
+    arch = {"size": require(config, "preset", path), "color": require(config, "colour", path),
+            "num_joints": int(weights["detector_head.weight"].shape[0]) - 1}
+    crop = require(config, "crop_size", path)
+    codec = HeatmapCodec((crop, crop), (crop // STRIDE, crop // STRIDE), 1.75, "subpixel")
+    settings = {"stride": STRIDE, "heatmap_pos_weight": 100.0, "input_size": require(config, "input_size", path),
+                "layout": COCO17.as_dict(), "codec": codec.as_dict()}
+    return {**checkpoint, "model": weights, "arch": arch, "settings": settings}
 
 
 def stem_state_from_higher_hrnet(state_dict):
@@ -288,7 +319,7 @@ def stem_state_from_higher_hrnet(state_dict):
 def load_teacher_stem(student, higher_hrnet_state_dict, source="the teacher checkpoint"):
     """Copies the teacher's stem weights into a `seed` student (strict: every stem key, same shapes)."""
     if not student.frozen_stem:
-        raise ValueError("only the `seed` preset carries the HigherHRNet stem")
+        raise ValueError("only the `seed` size carries the HigherHRNet stem")
     stem_state = stem_state_from_higher_hrnet(higher_hrnet_state_dict)
     expected = student.stem.state_dict()
     missing = [k for k in expected if k not in stem_state and not k.endswith("num_batches_tracked")]
@@ -301,25 +332,3 @@ def load_teacher_stem(student, higher_hrnet_state_dict, source="the teacher chec
         merged[key] = value.float() if value.is_floating_point() else value  # fp16 checkpoints
     student.stem.load_state_dict(merged)
     return student
-
-
-def fold_batchnorm(model):
-    """Folds every eval-mode BatchNorm into the convolution before it (in place; returns the model).
-    Used for export and for the speed-measured inference path: same outputs, fewer kernels."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    model.eval()
-    for module in list(model.modules()):
-        if isinstance(module, nn.Sequential):
-            children = list(module._modules.items())
-            for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    module._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
-                    module._modules[bn_name] = nn.Identity()
-        # HRNet stem and torchvision Bottlenecks keep conv/bn pairs as named attributes
-        for conv_name, bn_name in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
-                setattr(module, bn_name, nn.Identity())
-    return model

@@ -23,8 +23,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.data import exit_on_bad_input, load_coco_keypoints, read_image
+from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input, load_coco_keypoints, read_image
 from common.heatmaps import make_heatmaps
+from common.runs import data_dir, newest_checkpoint
+from higher_hrnet.checkpoints import checkpoint_width, load_official_checkpoint, read_state_dict
+from higher_hrnet.model import MODEL_NAME as TEACHER_MODEL_NAME
+from higher_hrnet.model import build_model as build_teacher
+from higher_hrnet.scenes import ensure_scenes
 
 DEFAULT_WEIGHTS = "models/pose_higher_hrnet_w48_640.pth.tar"  # the seed's default teacher file
 ORACLE_SIGMA = 2.0          # HigherHRNet's target spread, so the oracle looks like the teacher
@@ -41,7 +46,7 @@ def sha256_of(path):
 
 
 def map_affine(scale):
-    """Original pixels -> stride-4 map pixels for an image resized by `scale` (pixel centres on integers)."""
+    """Original pixels -> stride-4 map pixels for an image resized by `scale` (pixel centers on integers)."""
     return np.array([[scale / 4, 0, 0], [0, scale / 4, 0]], np.float32)
 
 
@@ -91,9 +96,6 @@ class HigherHRNetTeacher:
     output resized to 1/4 (the official averaging, kept at stride 4), tags = the 1/4 tag channels."""
 
     def __init__(self, weights, input_size=None, device="cpu"):
-        from higher_hrnet.checkpoints import checkpoint_width, load_official_checkpoint, read_state_dict
-        from higher_hrnet.model import build_higher_hrnet
-
         self.weights = Path(weights)
         if not self.weights.is_file():
             raise SystemExit(f"{weights}: teacher weights not found (use --teacher oracle, or give -m PATH)")
@@ -102,7 +104,7 @@ class HigherHRNetTeacher:
         quarter_out = [v for k, v in state.items() if k.startswith("final_layers.0") and k.endswith("weight")]
         num_joints = 17
         tag_per_joint = quarter_out[0].shape[0] == 2 * num_joints if quarter_out else True
-        self.model = build_higher_hrnet(width, num_joints, tag_per_joint)
+        self.model = build_teacher(width, num_joints, tag_per_joint)
         load_official_checkpoint(self.model, state)
         self.model.eval().to(device)
         self.device, self.num_joints = device, num_joints
@@ -124,12 +126,12 @@ class HigherHRNetTeacher:
         scale = self.input_size / min(height, width)
         content_w, content_h = round(width * scale), round(height * scale)
         padded_w, padded_h = math.ceil(content_w / 64) * 64, math.ceil(content_h / 64) * 64
-        # warp with the exact affine we store (pixel centres on integers); padding stays at the right/bottom
+        # warp with the exact affine we store (pixel centers on integers); padding stays at the right/bottom
         resized = cv2.warpAffine(image, np.float32([[scale, 0, 0], [0, scale, 0]]), (padded_w, padded_h),
                                  flags=cv2.INTER_LINEAR, borderValue=0)
         x = torch.from_numpy(resized).permute(2, 0, 1).float().div(255)
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         x = ((x - mean) / std)[None].to(self.device)
         quarter, half = self.model(x)
         k = self.num_joints
@@ -207,16 +209,10 @@ def coco_items(coco, image_dir):
             for info in coco.loadImgs(sorted(coco.getImgIds()))]
 
 
-def newest_teacher_checkpoint(out=None):
-    """The newest built-in higher_hrnet checkpoint, or None."""
-    from common.engine import newest_checkpoint
-    return newest_checkpoint("higher_hrnet", out)
-
-
 def make_teacher(spec, input_size=None, device="cpu", out=None):
     """spec: 'oracle', 'auto' (newest built-in higher_hrnet checkpoint, else oracle) or a weights path."""
     if spec == "auto":
-        found = newest_teacher_checkpoint(out)
+        found = newest_checkpoint(TEACHER_MODEL_NAME, out)
         if found is None:
             print("teacher: oracle (no built-in higher_hrnet checkpoint found; train one with "
                   "`python higher_hrnet/train.py` to distil from a real teacher)")
@@ -230,13 +226,10 @@ def make_teacher(spec, input_size=None, device="cpu", out=None):
 
 def ensure_builtin_cache(teacher_spec="auto", out=None, device="cpu"):
     """Teacher cache for both splits of the built-in multi-person scenes; returns (cache root, teacher name)."""
-    from common.engine import output_dirs
-    from common.synthetic import ensure_dataset
-
-    data = Path(ensure_dataset("multi_person", root=out))
+    data = Path(ensure_scenes(out))
     teacher = make_teacher(teacher_spec, device=device, out=out)
     name = "oracle" if teacher == "oracle" else f"higher_hrnet-{sha256_of(teacher.weights)[:12]}"
-    cache = Path(output_dirs("rtpe", "cache", out)["data"]) / "rtpe_teacher_cache" / name
+    cache = data_dir(out) / "rtpe_teacher_cache" / name
     for split in ("train", "val"):
         coco = load_coco_keypoints(data / "annotations" / f"person_keypoints_{split}.json")
         build_cache(cache / split, coco_items(coco, data / "images" / split), teacher, coco)

@@ -11,15 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.io import loadmat
 
-from common.data import BadImageError, read_image
+from common.data import IMAGENET_MEAN, IMAGENET_STD, BadImageError, load_coco_keypoints, normalize_image, read_image
+from common.drawing import draw_heatmap_overlay, show_samples
 from common.geometry import (affine_points, box_to_center_scale, flip_image, flip_keypoints,
                              get_affine_transform, warp_image)
-from common.heatmaps import make_heatmaps
+from common.heatmaps import HeatmapCodec
+from common.keypoints import LIP16
+from common.runs import output_dirs
+from simple_baseline.crops import ensure_crops
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 LIP_NUM_JOINTS = 16
+PAPER_SIGMA = 2.0  # the paper's target sigma in heatmap pixels (chosen for 64x48 heatmaps)
 NECK, HEAD_TOP = 8, 9  # MPII/LIP indices: neck-to-head-top is our (non-official) LIP head size
 
 
@@ -68,7 +72,7 @@ def read_lip_csv(csv_path, image_dir, check_images=True):
 
 def neck_to_head_top(joints):
     """Upper-neck to head-top distance, our head size for LIP and for MPII without head boxes
-    (NOT the official MPII PCKh normaliser, which is 0.6 x the head box diagonal)."""
+    (NOT the official MPII PCKh normalizer, which is 0.6 x the head box diagonal)."""
     if joints[NECK, 2] > 0 and joints[HEAD_TOP, 2] > 0:
         return float(np.linalg.norm(joints[NECK, :2] - joints[HEAD_TOP, :2]))
     return float("nan")
@@ -91,8 +95,8 @@ def read_mpii_json(json_path, image_dir, head_boxes=None):
         joints[:, 2] = np.asarray(entry["joints_vis"], np.float32) > 0
         center = np.asarray(entry["center"], np.float32).copy()
         scale = float(entry["scale"])
-        # MPII's centre sits high and its scale is tight (person height / 200): the official code
-        # moves the centre down by 15 x scale and pads by 1.25 (our 1.25 padding below).
+        # MPII's center sits high and its scale is tight (person height / 200): the official code
+        # moves the center down by 15 x scale and pads by 1.25 (our 1.25 padding below).
         center[1] += 15 * scale
         if head_boxes is not None:
             head_size = 0.6 * float(np.linalg.norm(head_boxes[i][1] - head_boxes[i][0]))
@@ -105,7 +109,6 @@ def read_mpii_json(json_path, image_dir, head_boxes=None):
 
 def load_mpii_head_boxes(mat_path):
     """(N, 2, 2) head boxes [[x1, y1], [x2, y2]] from the official MPII gt_valid.mat."""
-    from scipy.io import loadmat
     boxes = loadmat(mat_path)["headboxes_src"]  # (2, 2, N)
     return np.transpose(boxes, (2, 1, 0)).astype(np.float32)
 
@@ -113,7 +116,6 @@ def load_mpii_head_boxes(mat_path):
 def read_coco_topdown(ann_file, image_dir, detections=None, num_keypoints=17, min_score=0.0):
     """COCO keypoints, one record per person: ground-truth boxes of non-crowd people with at least
     one labelled keypoint, or (detections = a results JSON of boxes) one record per detected box."""
-    from common.data import load_coco_keypoints
     coco = load_coco_keypoints(ann_file, num_keypoints=num_keypoints)
     records = []
     if detections is None:
@@ -147,8 +149,7 @@ def load_split(data_format, data, ann, split, data_root=None, head_boxes=None, d
     if data is None and ann is None:
         if data_format == "mpii":
             raise SystemExit("--format mpii: there is no built-in MPII data; give --data IMAGES --ann FILE.json")
-        from common.synthetic import ensure_dataset
-        root = Path(ensure_dataset("single_person", root=data_root, **(builtin_sizes or {})))
+        root = Path(ensure_crops(data_root, **(builtin_sizes or {})))
         data = root / "images" / split
         ann = root / "annotations" / (f"lip_{split}.csv" if data_format == "lip" else f"person_keypoints_{split}.json")
     if ann is None or data is None:
@@ -191,25 +192,28 @@ def joints_extent_box(joints, image_width, image_height):
     return (0.0, 0.0, float(image_width), float(image_height))
 
 
+def target_codec(input_size, stride, sigma) -> HeatmapCodec:
+    """The targets' owner: heatmaps are the crop at 1/stride, Gaussians centered at the exact sub-pixel
+    position (heatmap x = input x / stride, so the heatmap's inverse affine maps a peak to original pixels)."""
+    width, height = int(input_size[0]), int(input_size[1])
+    return HeatmapCodec((width, height), (width // stride, height // stride), sigma, center="subpixel")
+
+
 class TopDownDataset(torch.utils.data.Dataset):
-    """Crops one person per record to `input_size` (W, H) and returns
-    image (3, H, W) ImageNet-normalised RGB, target (K, H/s, W/s), target_weight (K,), and what
+    """Crops one person per record to the codec's input size (W, H) and returns
+    image (3, H, W) ImageNet-normalized RGB, target (K, H/s, W/s), target_weight (K,), and what
     evaluation needs to map predictions back: center, size (the crop box in original pixels),
     joints (K, 3) in original pixels, head_size, index.
 
-    Target centre convention: sub-pixel (the Gaussian sits at the joint's exact float position on
-    the heatmap grid), and the heatmap grid is the crop box mapped onto (W/s, H/s) by the same
-    affine as the input, so heatmap x = input x / s and the inverse affine of the heatmap maps a
-    decoded peak straight back to original pixels.
+    The heatmap grid is the crop box mapped onto the codec's heatmap size by the same affine as the input.
     """
 
-    def __init__(self, records, flip_index, input_size=(256, 256), stride=4, sigma=2.0, train=False,
-                 scale_factor=0.25, rotation_factor=30.0, rotation_prob=0.6, flip_prob=0.5, padding=1.25):
+    def __init__(self, records, flip_index, codec: HeatmapCodec, train=False, scale_factor=0.25,
+                 rotation_factor=30.0, rotation_prob=0.6, flip_prob=0.5, padding=1.25):
         self.records = records
         self.flip_index = list(flip_index)
-        self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.heatmap_size = (self.input_size[0] // stride, self.input_size[1] // stride)
-        self.sigma = sigma
+        self.codec = codec
+        self.input_size, self.heatmap_size = codec.input_size, codec.heatmap_size
         self.train = train
         self.scale_factor, self.rotation_factor = scale_factor, rotation_factor
         self.rotation_prob, self.flip_prob, self.padding = rotation_prob, flip_prob, padding
@@ -220,7 +224,7 @@ class TopDownDataset(torch.utils.data.Dataset):
     def crop_box(self, record, image_width, image_height):
         """Centre and (w, h) of the crop in original pixels, at the input's aspect ratio, padded."""
         aspect = self.input_size[0] / self.input_size[1]
-        if "center" in record:  # MPII: centre + person height
+        if "center" in record:  # MPII: center + person height
             h = record["height"] * self.padding
             return np.asarray(record["center"], np.float32), np.array([h * aspect, h], np.float32)
         box = record["box"] or joints_extent_box(record["joints"], image_width, image_height)
@@ -252,11 +256,9 @@ class TopDownDataset(torch.utils.data.Dataset):
         crop = warp_image(image, input_matrix, self.input_size)
         heatmap_matrix = get_affine_transform(center, size, rotation, self.heatmap_size)
         joints_on_heatmap = affine_points(joints, heatmap_matrix)
-        target, target_weight = make_heatmaps(joints_on_heatmap, self.heatmap_size, self.sigma,
-                                              center="subpixel")
-        pixels = (crop.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        target, target_weight = self.codec.encode(joints_on_heatmap)
         return {
-            "image": torch.from_numpy(pixels.transpose(2, 0, 1).copy()),
+            "image": normalize_image(crop),
             "target": torch.from_numpy(target),
             "target_weight": torch.from_numpy(target_weight),
             "center": torch.from_numpy(np.asarray(center, np.float32)),
@@ -268,17 +270,12 @@ class TopDownDataset(torch.utils.data.Dataset):
 
 
 def denormalize(image_tensor):
-    """(3, H, W) normalised tensor -> (H, W, 3) uint8 RGB, for drawing."""
+    """(3, H, W) normalized tensor -> (H, W, 3) uint8 RGB, for drawing."""
     pixels = image_tensor.detach().cpu().numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
     return np.clip(pixels * 255.0, 0, 255).astype(np.uint8)
 
 
 def main():
-    from common.data import show_samples
-    from common.drawing import draw_heatmap_overlay
-    from common.engine import output_dirs
-    from common.keypoints import LIP16
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--show", type=int, default=8, help="how many augmented training samples to draw")
     parser.add_argument("--input-size", type=int, nargs=2, default=(128, 128), metavar=("W", "H"))
@@ -288,7 +285,7 @@ def main():
     np.random.seed(args.seed)
     dirs = output_dirs("simple_baseline", "show", args.out)
     records = load_split("lip", None, None, "train", dirs["root"])["records"]
-    dataset = TopDownDataset(records, LIP16.flip_index, args.input_size, train=True)
+    dataset = TopDownDataset(records, LIP16.flip_index, target_codec(args.input_size, 4, PAPER_SIGMA), train=True)
     tiles = []
     for i in range(min(args.show, len(dataset))):
         sample = dataset[i]

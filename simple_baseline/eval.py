@@ -4,7 +4,7 @@
     python simple_baseline/eval.py --checkpoint C.pt --data IMAGES --ann val.csv --format lip
     python simple_baseline/eval.py --visualize 8           # + 8 images: prediction red, ground truth blue
 Test time: flip test (flip back, swap left/right channels, shift one pixel) and quarter-pixel refinement,
-mapped back to original image pixels. Also holds the prediction/metric functions train.py uses.
+mapped back to original image pixels (simple_baseline/infer.py). Also holds the metric functions train.py uses.
 """
 import argparse
 import json
@@ -15,17 +15,16 @@ import cv2
 import numpy as np
 import torch
 
-from common.data import make_loader, read_image, BadImageError
-from common.drawing import BLUE, RED, draw_keypoints
-from common.engine import checkpoint_or_exit, load_checkpoint, output_dirs
-from common.evaluation import (coco_keypoint_ap, count_flops, count_parameters, pck, print_pck_table,
-                               write_results_json)
+from common.data import BadImageError, exit_on_bad_input, read_image
+from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, pck, write_results_json
 from common.geometry import affine_points, get_affine_transform
-from common.heatmaps import decode_heatmaps, flip_heatmaps_back
+from common.heatmaps import HeatmapCodec
 from common.keypoints import COCO17, LIP16
-from simple_baseline.model import architecture_mismatch, model_from_arch
-
-MODEL_NAME = "simple_baseline"
+from common.loader import make_loader
+from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
+from simple_baseline.dataset import TopDownDataset, load_split
+from simple_baseline.infer import draw_prediction, heatmaps_to_image_coords, predict_heatmaps
+from simple_baseline.model import MODEL_NAME, architecture_mismatch, build_model, upgrade_checkpoint
 
 # PCKh rows over MPII/LIP joint indices, as in the official MPII evaluation (left and right pooled).
 PCKH_GROUPS = {"Head": (9,), "Shoulder": (12, 13), "Elbow": (11, 14), "Wrist": (10, 15),
@@ -34,34 +33,6 @@ PELVIS, THORAX = 6, 7  # left out of the official mean
 
 
 # ------------------------------------------------------------------------------------------ prediction
-
-@torch.no_grad()
-def predict_heatmaps(model, images, flip_index, flip_test=True, flip_shift=True):
-    """Heatmaps for a batch of crops; with flip test, averaged with those of the mirrored crops.
-
-    Our heatmap grid is the input grid divided by the stride (x_hm = x_in / 4), so mirroring the
-    input and flipping the output back lands 3/4 of a heatmap pixel to the left: the paper's
-    one-pixel shift (flip_shift) brings it back to within a quarter pixel.
-    """
-    heatmaps = model(images)
-    if flip_test:
-        flipped = model(torch.flip(images, dims=[3]))
-        heatmaps = 0.5 * (heatmaps + flip_heatmaps_back(flipped, flip_index, shift=flip_shift))
-    return heatmaps
-
-
-def heatmaps_to_image_coords(heatmaps, centers, sizes):
-    """Decode (argmax + quarter pixel) and map to original image pixels through the crop's inverse
-    affine. Returns coords (B, K, 2) and scores (B, K) as numpy."""
-    coords, maxvals = decode_heatmaps(heatmaps.float())
-    coords, maxvals = coords.cpu().numpy(), maxvals.cpu().numpy()
-    heatmap_size = (heatmaps.shape[3], heatmaps.shape[2])
-    out = np.empty_like(coords)
-    for i in range(len(coords)):
-        inverse = get_affine_transform(centers[i], sizes[i], 0.0, heatmap_size, inverse=True)
-        out[i] = affine_points(coords[i], inverse)
-    return out, maxvals
-
 
 def run_predictions(model, dataset, flip_index, batch_size=32, workers=0, flip_test=True, flip_shift=True,
                     device=None):
@@ -113,7 +84,11 @@ def pckh_table(pred, gt, head_size):
 
 
 def print_pckh(rows, title):
-    print_pck_table([rows[name] for name in rows], list(rows), title=title)
+    """The title, then one line per row in percent."""
+    width = max(len(name) for name in rows)
+    print(title)
+    for name, value in rows.items():
+        print(f"  {name:<{width}}  {100 * value:6.2f}")
 
 
 def mean_pose_in_crop(records, dataset):
@@ -170,7 +145,7 @@ def evaluate_split(model, dataset, records, data_format, mean_pose=None, coco_gt
                 print(f"mean-pose baseline on the same boxes: AP {base['AP']:.4f}")
     else:
         official = data_format == "mpii" and getattr(dataset, "official_head_boxes", False)
-        label = "PCKh (head box x 0.6)" if official else "PCKh (neck-to-head-top normalised, NOT the official MPII PCKh)"
+        label = "PCKh (head box x 0.6)" if official else "PCKh (neck-to-head-top normalized, NOT the official MPII PCKh)"
         rows = pckh_table(predictions["pred"], predictions["gt"], predictions["head_size"])
         metrics = {f"PCKh@0.5/{k}" if k != "Mean@0.1" else "PCKh@0.1/Mean": v for k, v in rows.items()}
         metrics["PCKh@0.5"] = rows["Mean"]
@@ -189,43 +164,7 @@ def evaluate_split(model, dataset, records, data_format, mean_pose=None, coco_gt
     return metrics, predictions
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-
-def load_model(checkpoint_path, device="cpu", requested_arch=None):
-    """Rebuild the model a checkpoint was trained with; one clear error when it is another model's
-    checkpoint or does not fit the requested architecture. Returns (model, config)."""
-    ckpt = load_checkpoint(checkpoint_path)
-    owner = ckpt.get("model_name") if isinstance(ckpt, dict) else None
-    if owner != MODEL_NAME or "config" not in ckpt:
-        raise SystemExit(f"{checkpoint_path}: not a {MODEL_NAME} checkpoint (it belongs to {owner or 'an unknown model'})")
-    config = ckpt["config"]
-    arch = config.get("arch")
-    if not arch:
-        raise SystemExit(f"{checkpoint_path}: the checkpoint does not record its architecture")
-    if requested_arch:
-        mismatch = architecture_mismatch(arch, {**arch, **requested_arch})
-        if mismatch:
-            raise SystemExit(f"{checkpoint_path}: checkpoint of another architecture: {mismatch}")
-    model = model_from_arch(arch)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise SystemExit(f"{checkpoint_path}: weights do not fit {arch['backbone']} + "
-                         f"{arch['deconv_filters']} ({first})")
-    return model.to(device).eval(), config
-
-
 # ------------------------------------------------------------------------------------------ drawing
-
-def draw_prediction(image, pred, scores, gt=None, skeleton=True, threshold=0.2, layout=LIP16):
-    """Prediction in red (joints under the score threshold hidden), ground truth in blue."""
-    edges = layout.skeleton if skeleton else ()
-    if gt is not None:
-        image = draw_keypoints(image, gt, edges, color=BLUE, threshold=0.0, scores=False)
-    keypoints = np.concatenate([pred, scores[:, None]], 1)
-    return draw_keypoints(image, keypoints, edges, color=RED, threshold=threshold, scores=False)
-
 
 def write_visualizations(predictions, records, count, out_dir, skeleton, threshold, show_gt, layout):
     out_dir = Path(out_dir)
@@ -248,52 +187,59 @@ def write_visualizations(predictions, records, count, out_dir, skeleton, thresho
     return written
 
 
-def main(args):
-    from simple_baseline.dataset import TopDownDataset, load_split
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def load_checked_model(args, device):
+    """The newest (or --checkpoint) model; --backbone / --deconv-filters make a different architecture an error."""
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python simple_baseline/train.py", args.out)
-    requested = {k: v for k, v in (("backbone", args.backbone),
-                                   ("deconv_filters", args.deconv_filters)) if v is not None}
-    model, config = load_model(checkpoint, device, requested)
-    data_format = args.format or config.get("format", "lip")
-    input_size = tuple(config.get("input_size", (256, 256)))
-    dirs = output_dirs(MODEL_NAME, f"eval-{checkpoint.parent.name}", args.out)
+    model, saved = model_from_checkpoint(checkpoint, build_model, MODEL_NAME, upgrade_checkpoint, device)
+    requested = {k: v for k, v in (("backbone", args.backbone), ("deconv_filters", args.deconv_filters))
+                 if v is not None}
+    mismatch = architecture_mismatch(saved["arch"], {**saved["arch"], **requested})
+    if mismatch:
+        raise SystemExit(f"{checkpoint}: checkpoint of another architecture: {mismatch}")
+    return checkpoint, model, saved
 
+
+def evaluation_data(args, saved, dirs):
+    """(dataset, records, split, mean pose or None) of the split to evaluate, with the checkpoint's codec."""
+    config, settings = saved["config"], saved["settings"]
+    data_format = args.format or settings["format"]
     builtin = config.get("builtin_sizes") if args.data is None and args.ann is None else None
     split = load_split(data_format, args.data, args.ann, "val", data_root=dirs["root"],
                        head_boxes=args.head_boxes, detections=args.detections, builtin_sizes=builtin)
     layout = COCO17 if data_format == "coco" else LIP16
-    dataset = TopDownDataset(split["records"], layout.flip_index, input_size, stride=model.stride,
-                             sigma=config.get("sigma", 2.0))
+    dataset = TopDownDataset(split["records"], layout.flip_index, HeatmapCodec.from_dict(settings["codec"]))
     dataset.official_head_boxes = split.get("official_head_boxes", False)
     mean_pose = None
-    if not args.no_baseline and config.get("format", "lip") == data_format:
+    if not args.no_baseline and settings["format"] == data_format:
         # The mean pose comes from the split the checkpoint was trained on (when it is still there).
         train_split = load_split(data_format, config.get("data"), config.get("ann"), "train",
                                  data_root=dirs["root"], quiet=True, missing_ok=True,
                                  builtin_sizes=config.get("builtin_sizes"))
         if train_split is not None:
             mean_pose = mean_pose_in_crop(train_split["records"], dataset)
+    return dataset, split, layout, mean_pose
 
-    print(f"checkpoint {checkpoint}: {config['arch']['backbone']} + deconv {config['arch']['deconv_filters']}, "
-          f"input {input_size[0]}x{input_size[1]}")
-    with torch.device("meta"):
-        meta_model = model_from_arch(config["arch"])
-    params = count_parameters(meta_model)
-    flops = count_flops(model, torch.zeros(1, 3, input_size[1], input_size[0], device=device))
-    print(f"parameters {params:,}  GFLOPs {flops / 1e9:.3f} (one {input_size[0]}x{input_size[1]} crop, "
+
+def main(args):
+    device = pick_device(args.device)
+    checkpoint, model, saved = load_checked_model(args, device)
+    dirs = output_dirs(MODEL_NAME, f"eval-{checkpoint.parent.name}", args.out)
+    dataset, split, layout, mean_pose = evaluation_data(args, saved, dirs)
+    data_format, (width, height) = args.format or saved["settings"]["format"], dataset.input_size
+    print(f"checkpoint {checkpoint}: {saved['arch']['backbone']} + deconv {saved['arch']['deconv_filters']}, "
+          f"input {width}x{height}")
+    flops = count_flops(model, torch.zeros(1, 3, height, width, device=device))
+    print(f"parameters {count_parameters(model):,}  GFLOPs {flops / 1e9:.3f} (one {width}x{height} crop, "
           f"multiply-add = 2)")
     metrics, predictions = evaluate_split(
         model, dataset, split["records"], data_format, mean_pose, split.get("coco"), args.batch_size,
         args.workers, not args.no_flip_test, not args.no_flip_shift, json_path=dirs["outputs"] / "metrics.json")
     if data_format == "coco":
-        coco_results_path = write_results_json(coco_results(predictions, split["records"]),
-                                               dirs["outputs"] / "keypoints_results.json")
-        print(f"COCO results: {coco_results_path}")
+        results = write_results_json(coco_results(predictions, split["records"]), dirs["outputs"] / "results.json")
+        print(f"COCO results: {results}")
     if args.visualize:
         written = write_visualizations(predictions, split["records"], args.visualize, dirs["outputs"] / "vis",
-                                       not args.no_skeleton, args.score_threshold, not args.no_gt, layout)
+                                       not args.no_skeleton, args.threshold, not args.no_gt, layout)
         print(f"wrote {written} images (prediction red, ground truth blue) to {dirs['outputs'] / 'vis'}")
     print(f"metrics written to {dirs['outputs'] / 'metrics.json'}")
     return metrics
@@ -301,17 +247,11 @@ def main(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (default: newest of this model)")
-    parser.add_argument("--data", default=None, help="image folder (default: the built-in val split)")
-    parser.add_argument("--ann", default=None, help="annotation file: LIP CSV, MPII JSON or COCO JSON")
+    add_common_args(parser, role="eval", batch_size=32, workers=0)
     parser.add_argument("--format", choices=("lip", "mpii", "coco"), default=None,
                         help="annotation format (default: the one the checkpoint was trained on)")
     parser.add_argument("--head-boxes", default=None, help="MPII gt_valid.mat for the official PCKh head sizes")
     parser.add_argument("--detections", default=None, help="COCO: person boxes as a results JSON (default: GT boxes)")
-    parser.add_argument("--out", default=None, help="output root (default: $POSE_OUTPUT_ROOT, else .)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--batch-size", type=int, default=32, help="crops per forward pass (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")
     parser.add_argument("--backbone", default=None, help="expected backbone; an error if the checkpoint differs")
     parser.add_argument("--deconv-filters", type=int, nargs="+", default=None, help="expected deconv widths")
     parser.add_argument("--no-flip-test", action="store_true", help="one forward pass instead of two")
@@ -320,9 +260,9 @@ def parse_args(argv=None):
     parser.add_argument("--visualize", type=int, default=0, metavar="N", help="write N validation images")
     parser.add_argument("--no-skeleton", action="store_true", help="joints only in --visualize images")
     parser.add_argument("--no-gt", action="store_true", help="leave ground truth out of --visualize images")
-    parser.add_argument("--score-threshold", type=float, default=0.2, help="hide joints scoring below this")
+    parser.add_argument("--threshold", type=float, default=0.2, help="hide joints scoring below this")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    exit_on_bad_input(main, parse_args())

@@ -3,6 +3,7 @@ a few stride-2 transposed convolutions, and a 1x1 convolution giving one heatmap
 
 `PoseResNet("resnet18", num_joints=16)` is the default; `deconv_filters=(512, 512, 512)` with
 `sigmoid_output=True` reproduces the seed's head. The output stride is 32 / 2**len(deconv_filters).
+`build_model(**arch)` rebuilds a model from the `arch` dict its checkpoints store.
 """
 from collections import OrderedDict
 
@@ -10,8 +11,12 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from common.heatmaps import HeatmapCodec
+from common.keypoints import COCO17, LIP16
 from common.pretrained import resolve_pretrained
+from common.runs import require
 
+MODEL_NAME = "simple_baseline"
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
@@ -86,14 +91,15 @@ def imagenet_weights_url(backbone):
     return torchvision.models.get_model_weights(backbone).IMAGENET1K_V1.url
 
 
-def build_model(backbone="resnet18", num_joints=16, deconv_filters=(256, 256, 256), deconv_kernel=4,
-                sigmoid_output=False, pretrained="none"):
-    """PoseResNet with the shared `--pretrained none|imagenet|PATH` policy applied to its backbone."""
-    model = PoseResNet(backbone, num_joints, deconv_filters, deconv_kernel, sigmoid_output)
-    url = imagenet_weights_url(backbone)
-    resolve_pretrained(pretrained, filename=url.rsplit("/", 1)[-1], url=url,
-                       load_fn=model.load_backbone_state_dict)
-    return model
+def build_model(**arch) -> PoseResNet:
+    """PoseResNet from the `arch` dict its checkpoints store (backbone weights: load_pretrained_backbone)."""
+    return PoseResNet(**arch)
+
+
+def load_pretrained_backbone(model: PoseResNet, spec) -> None:
+    """The shared `--pretrained none|imagenet|PATH` policy applied to the model's ResNet."""
+    url = imagenet_weights_url(model.arch["backbone"])
+    resolve_pretrained(spec, filename=url.rsplit("/", 1)[-1], url=url, load_fn=model.load_backbone_state_dict)
 
 
 def architecture_mismatch(saved_arch, wanted_arch):
@@ -103,9 +109,17 @@ def architecture_mismatch(saved_arch, wanted_arch):
     return "; ".join(diffs)
 
 
-def model_from_arch(arch):
-    return PoseResNet(arch["backbone"], arch["num_joints"], arch["deconv_filters"],
-                      arch.get("deconv_kernel", 4), arch.get("sigmoid_output", False))
+def upgrade_checkpoint(checkpoint, path) -> dict:
+    """A checkpoint written before arch and settings had their own keys: both were in its "config"."""
+    config = require(checkpoint, "config", path)
+    arch = require(config, "arch", path)
+    width, height = require(config, "input_size", path)
+    stride = 32 // 2 ** len(arch["deconv_filters"])
+    data_format = require(config, "format", path)
+    codec = HeatmapCodec((width, height), (width // stride, height // stride), require(config, "sigma", path))
+    layout = COCO17 if data_format == "coco" else LIP16
+    settings = {"codec": codec.as_dict(), "format": data_format, "layout": layout.as_dict()}
+    return {**checkpoint, "arch": arch, "settings": settings}
 
 
 if __name__ == "__main__":

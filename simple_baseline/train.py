@@ -5,7 +5,7 @@
         --val-data LIP/val_images --val-ann LIP/val.csv   # paper recipe (needs --pretrained imagenet weights)
     torchrun --nproc_per_node=4 simple_baseline/train.py --preset paper ...   # --batch-size is per process
 
-Presets (plain dicts below; every flag overrides them):
+Presets (PRESETS below, plain dicts of defaults; every flag overrides them):
   cpu   - sized for 2 CPU cores and about 15 minutes on the built-in data (see PRESETS and the README).
   paper - the paper's recipe: ResNet-50, 256x256, Adam 1e-3, no weight decay, batch 32, LR x0.1 at
           epochs 90 and 120 of 140, ImageNet-initialised backbone.
@@ -13,20 +13,20 @@ The seed's head is `--deconv-filters 512 512 512 --sigmoid-output`; its `--weigh
 """
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.data import exit_on_bad_input
 from common.drawing import BLUE, RED, draw_keypoints, make_grid
-from common.engine import (add_common_args, newest_checkpoint, output_dirs, planned_steps, setup_device_and_distributed,
-                           train)
+from common.engine import fit, planned_steps
 from common.heatmaps import decode_heatmaps
 from common.keypoints import COCO17, LIP16
-from simple_baseline.dataset import TopDownDataset, denormalize, load_split
-from simple_baseline.eval import MODEL_NAME, evaluate_split, mean_pose_in_crop
-from simple_baseline.model import build_model
+from common.runs import add_common_args, parse_with_preset, run_dirs, setup_device_and_distributed
+from simple_baseline.dataset import PAPER_SIGMA, TopDownDataset, denormalize, load_split, target_codec
+from simple_baseline.eval import evaluate_split, mean_pose_in_crop
+from simple_baseline.model import MODEL_NAME, build_model, load_pretrained_backbone
 
 PRESETS = {
     # CPU: resnet18 as in the seed on 96x128 (W x H) crops, COCO's 3:4 aspect (at 64 px wrists and elbows
@@ -74,22 +74,9 @@ def draw_batch_predictions(model, batch, flip_index, layout, count=4):
     return {"predictions": make_grid(tiles, ncols=count)}
 
 
-def main(args):
-    start = time.time()
-    if any(side % 32 for side in args.input_size):
-        raise SystemExit(f"--input-size {args.input_size[0]} {args.input_size[1]}: both sides must be multiples "
-                         f"of 32 (the ResNet's stride), e.g. 256 192")
-    if not 0.0 <= args.warmup <= 1.0:
-        raise SystemExit(f"--warmup {args.warmup}: the warm-up is a fraction of the run, between 0 and 1")
-    setup_device_and_distributed(args)
-    is_main = args.rank == 0
-    if args.run_name is None:
-        resumed = newest_checkpoint(MODEL_NAME, args.out, kind="last") if args.resume == "auto" else None
-        resumed = resumed or (Path(args.resume) if args.resume and args.resume != "auto" else None)
-        args.run_name = resumed.parent.name if resumed else time.strftime("%Y%m%d-%H%M%S")
-    dirs = output_dirs(MODEL_NAME, args.run_name, args.out)
-
-    # Data (the built-in set is rendered once, by rank 0, before the other ranks read it).
+def load_data(args, dirs, is_main):
+    """(train split, val split, train set, val set, layout); the built-in set is rendered once, by rank 0,
+    before the other ranks read it."""
     builtin = args.data is None and args.ann is None
     args.builtin_sizes = {"num_images": args.builtin_train, "num_val": args.builtin_val} if builtin else None
     if args.distributed and not is_main:
@@ -105,27 +92,46 @@ def main(args):
     scale_factor, rotation_factor = AUGMENTATION[args.format]
     scale_factor = args.scale_factor if args.scale_factor is not None else scale_factor
     rotation_factor = args.rotation_factor if args.rotation_factor is not None else rotation_factor
-    stride = 32 // 2 ** len(args.deconv_filters)
-    train_set = TopDownDataset(train_split["records"], layout.flip_index, args.input_size, stride, args.sigma,
-                               train=True, scale_factor=scale_factor, rotation_factor=rotation_factor)
-    val_set = TopDownDataset(val_split["records"], layout.flip_index, args.input_size, stride, args.sigma)
+    codec = target_codec(args.input_size, 32 // 2 ** len(args.deconv_filters), args.sigma)
+    train_set = TopDownDataset(train_split["records"], layout.flip_index, codec, train=True,
+                               scale_factor=scale_factor, rotation_factor=rotation_factor)
+    val_set = TopDownDataset(val_split["records"], layout.flip_index, codec)
     val_set.official_head_boxes = val_split.get("official_head_boxes", False)
+    return train_split, val_split, train_set, val_set, layout
 
-    # Model, optimizer, schedule: Adam without weight decay; 'step' multiplies the LR by --lr-factor at the
-    # milestone epochs (the paper), 'onecycle' warms up then anneals over the run (stepped per batch).
-    # Under torchrun only rank 0 fetches ImageNet weights; DDP copies rank 0's weights to the others.
-    model = build_model(args.backbone, layout.num_keypoints, args.deconv_filters, 4, args.sigmoid_output,
-                        args.pretrained if is_main or args.pretrained != "imagenet" else "none")
-    args.arch = model.arch  # saved in every checkpoint's config: eval/infer rebuild the model from it
-    model = model.to(memory_format=torch.channels_last)  # ~10% faster convolutions on CPU, and on GPU with AMP
+
+def build_optimizer(args, model, num_samples):
+    """Adam without weight decay; 'step' multiplies the LR by --lr-factor at the milestone epochs (the
+    paper), 'onecycle' warms up then anneals over the run (stepped per batch). Returns (optimizer,
+    scheduler, interval)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=0.0)
     if args.schedule == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=args.warmup,
-                                                        total_steps=planned_steps(args, len(train_set)))
-        scheduler_interval = "step"
-    else:
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_factor)
-        scheduler_interval = "epoch"
+                                                        total_steps=planned_steps(args, num_samples))
+        return optimizer, scheduler, "step"
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.lr_factor)
+    return optimizer, scheduler, "epoch"
+
+
+def main(args):
+    start = time.time()
+    if any(side % 32 for side in args.input_size):
+        raise SystemExit(f"--input-size {args.input_size[0]} {args.input_size[1]}: both sides must be multiples "
+                         f"of 32 (the ResNet's stride), e.g. 256 192")
+    if not 0.0 <= args.warmup <= 1.0:
+        raise SystemExit(f"--warmup {args.warmup}: the warm-up is a fraction of the run, between 0 and 1")
+    setup_device_and_distributed(args)
+    is_main = args.rank == 0
+    dirs = run_dirs(args, MODEL_NAME)
+    train_split, val_split, train_set, val_set, layout = load_data(args, dirs, is_main)
+
+    # Under torchrun only rank 0 fetches ImageNet weights; DDP copies rank 0's weights to the others.
+    model = build_model(backbone=args.backbone, num_joints=layout.num_keypoints, deconv_filters=args.deconv_filters,
+                        deconv_kernel=4, sigmoid_output=args.sigmoid_output)
+    load_pretrained_backbone(model, args.pretrained if is_main or args.pretrained != "imagenet" else "none")
+    arch = model.arch
+    model = model.to(memory_format=torch.channels_last)  # ~10% faster convolutions on CPU, and on GPU with AMP
+    optimizer, scheduler, scheduler_interval = build_optimizer(args, model, len(train_set))
 
     mean_pose = mean_pose_in_crop(train_split["records"], val_set)
     metrics_path = dirs["outputs"] / "metrics.json"
@@ -142,9 +148,11 @@ def main(args):
         return draw_batch_predictions(plain_model, batch, layout.flip_index, layout)
 
     metric = "AP" if args.format == "coco" else "PCKh@0.5"
-    model, summary = train(args, model, train_set, compute_loss, optimizer, scheduler=scheduler,
-                           scheduler_interval=scheduler_interval, evaluate=evaluate, best_metric=metric,
-                           log_images=log_images, model_name=MODEL_NAME)
+    settings = {"codec": train_set.codec.as_dict(), "format": args.format, "layout": layout.as_dict()}
+    model, summary = fit(args, model, train_set, compute_loss, optimizer,
+                         model_name=MODEL_NAME, arch=arch, settings=settings, scheduler=scheduler,
+                         scheduler_interval=scheduler_interval, evaluate=evaluate, best_metric=metric,
+                         log_images=log_images)
     if is_main:
         final = summary["metrics"]
         if metric in final:
@@ -157,29 +165,27 @@ def main(args):
 
 
 def parse_args(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    preset = pre.parse_known_args(argv)[0].preset
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                        help="defaults to start from: cpu (built-in data, 2 cores) or paper (default: %(default)s)")
     parser.add_argument("--format", choices=("lip", "mpii", "coco"), default="lip",
                         help="annotation format of --ann / --val-ann; built-in data: lip or coco (default: %(default)s)")
     parser.add_argument("--val-data", default=None, help="validation image folder")
     parser.add_argument("--val-ann", default=None, help="validation annotation file")
     parser.add_argument("--head-boxes", default=None, help="MPII gt_valid.mat: official PCKh head sizes for validation")
     parser.add_argument("--backbone", choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
-                        help="torchvision ResNet without avgpool/fc")
-    parser.add_argument("--deconv-filters", type=int, nargs="+", help="channels of each stride-2 deconvolution")
+                        help="torchvision ResNet without avgpool/fc (default: %(default)s)")
+    parser.add_argument("--deconv-filters", type=int, nargs="+",
+                        help="channels of each stride-2 deconvolution (default: %(default)s)")
     parser.add_argument("--sigmoid-output", action="store_true", help="squash heatmaps with a sigmoid (the seed)")
-    parser.add_argument("--input-size", type=int, nargs=2, metavar=("W", "H"), help="network input size")
-    parser.add_argument("--sigma", type=float, default=2.0,
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("W", "H"),
+                        help="network input size (default: %(default)s)")
+    parser.add_argument("--sigma", type=float, default=PAPER_SIGMA,
                         help="Gaussian target sigma in heatmap pixels (default: %(default)s; the paper uses 2)")
     parser.add_argument("--schedule", choices=("step", "onecycle"), default="step",
-                        help="step: x --lr-factor at --milestones (paper); onecycle: warm-up, then anneal to ~0")
+                        help="step: x --lr-factor at --milestones (paper); onecycle: warm-up, then anneal to ~0 "
+                             "(default: %(default)s)")
     parser.add_argument("--warmup", type=float, default=0.15, help="onecycle: fraction of the run spent warming up")
-    parser.add_argument("--milestones", type=int, nargs="*", help="epochs after which the LR is multiplied by --lr-factor")
+    parser.add_argument("--milestones", type=int, nargs="*",
+                        help="epochs after which the LR is multiplied by --lr-factor (default: %(default)s)")
     parser.add_argument("--lr-factor", type=float, default=0.1, help="LR decay factor (default: %(default)s)")
     parser.add_argument("--scale-factor", type=float, default=None, help="scale augmentation (default: by format)")
     parser.add_argument("--rotation-factor", type=float, default=None, help="rotation augmentation in degrees")
@@ -188,9 +194,8 @@ def parse_args(argv=None):
     parser.add_argument("--builtin-train", type=int, default=3000, help="built-in data: training images")
     parser.add_argument("--builtin-val", type=int, default=300, help="built-in data: validation images")
     add_common_args(parser)
-    parser.set_defaults(**PRESETS[preset])
-    return parser.parse_args(argv)
+    return parse_with_preset(parser, PRESETS, argv, default="cpu")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    exit_on_bad_input(main, parse_args())

@@ -1,7 +1,7 @@
 """A tiny model, data set and loss for the training-loop tests, and a script torchrun runs.
 
 `torchrun --nproc_per_node=2 tests/_ddp_worker.py --out DIR --device cpu ...` trains through
-common.engine.train and writes each rank's final weights to DIR/rank<r>.pt for the test to compare.
+common.engine.fit and writes each rank's final weights to DIR/rank<r>.pt for the test to compare.
 """
 import argparse
 import sys
@@ -10,7 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.engine import add_common_args, output_root, setup_device_and_distributed, train
+from common.engine import fit
+from common.runs import add_common_args, output_root, setup_device_and_distributed
+
+ARCH = {"dim": 8}   # tiny_model(**ARCH)
 
 
 class NoisyRegression(torch.utils.data.Dataset):
@@ -58,8 +61,8 @@ def build(args):
 def main(argv=None):
     args = make_parser().parse_args(argv)
     model, optimizer, scheduler = build(args)
-    model, summary = train(args, model, NoisyRegression(), mse_loss, optimizer, scheduler=scheduler,
-                           scheduler_interval="step", model_name="tiny")
+    model, summary = fit(args, model, NoisyRegression(), mse_loss, optimizer, scheduler=scheduler,
+                         scheduler_interval="step", model_name="tiny", arch=ARCH, settings={})
     torch.save(model.state_dict(), output_root(args.out) / f"rank{args.rank}.pt")
     print(f"rank {args.rank}: {summary['steps']} steps")
 

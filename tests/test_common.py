@@ -6,15 +6,17 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
-from common.data import (AnnotationError, BadImageError, exit_on_bad_input, load_coco_keypoints, make_loader,
-                         read_image)
+from common.data import AnnotationError, BadImageError, exit_on_bad_input, load_coco_keypoints, read_image
 from common.evaluation import COCO_METRIC_NAMES, coco_keypoint_ap, count_flops, count_parameters, pck
 from common.geometry import (affine_points, box_to_center_scale, flip_image, flip_keypoints, get_affine_transform,
                              warp_image)
-from common.heatmaps import decode_heatmaps, flip_heatmaps_back, heatmap_nms, make_heatmaps, topk_peaks
+from common.heatmaps import decode_heatmaps, make_heatmaps
 from common.keypoints import (AP10K17, CAT16, COCO17, COCO_SIGMAS, LAYOUTS, MPII16, POSE_SPI13, get_layout,
-                              layout_from_coco_category)
+                              layout_from_coco_category, layout_from_dict)
+from common.loader import make_loader
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEST_DATA = Path(__file__).resolve().parent / "data"
@@ -39,6 +41,7 @@ def test_every_layout_flip_pairs_are_symmetric(name):
         assert any("left" in n or n.startswith("l_") for n in names), names
     assert len(layout.sigmas) == layout.num_keypoints
     assert all(0 <= a < layout.num_keypoints and 0 <= b < layout.num_keypoints for a, b in layout.skeleton)
+    assert layout_from_dict(json.loads(json.dumps(layout.as_dict()))) == layout   # as checkpoints store it
 
 
 def test_pose_spi_sigmas_follow_names_not_positions():
@@ -69,7 +72,7 @@ def test_heatmap_round_trip_subpixel_within_quarter_pixel():
     joints = np.concatenate([rng.uniform(2, 45, (20, 2)), np.full((20, 1), 2.0)], 1)
     maps, weights = make_heatmaps(joints, (48, 48), sigma=2.0, center="subpixel")
     assert maps.shape == (20, 48, 48) and weights.tolist() == [1.0] * 20
-    assert np.all(maps.max((1, 2)) > 0.88)  # nearest pixel within 0.71 px of the centre
+    assert np.all(maps.max((1, 2)) > 0.88)  # nearest pixel within 0.71 px of the center
     coords, maxvals = decode_heatmaps(torch.from_numpy(maps)[None])
     assert np.abs(coords[0].numpy() - joints[:, :2]).max() <= 0.25 + 1e-6
 
@@ -93,23 +96,6 @@ def test_heatmap_weights_and_edges():
     # several people: per-joint maximum, the support is +-3 sigma
     two, w = make_heatmaps(np.array([[[10, 10, 2]], [[30, 10, 2]]]), (48, 24), sigma=1.5)
     assert two[0, 10, 10] == 1.0 and two[0, 10, 30] == 1.0 and two[0, 10, 20] == 0.0 and w[0] == 1
-
-
-def test_flip_heatmaps_back_and_nms():
-    maps = torch.rand(2, 17, 12, 10)
-    back = flip_heatmaps_back(flip_heatmaps_back(maps, COCO17.flip_index), COCO17.flip_index)
-    assert torch.equal(back, maps)
-    once = flip_heatmaps_back(maps, COCO17.flip_index)
-    assert torch.equal(once[0, 1, :, 0], maps[0, 2, :, -1])  # left_eye <- mirrored right_eye
-    shifted = flip_heatmaps_back(maps, COCO17.flip_index, shift=True)
-    assert torch.equal(shifted[..., 1:], once[..., :-1])
-    peaks = torch.zeros(1, 1, 20, 20)
-    peaks[0, 0, 5, 5], peaks[0, 0, 5, 6], peaks[0, 0, 15, 12] = 0.9, 0.5, 0.7
-    nms = heatmap_nms(peaks, 5)
-    assert nms[0, 0, 5, 6] == 0 and nms[0, 0, 5, 5] == 0.9
-    scores, xs, ys = topk_peaks(nms, 2)
-    assert scores[0, 0].tolist() == pytest.approx([0.9, 0.7]) and xs[0, 0].tolist() == [5, 12]
-    assert ys[0, 0].tolist() == [5, 15]
 
 
 # ---- geometry -----------------------------------------------------------------------------------
@@ -175,9 +161,6 @@ def test_coco_ground_truth_as_predictions_gives_ap_one():
 
 
 def test_coco_perturbed_matches_pycocotools_called_directly(capsys):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     ann_file = shared("coco_sample/test_coco.json")
     results = json.loads((TEST_DATA / "coco_sample_perturbed_results.json").read_text())
     ours = coco_keypoint_ap(str(ann_file), results, COCO17.sigmas)
@@ -225,7 +208,7 @@ def test_parameter_and_flop_counts():
 
 # ---- reading images and annotations -------------------------------------------------------------
 
-def test_read_image_decodes_by_content_and_normalises_formats(tmp_path):
+def test_read_image_decodes_by_content_and_normalizes_formats(tmp_path):
     rgb = np.zeros((8, 10, 3), np.uint8)
     rgb[..., 0] = 200  # red
     cv2.imwrite(str(tmp_path / "rgb.png"), rgb[..., ::-1])
@@ -339,27 +322,3 @@ def test_malformed_annotations_give_one_line_naming_file_and_id(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         exit_on_bad_input(main)
     assert str(exit_info.value).startswith("error: ") and "annotation 7" in str(exit_info.value)
-
-
-def test_iter_inputs_image_folder_and_video(tmp_path, capsys):
-    from common.data import VideoWriter, iter_inputs, video_properties
-
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(3):
-        cv2.imwrite(str(folder / f"{i}.png"), np.full((20, 30, 3), 40 * i, np.uint8))
-    (folder / "3.png").write_bytes(b"")  # bad: one error line, the others continue
-    errors = []
-    names = [name for name, _ in iter_inputs(folder, errors=errors)]
-    assert names == ["0", "1", "2"] and len(errors) == 1 and "3.png" in errors[0]
-    assert capsys.readouterr().err.count("error: ") == 1
-    assert [name for name, _ in iter_inputs(folder, limit=2)] == ["0", "1"]
-    assert [(p.name, f) for _, _, p, f in iter_inputs(folder / "1.png", detail=True)] == [("1.png", None)]
-    writer = VideoWriter(tmp_path / "clip.mp4", fps=10)
-    for i in range(10):
-        writer.write(np.full((32, 48, 3), 20 * i, np.uint8))
-    writer.close()
-    frames = list(iter_inputs(tmp_path / "clip.mp4"))
-    assert len(frames) == 10 and frames[0][1].shape == (32, 48, 3)
-    assert [f for _, _, _, f in iter_inputs(tmp_path / "clip.mp4", limit=2, detail=True)] == list(range(10))
-    assert video_properties(tmp_path / "clip.mp4") == (10.0, 10)

@@ -1,8 +1,9 @@
 """Tests of cpm_animal: the seed model's size and shapes, the seed JSON reader, flip/crop/rotation keeping
-keypoints on their pixels, signed targets, PCK, the config overrides, a short overfit and the three scripts."""
+keypoints on their pixels, signed targets, PCK, the preset overrides, a short overfit and the three scripts."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import cv2
@@ -11,22 +12,26 @@ import pytest
 import torch
 
 from common.keypoints import CAT16
-from cpm_animal.config import ConfigError, load_config
-from cpm_animal.dataset import ImageCache, KeypointCrops, check_heatmap_size, load_seed_json
-from cpm_animal.eval import compute_metrics, decode_predictions, ground_truth, predict
-from cpm_animal.model import CPM, NORMS, PRESETS, build_model, heatmap_size
+from cpm_animal import eval as cpm_eval
+from cpm_animal import infer, train
+from cpm_animal.dataset import (ImageCache, KeypointCrops, check_heatmap_size, denormalize, load_coco_records,
+                                load_seed_json)
+from cpm_animal.eval import compute_metrics, ground_truth, predict
+from cpm_animal.infer import decode_predictions
+from cpm_animal.model import CPM, NORMS, SIZES, config_from_dict, heatmap_size, target_codec
+from cpm_animal.presets import PresetError, load_preset
 from cpm_animal.quadrupeds import render_quadruped
 from cpm_animal.train import cpm_loss
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 CATS = SHARED / "cats_akd" / "train"
-TINY = {"preset": "tiny"}
+TINY = {"size": "tiny"}
 NAMES = CAT16.names
 
 
-def test_original_preset_has_the_seed_parameter_count_and_output_shape():
+def test_original_size_has_the_seed_parameter_count_and_output_shape():
     with torch.device("meta"):
-        model = CPM(PRESETS["original"])
+        model = CPM(SIZES["original"])
         out = model(torch.empty(2, 3, 368, 368))
     assert sum(p.numel() for p in model.parameters()) == 40_205_052
     assert tuple(out.shape) == (7, 2, 16, 45, 45)
@@ -35,15 +40,15 @@ def test_original_preset_has_the_seed_parameter_count_and_output_shape():
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_other_input_sizes_work_with_every_norm(norm):
-    model = build_model({**TINY, "norm_layer": norm, "input_size": [72, 56], "stages": 3,
-                         "centre_map": True, "background": True, "drop_rate": 0.2})
+    model = CPM(config_from_dict({**TINY, "norm_layer": norm, "input_size": [72, 56], "stages": 3,
+                         "center_map": True, "background": True, "drop_rate": 0.2}))
     out = model(torch.randn(2, 3, 56, 72))
     assert tuple(out.shape) == (3, 2, 17, 13, 17)  # 16 keypoints + background; 56 -> 27 -> 13, 72 -> 35 -> 17
     assert heatmap_size(model.config) == (17, 13)
 
 
 def test_layer_norm_model_rejects_another_input_size():
-    model = build_model({**TINY, "norm_layer": "layer"})
+    model = CPM(config_from_dict({**TINY, "norm_layer": "layer"}))
     with pytest.raises(ValueError, match="fixes the input"):
         model(torch.randn(1, 3, 80, 80))
 
@@ -83,15 +88,13 @@ def test_real_cat_json_drops_the_entry_outside_its_image(capsys):
 
 
 def test_coco_animal_reader_crops_ap10k_boxes(tmp_path):
-    from cpm_animal.dataset import load_coco_records
-
     folder = SHARED / "ap10k_sample"
     if not folder.is_dir():
         pytest.skip("../shared/data is absent")
     records, layout = load_coco_records(folder / "test_ap10k.json", folder, "ap10k17")
     assert len(records) == 2 and layout.num_keypoints == 17
-    config = build_model({**TINY, "num_keypoints": 17}).config
-    sample = KeypointCrops(records, layout, config, {}, ImageCache(tmp_path, 256), heatmap_size(config))[0]
+    config = CPM(config_from_dict({**TINY, "num_keypoints": 17})).config
+    sample = KeypointCrops(records, layout, config, {}, ImageCache(tmp_path, 256), target_codec(config, 1.5))[0]
     assert tuple(sample["heatmap"].shape) == (17, 15, 15)
     labelled = sample["gt"][:, 2] > 0
     back = sample["inverse"][:, :2] @ sample["keypoints"][:, :2].T + sample["inverse"][:, 2:]
@@ -99,53 +102,49 @@ def test_coco_animal_reader_crops_ap10k_boxes(tmp_path):
 
 
 def dot_records(tmp_path, size=(160, 120)):
-    """An image with one coloured disc per keypoint (colour k -> keypoint k) and its record."""
+    """An image with one colored disc per keypoint (color k -> keypoint k) and its record."""
     width, height = size
     rng = np.random.default_rng(3)
     image = np.zeros((height, width, 3), np.uint8)
     grid_x, grid_y = np.meshgrid(np.linspace(35, width - 35, 4), np.linspace(30, height - 30, 4))
     points = np.stack([grid_x.ravel(), grid_y.ravel()], 1) + rng.uniform(-4, 4, (16, 2))
-    colours = [(20 + 14 * k, 255 - 12 * k, (97 * k) % 256) for k in range(16)]
-    for (x, y), colour in zip(points, colours):
-        cv2.circle(image, (int(round(x)), int(round(y))), 4, colour, -1)
+    colors = [(20 + 14 * k, 255 - 12 * k, (97 * k) % 256) for k in range(16)]
+    for (x, y), color in zip(points, colors):
+        cv2.circle(image, (int(round(x)), int(round(y))), 4, color, -1)
     points = np.round(points)
     path = tmp_path / "dots.png"
     cv2.imwrite(str(path), image[:, :, ::-1])
     kpts = np.concatenate([points, np.full((16, 1), 2)], 1).astype(np.float32)
     record = {"id": "0", "image": path, "width": float(width), "height": float(height), "keypoints": kpts, "box": None}
-    return record, np.array(colours, np.float32)
+    return record, np.array(colors, np.float32)
 
 
 def dots_dataset(tmp_path, augmentations, input_size=128):
-    record, colours = dot_records(tmp_path)
-    config = build_model({**TINY, "norm_layer": "none", "input_size": input_size}).config
-    return KeypointCrops([record], CAT16, config, augmentations, ImageCache(tmp_path / "cache", 800)), colours
+    record, colors = dot_records(tmp_path)
+    config = CPM(config_from_dict({**TINY, "norm_layer": "none", "input_size": input_size})).config
+    return KeypointCrops([record], CAT16, config, augmentations, ImageCache(tmp_path / "cache", 800)), colors
 
 
-def colour_centroid(image, colour):
-    close = np.abs(image.astype(np.float32) - colour).sum(2) < 40
+def color_centroid(image, color):
+    close = np.abs(image.astype(np.float32) - color).sum(2) < 40
     ys, xs = np.nonzero(close)
     return np.array([xs.mean(), ys.mean()]) if len(xs) else None
 
 
 def test_crop_and_rotation_keep_keypoints_on_their_pixels(tmp_path):
-    import random
-
-    from cpm_animal.dataset import denormalise
-
     augmentations = {"all": [{"name": "random_crop", "scale": [0.9, 1.1], "shift": 0.05},
                              {"name": "rotation", "degrees": 30}]}
-    dataset, colours = dots_dataset(tmp_path, augmentations)
+    dataset, colors = dots_dataset(tmp_path, augmentations)
     checked = 0
     for seed in range(3):
         random.seed(seed)
         sample = dataset[0]
-        image = denormalise(sample["image"])
+        image = denormalize(sample["image"])
         for k, (x, y, v) in enumerate(sample["keypoints"].numpy()):
-            centre = colour_centroid(image, colours[k])
-            if v == 0 or centre is None:
+            center = color_centroid(image, colors[k])
+            if v == 0 or center is None:
                 continue
-            assert np.hypot(*(centre - (x, y))) < 1.5, (seed, k, centre, (x, y))
+            assert np.hypot(*(center - (x, y))) < 1.5, (seed, k, center, (x, y))
             checked += 1
         # the inverse maps input pixels back onto the original keypoints
         back = sample["inverse"].numpy()[:, :2] @ sample["keypoints"].numpy()[:, :2].T + sample["inverse"].numpy()[:, 2:]
@@ -154,19 +153,17 @@ def test_crop_and_rotation_keep_keypoints_on_their_pixels(tmp_path):
 
 
 def test_flip_moves_pixels_and_swaps_left_right_labels(tmp_path):
-    from cpm_animal.dataset import denormalise
-
-    dataset, colours = dots_dataset(tmp_path, {"all": [{"name": "hflip", "p": 1.0}]})
+    dataset, colors = dots_dataset(tmp_path, {"all": [{"name": "hflip", "p": 1.0}]})
     plain, _ = dots_dataset(tmp_path, {})
     flipped, original = dataset[0], plain[0]
-    image = denormalise(flipped["image"])
+    image = denormalize(flipped["image"])
     width = dataset.input_size[0]
     left_paw, right_paw = NAMES.index("front_left_paw"), NAMES.index("front_right_paw")
     # the point now labelled left paw is the mirrored right paw, and sits on the right paw's disc
     assert float(flipped["keypoints"][left_paw, 0]) == pytest.approx(
         width - 1 - float(original["keypoints"][right_paw, 0]), abs=1e-3)
-    centre = colour_centroid(image, colours[right_paw])
-    assert np.hypot(*(centre - flipped["keypoints"][left_paw, :2].numpy())) < 1.5
+    center = color_centroid(image, colors[right_paw])
+    assert np.hypot(*(center - flipped["keypoints"][left_paw, :2].numpy())) < 1.5
     for a, b in CAT16.flip_pairs:
         assert "left" in NAMES[a] and NAMES[b] == NAMES[a].replace("left", "right")
 
@@ -187,7 +184,7 @@ def test_flip_keeps_anatomical_left_on_rendered_quadrupeds(tmp_path):
         cv2.imwrite(str(path), image[:, :, ::-1])
         kpts = np.concatenate([xy, np.where(visible > 0, 2, 1)[:, None]], 1).astype(np.float32)
         record = {"id": str(index), "image": path, "width": 96.0, "height": 96.0, "keypoints": kpts, "box": None}
-        config = build_model({**TINY, "norm_layer": "none"}).config
+        config = CPM(config_from_dict({**TINY, "norm_layer": "none"})).config
         sample = KeypointCrops([record], CAT16, config, {"all": [{"name": "hflip", "p": 1.0}]},
                                ImageCache(tmp_path, 800))[0]["keypoints"].numpy()
         flipped_facing_right = sample[NAMES.index("head"), 0] > sample[NAMES.index("bottom_spine"), 0]
@@ -205,7 +202,7 @@ def test_signed_targets_and_crop_exclusion(tmp_path):
     record["keypoints"][3, 2] = 1                      # occluded
     record["keypoints"][5, :2] = (-500, -500)          # far outside any crop
     dataset.records[0]["box"] = [20, 20, 120, 80]
-    dataset.heatmap_size, dataset.signed = heatmap_size(dataset.model_config), True
+    dataset.codec, dataset.signed = target_codec(dataset.model_config, 1.5), True
     sample = dataset[0]
     maps, weights = sample["heatmap"].numpy(), sample["target_weight"].numpy()
     assert maps[3].min() == pytest.approx(-1, abs=0.2) and maps[3].max() <= 0
@@ -237,18 +234,19 @@ def test_pck_on_hand_made_cases():
     assert table[0.05][0][4] == 0 and table[0.1][0][4] == 1
 
 
-def test_config_overrides(tmp_path):
-    config = load_config(None, ["model.drop_rate=0.1", "optimizer.name=sgd", "metric.pck_thresholds=[0.1,0.3]",
+def test_preset_overrides(tmp_path):
+    config = load_preset("cpu", ["model.drop_rate=0.1", "optimizer.name=sgd", "metric.pck_thresholds=[0.1,0.3]",
                                 "checkpoint_path=null", "model.input_size=[96,64]"])
     assert config["model"]["drop_rate"] == 0.1 and config["optimizer"]["name"] == "sgd"
     assert config["metric"]["pck_thresholds"] == [0.1, 0.3] and config["model"]["input_size"] == [96, 64]
-    with pytest.raises(ConfigError, match="unknown key 'drop_rat'"):
-        load_config(None, ["model.drop_rat=0.1"])
-    with pytest.raises(ConfigError, match="group.key=value"):
-        load_config(None, ["model.drop_rate"])
-    config = load_config(None, ["dataset.heatmap_size=30"])
+    with pytest.raises(PresetError, match="unknown key 'drop_rat'"):
+        load_preset("cpu", ["model.drop_rat=0.1"])
+    with pytest.raises(PresetError, match="group.key=value"):
+        load_preset("cpu", ["model.drop_rate"])
+    assert load_preset("seed")["model"]["size"] == "original"
+    config = load_preset("cpu", ["dataset.heatmap_size=30"])
     with pytest.raises(SystemExit, match="dataset.heatmap_size=23"):
-        check_heatmap_size(config, build_model({"preset": "small"}).config)
+        check_heatmap_size(config, CPM(config_from_dict({"size": "small"})).config)
 
 
 def test_short_overfit_learns_two_quadrupeds(tmp_path, one_thread):
@@ -260,8 +258,8 @@ def test_short_overfit_learns_two_quadrupeds(tmp_path, one_thread):
         kpts = np.concatenate([xy, np.where(visible > 0, 2, 1)[:, None]], 1).astype(np.float32)
         records.append({"id": str(i), "image": tmp_path / f"{i}.png", "width": 96.0, "height": 96.0,
                         "keypoints": kpts, "box": None})
-    model = build_model({**TINY, "norm_layer": "group"})
-    dataset = KeypointCrops(records, CAT16, model.config, {}, ImageCache(tmp_path, 800), heatmap_size(model.config))
+    model = CPM(config_from_dict({**TINY, "norm_layer": "group"}))
+    dataset = KeypointCrops(records, CAT16, model.config, {}, ImageCache(tmp_path, 800), target_codec(model.config, 1.5))
     batch = {k: torch.stack([dataset[i][k] for i in range(2)]) for k in ("image", "heatmap", "target_weight")}
     optimizer = torch.optim.Adam(model.parameters(), 1e-2)
     before = predict(model, dataset, "cpu")
@@ -281,12 +279,9 @@ def test_short_overfit_learns_two_quadrupeds(tmp_path, one_thread):
 
 
 def test_train_eval_infer_scripts(tmp_path, monkeypatch, capsys, one_thread):
-    from cpm_animal import eval as cpm_eval
-    from cpm_animal import infer, train
-
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
     small_data = ["dataset.builtin_train_images=8", "dataset.builtin_val_images=4", "dataset.builtin_image_size=64",
-                  "model.preset=tiny", "dataset.heatmap_size=15", "dataset.batch_size=4",
+                  "model.size=tiny", "dataset.heatmap_size=15", "dataset.batch_size=4",
                   "trainer.num_threads=null"]
     train.main(["--max-steps", "2", "--run-name", "t", *small_data])
     out = capsys.readouterr().out
@@ -297,19 +292,17 @@ def test_train_eval_infer_scripts(tmp_path, monkeypatch, capsys, one_thread):
     cpm_eval.main([])
     out = capsys.readouterr().out
     assert "PCK@0.1" in out and "parameters:" in out
-    assert json.loads((tmp_path / "outputs" / "cpm_animal" / "eval_t" / "metrics.json").read_text())["pck@0.1"] >= 0
+    assert json.loads((tmp_path / "outputs" / "cpm_animal" / "eval-t" / "metrics.json").read_text())["pck@0.1"] >= 0
     image = tmp_path / "data" / "cpm_animal" / "quadrupeds" / "val" / "images" / "000000.jpg"
-    with pytest.raises(SystemExit) as done:
-        infer.main([str(image), "--checkpoint", str(checkpoint)])
-    assert done.value.code == 0
-    result = json.loads((tmp_path / "outputs" / "cpm_animal" / "infer_t" / "keypoints.json").read_text())
-    assert len(result["results"]) == 1 and len(result["results"][0]["keypoints"]) == 16
-    assert (tmp_path / "outputs" / "cpm_animal" / "infer_t" / "000000_pose.jpg").is_file()
+    assert infer.main(["--input", str(image), "--checkpoint", str(checkpoint)]) == 0
+    result = json.loads((tmp_path / "outputs" / "cpm_animal" / "infer-t" / "predictions.json").read_text())
+    assert result["keypoint_names"] == list(CAT16.names) and len(result["images"]) == 1
+    [animal] = result["images"][0]["people"]
+    assert len(animal["keypoints"]) == 16 and len(animal["extra"]["visible"]) == 16
+    assert (tmp_path / "outputs" / "cpm_animal" / "infer-t" / "000000_pose.jpg").is_file()
 
 
 def test_eval_without_checkpoint_says_how_to_get_one(tmp_path, monkeypatch, capsys):
-    from cpm_animal import eval as cpm_eval
-
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
     with pytest.raises(SystemExit) as done:
         cpm_eval.main([])

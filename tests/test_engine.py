@@ -1,7 +1,9 @@
-"""Tests of the shared training loop (common/engine.py) and the pretrained-weights policy (common/pretrained.py):
-two-process DDP, exact mid-epoch resume, atomic checkpoints, non-finite losses, best-k, TensorBoard, --pretrained.
+"""Tests of the shared training loop (common/engine.py), runs (common/runs.py: the flags, presets, folders and
+checkpoints) and the pretrained-weights policy (common/pretrained.py): two-process DDP, exact mid-epoch resume,
+atomic checkpoints, non-finite losses, best-k, TensorBoard, presets, the checkpoint contract, --pretrained.
 All on CPU with a 64-sample data set and a ~300-parameter model.
 """
+import argparse
 import os
 import socket
 import subprocess
@@ -12,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import engine, pretrained
-from common.data import BadImageError, make_loader
-from common.engine import load_checkpoint, newest_checkpoint, output_dirs, save_checkpoint, train
+from common import engine, pretrained, runs
+from common.data import BadImageError
+from common.engine import fit
+from common.loader import make_loader
+from common.runs import load_checkpoint, newest_checkpoint, output_dirs, save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _ddp_worker as tiny  # noqa: E402
@@ -27,8 +31,8 @@ def run_tiny(tmp_path, *flags, compute_loss=tiny.mse_loss, **train_kwargs):
     model, optimizer, scheduler = tiny.build(args)
     train_kwargs.setdefault("scheduler_interval", "step")
     dataset = train_kwargs.pop("dataset", None) or tiny.NoisyRegression()
-    return train(args, model, dataset, compute_loss, optimizer, scheduler=scheduler, model_name="tiny",
-                 **train_kwargs)
+    return fit(args, model, dataset, compute_loss, optimizer, scheduler=scheduler, model_name="tiny",
+               arch=tiny.ARCH, settings={"note": "tiny"}, **train_kwargs)
 
 
 def assert_same_weights(a, b):
@@ -107,12 +111,12 @@ def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path, monke
             fh.truncate(size // 2)
         raise KeyboardInterrupt("killed during save")
 
-    monkeypatch.setattr(engine.torch, "save", dies_halfway)
+    monkeypatch.setattr(runs.torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]      # the half-written temp file is gone
     # A SIGKILL gets no clean-up: the half-written temp file stays, and nothing reads it.
-    monkeypatch.setattr(engine.os, "unlink", lambda p: None)
+    monkeypatch.setattr(runs.os, "unlink", lambda p: None)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"step": 3, "w": torch.zeros(3)})
     monkeypatch.undo()
@@ -215,16 +219,17 @@ def test_init_from_loads_weights_only(tmp_path, monkeypatch):
     args = tiny.make_parser().parse_args(["--device", "cpu", "--max-steps", "0", "--run-name", "b",
                                           "--init-from", str(tmp_path / "checkpoints/tiny/a/last.pt")])
     model, optimizer, _ = tiny.build(args)
-    model, summary = train(args, model, tiny.NoisyRegression(), tiny.mse_loss, optimizer, model_name="tiny")
+    model, summary = fit(args, model, tiny.NoisyRegression(), tiny.mse_loss, optimizer, model_name="tiny",
+                         arch=tiny.ARCH, settings={})
     assert summary["steps"] == 0      # a fresh run (step 0), only the weights came from the checkpoint
     assert_same_weights(first.state_dict(), model.state_dict())
     # run_dirs names the folder a run will write: the resumed run's, else --run-name, else a timestamp
     parse = tiny.make_parser().parse_args
-    assert engine.run_dirs(parse(["--device", "cpu", "--resume", "auto"]), "tiny")["run_name"] == "b"   # the newest
+    assert runs.run_dirs(parse(["--device", "cpu", "--resume", "auto"]), "tiny")["run_name"] == "b"   # the newest
     args = parse(["--device", "cpu", "--resume", "auto", "--run-name", "c"])
-    assert engine.run_dirs(args, "tiny")["run_name"] == "c" and engine._resume_path(args, "tiny") is None
+    assert runs.run_dirs(args, "tiny")["run_name"] == "c" and runs.resume_path(args, "tiny") is None
     args = parse(["--device", "cpu", "--resume", "auto", "--run-name", "a"])
-    assert engine._resume_path(args, "tiny") == tmp_path / "checkpoints/tiny/a/last.pt"
+    assert runs.resume_path(args, "tiny") == tmp_path / "checkpoints/tiny/a/last.pt"
 
 
 def test_cli_vocabulary_and_output_dirs(tmp_path, monkeypatch):
@@ -237,7 +242,10 @@ def test_cli_vocabulary_and_output_dirs(tmp_path, monkeypatch):
     args = parser.parse_args([])
     assert args.pretrained == "none" and args.batch_size == 8       # per-model default wins
     with pytest.raises(TypeError):
-        engine.add_common_args(__import__("argparse").ArgumentParser(), batchsize=3)
+        runs.add_common_args(argparse.ArgumentParser(), batchsize=3)
+    for role, absent in (("eval", "--lr"), ("infer", "--data")):
+        text = runs.add_common_args(argparse.ArgumentParser(), role=role).format_help()
+        assert "--checkpoint" in text and "--device" in text and absent not in text
     assert engine.parse_val_every("1e") == ("epoch", 1)
     assert engine.parse_val_every("500") == ("step", 500)
     assert engine.parse_val_every("0") == (None, 0)
@@ -301,10 +309,8 @@ def test_pretrained_imagenet_from_cache_and_from_path(offline):
 
 
 def test_planned_steps_match_what_the_loop_runs():
-    from argparse import Namespace
-
     def plan(epochs, max_steps, accumulate=1, world_size=1):
-        return engine.planned_steps(Namespace(batch_size=16, epochs=epochs, max_steps=max_steps,
+        return engine.planned_steps(argparse.Namespace(batch_size=16, epochs=epochs, max_steps=max_steps,
                                               accumulate=accumulate, world_size=world_size), 1000)
 
     assert plan(4, None) == 4 * 62          # 1000 // 16 full batches per epoch
@@ -346,3 +352,45 @@ def test_keep_freed_memory_stops_page_faulting_big_blocks_back_in():
     # By default glibc trims the heap after each step and faults it back in the next (in 4 KiB pages or
     # transparent huge pages); kept, only the first step faults.
     assert default > 4 * kept, (default, kept)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# presets and the checkpoint contract
+
+def test_preset_defaults_apply_before_parsing_and_flags_override(capsys):
+    presets = {"cpu": {"lr": 0.5, "epochs": 3}, "big": {"lr": 0.01, "epochs": 90}}
+
+    def parse(argv, **kwargs):
+        return runs.parse_with_preset(runs.add_common_args(argparse.ArgumentParser()), presets, argv, **kwargs)
+
+    assert (parse([]).preset, parse([]).lr, parse([]).epochs) == ("cpu", 0.5, 3)
+    assert (parse(["--preset", "big"]).lr, parse(["--preset", "big", "--lr", "2"]).lr) == (0.01, 2.0)
+    assert parse(["--data", "x"], default_with_data="big").preset == "big"
+    with pytest.raises(SystemExit):
+        parse(["--preset", "big", "--help"])
+    assert "(default: 0.01)" in capsys.readouterr().out    # --help shows the active preset's values
+    with pytest.raises(TypeError, match="no flag"):
+        runs.parse_with_preset(argparse.ArgumentParser(), {"cpu": {"nope": 1}}, [])
+
+
+def test_checkpoints_carry_arch_and_settings_and_rebuild_the_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
+    trained, summary = run_tiny(tmp_path, "--max-steps", "2", "--run-name", "r")
+    checkpoint = load_checkpoint(summary["last_checkpoint"])
+    assert checkpoint["format"] == runs.CHECKPOINT_FORMAT and checkpoint["arch"] == tiny.ARCH
+    assert checkpoint["settings"] == {"note": "tiny"}
+    model, loaded = runs.model_from_checkpoint(summary["last_checkpoint"], tiny.tiny_model, "tiny")
+    assert_same_weights(model.state_dict(), trained.state_dict()) and not model.training
+    with pytest.raises(SystemExit, match="not a other checkpoint"):
+        runs.model_from_checkpoint(summary["last_checkpoint"], tiny.tiny_model, "other")
+    del checkpoint["arch"]
+    save_checkpoint(tmp_path / "no_arch.pt", checkpoint)
+    with pytest.raises(SystemExit, match=r"no_arch.pt: checkpoint has no 'arch'"):
+        runs.model_from_checkpoint(tmp_path / "no_arch.pt", tiny.tiny_model, "tiny")
+    checkpoint["format"] = 1
+    save_checkpoint(tmp_path / "old.pt", checkpoint)
+    with pytest.raises(SystemExit, match="format 1 is too old"):
+        runs.model_from_checkpoint(tmp_path / "old.pt", tiny.tiny_model, "tiny")
+    upgraded, _ = runs.model_from_checkpoint(tmp_path / "old.pt", tiny.tiny_model, "tiny",
+                                             upgrade=lambda ckpt, path: {**ckpt, "arch": tiny.ARCH})
+    assert_same_weights(upgraded.state_dict(), trained.state_dict())

@@ -15,9 +15,14 @@ import numpy as np
 import pytest
 import torch
 
+from common.synthetic import L_EL, L_HIP, L_KNEE, L_SH, L_WR, PELVIS, R_EL, R_HIP, R_KNEE, R_SH, R_WR, THORAX
+from higher_hrnet import eval_classification, prepare_data, train_classification
 from higher_hrnet.checkpoints import (CheckpointError, convert_seed_state_dict, higher_hrnet_config,
                                       load_higher_hrnet, load_imagenet_backbone, load_official_checkpoint)
-from higher_hrnet.model import ClassificationHRNet, HigherHRNet, build_higher_hrnet
+from higher_hrnet.eval_classification import read_synset_names
+from higher_hrnet.model import ClassificationHRNet, HigherHRNet, build_model
+from higher_hrnet.train import PRESETS as POSE_PRESETS
+from higher_hrnet.train_classification import POSE_CLASSES, pose_figure, render_pose
 
 REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
 REPO = Path(__file__).resolve().parents[1]
@@ -25,9 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 # sha256 of the reference key lists ("name (d0,d1,...)" lines joined by "\n"), so the check also
 # runs on a clone without ../shared/reference.
 OFFICIAL = {
-    "higher_hrnet_w32": (lambda: build_higher_hrnet(32), 1810, 28_645_331,
+    "higher_hrnet_w32": (lambda: build_model(32), 1810, 28_645_331,
                          "4521daa643e0eaec8ce06f93f85747f5a712b5a8c58e39d3621c728deaf1acbb"),
-    "higher_hrnet_w48": (lambda: build_higher_hrnet(48), 1810, 63_827_139,
+    "higher_hrnet_w48": (lambda: build_model(48), 1810, 63_827_139,
                          "a09b2d0c5a9fa6c2e60c707ead1ebabff2c34e70d5d8f73339d1d92b873f54e3"),
     "cls_hrnet_w32": (lambda: ClassificationHRNet(32), 1956, 41_232_680,
                       "2a8ef2ae0969c7f009dccb4921eae11e6ad465d24f55520024350f48bb324da8"),
@@ -60,7 +65,7 @@ def test_state_dict_names_shapes_and_parameter_counts_match_official(name):
 def tiny_model(seed=0, width=4):
     """A tiny HigherHRNet with non-trivial BN statistics, in eval mode."""
     torch.manual_seed(seed)
-    model = build_higher_hrnet(width)
+    model = build_model(width)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.1, 0.1)
@@ -87,7 +92,7 @@ def test_output_shapes_on_tiny_width():
     assert higher_hrnet_config(one_tag.state_dict()) == (4, 14, False)
     assert higher_hrnet_config(model.state_dict()) == (4, 17, True)
     with pytest.raises(ValueError, match="multiple of 4"):
-        build_higher_hrnet(30)
+        build_model(30)
     with pytest.raises(ValueError, match="multiples of 32"):
         model(torch.zeros(1, 3, 500, 512))
 
@@ -163,7 +168,7 @@ def seed_names(classification=False):
 
 @pytest.mark.parametrize("classification", [False, True])
 def test_seed_names_map_one_to_one_onto_official(classification):
-    model = on_meta(lambda: ClassificationHRNet(32) if classification else build_higher_hrnet(32))
+    model = on_meta(lambda: ClassificationHRNet(32) if classification else build_model(32))
     seed = seed_names(classification)
     converted = convert_seed_state_dict({name: torch.zeros(()) for name in seed})
     assert len(converted) == len(seed)
@@ -229,7 +234,7 @@ def _official_forms(state):
 
 def test_loader_accepts_each_official_form(tmp_path):
     state = tiny_model(seed=3).state_dict()
-    target = build_higher_hrnet(4)
+    target = build_model(4)
     for form, content in _official_forms(state).items():
         for tensor in target.state_dict().values():
             tensor.zero_()
@@ -249,8 +254,8 @@ def test_loader_accepts_each_official_form(tmp_path):
 
 
 def test_loader_errors_are_one_clear_line(tmp_path):
-    w32 = on_meta(lambda: build_higher_hrnet(32))
-    w48_state = {f"module.{k}": v for k, v in on_meta(lambda: build_higher_hrnet(48)).state_dict().items()}
+    w32 = on_meta(lambda: build_model(32))
+    w48_state = {f"module.{k}": v for k, v in on_meta(lambda: build_model(48)).state_dict().items()}
     with pytest.raises(CheckpointError) as error:
         load_official_checkpoint(w32, {"state_dict": w48_state})
     assert "W48" in str(error.value) and "W32" in str(error.value) and "\n" not in str(error.value)
@@ -276,18 +281,16 @@ def test_loader_errors_are_one_clear_line(tmp_path):
 
 
 def test_imagenet_backbone_loads_1752_of_1810_by_name():
-    pose = on_meta(lambda: build_higher_hrnet(32))
+    pose = on_meta(lambda: build_model(32))
     imagenet = on_meta(lambda: ClassificationHRNet(32))
     assert load_imagenet_backbone(pose, {"state_dict": imagenet.state_dict()}) == 1752
     with pytest.raises(CheckpointError, match="W32 but the model is W48"):
-        load_imagenet_backbone(on_meta(lambda: build_higher_hrnet(48)), imagenet.state_dict())
+        load_imagenet_backbone(on_meta(lambda: build_model(48)), imagenet.state_dict())
 
 
 # --- ImageNet scripts on a tiny ImageFolder ---------------------------------------------------
 
 def _tiny_imagefolder(root):
-    from higher_hrnet.train_classification import render_pose
-
     for split, count in (("train", 4), ("val", 2)):
         for c, pose in enumerate(("arms_up", "lying", "no_person")):
             (root / split / pose).mkdir(parents=True)
@@ -299,10 +302,6 @@ def _tiny_imagefolder(root):
 
 def test_builtin_pose_classes_have_their_geometry():
     """Each built-in class draws what its name says, in the person's own frame (up = pelvis -> thorax)."""
-    from common.synthetic import (L_EL, L_HIP, L_KNEE, L_SH, L_WR, PELVIS, R_EL, R_HIP, R_KNEE, R_SH,
-                                  R_WR, THORAX)
-    from higher_hrnet.train_classification import POSE_CLASSES, pose_figure
-
     def raised(points, shoulder, wrist, up):  # wrist above the shoulder along the body
         return (points[wrist] - points[shoulder]) @ up > 0
 
@@ -326,8 +325,6 @@ def test_builtin_pose_classes_have_their_geometry():
 
 
 def test_classification_train_eval_and_backbone_transfer(tmp_path, monkeypatch, capsys):
-    from higher_hrnet import eval_classification, train_classification
-
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path / "root"))
     data = _tiny_imagefolder(tmp_path / "folder")
     args = train_classification.parse_args(
@@ -365,25 +362,21 @@ def test_classification_train_eval_and_backbone_transfer(tmp_path, monkeypatch, 
     metrics = json.loads((tmp_path / "root/outputs/hrnet_classification/official/metrics.json").read_text())
     assert metrics["images"] == 6 and (metrics["image_size"], metrics["resize_size"]) == (32, 40)
 
-    pose = build_higher_hrnet(4)
+    pose = build_model(4)
     assert load_imagenet_backbone(pose, checkpoint) == 1752
     assert torch.equal(pose.stage4[2].branches[3][3].conv2.weight, trained["stage4.2.branches.3.3.conv2.weight"])
     assert torch.equal(pose.layer1[0].bn3.running_mean, trained["layer1.0.bn3.running_mean"])
 
 
 def test_classification_defaults_and_builtin_data(tmp_path, monkeypatch, capsys):
-    from higher_hrnet import eval_classification, train_classification
-
     args = train_classification.parse_args([])
-    from higher_hrnet.train import PRESETS as POSE_PRESETS
-
     assert (args.preset, args.image_size) == ("builtin", 64)
     assert args.width == POSE_PRESETS["cpu"]["width"]  # the pose preset can load this backbone
     small = dict(train_per_class=3, val_per_class=2)
     first = train_classification.ensure_builtin_imagefolder(tmp_path / "a", **small)
     second = train_classification.ensure_builtin_imagefolder(tmp_path / "b", **small)
     files = sorted(p.relative_to(first) for p in first.rglob("*.png"))
-    assert len(files) == len(train_classification.POSE_CLASSES) * (3 + 2)
+    assert len(files) == len(POSE_CLASSES) * (3 + 2)
     for name in files:
         assert (first / name).read_bytes() == (second / name).read_bytes()
     # validation images come from their own stream: none repeats a training image
@@ -415,8 +408,6 @@ def _zip(path, members):
 
 
 def test_prepare_coco_from_zips(tmp_path, monkeypatch, capsys):
-    from higher_hrnet import prepare_data
-
     src = tmp_path / "downloads"
     src.mkdir()
     _zip(src / "train2017.zip", {"train2017/000000000009.jpg": b"a" * 100, "train2017/000000000025.jpg": b"b"})
@@ -442,8 +433,6 @@ def test_prepare_coco_from_zips(tmp_path, monkeypatch, capsys):
 
 
 def test_prepare_imagenet_from_kaggle_zip(tmp_path, capsys):
-    from higher_hrnet import prepare_data
-
     cls = "ILSVRC/Data/CLS-LOC"
     archive = tmp_path / prepare_data.IMAGENET_ARCHIVE
     _zip(archive, {
@@ -465,7 +454,6 @@ def test_prepare_imagenet_from_kaggle_zip(tmp_path, capsys):
     assert (dest / "train/n01443537/n01443537_7.JPEG").read_bytes() == b"t2"
     assert not (dest / "test").exists()
     assert (dest / "LOC_synset_mapping.txt").read_text().startswith("n01440764 tench")
-    from higher_hrnet.eval_classification import read_synset_names
     assert read_synset_names(dest / "LOC_synset_mapping.txt") == {"n01440764": "tench", "n01443537": "goldfish"}
     with pytest.raises(SystemExit, match="LOC_synset_mapping"):
         prepare_data.prepare_imagenet(_empty_zip(tmp_path), dest)

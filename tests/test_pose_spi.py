@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from common.keypoints import POSE_SPI13
-from pose_spi.dataset import PoseSPIDataset, ensure_synthetic, render_toy_style_person, synthetic_paths
-from pose_spi.model import PoseSPI, count_sign_changes, hadamard_patterns
+from pose_spi import eval as eval_script
+from pose_spi import infer as infer_script
+from pose_spi.dataset import (PoseSPIDataset, ensure_synthetic, render_synthetic_split, render_toy_style_person,
+                              synthetic_paths)
+from pose_spi.model import PoseSPI, count_sign_changes, hadamard_patterns, load_pretrained_trunk
+from pose_spi.train import PRESETS, keypoint_loss, main, parse_args
 
 
 def num_params(**kwargs):
@@ -197,8 +201,6 @@ def test_augmentation_flip_swaps_left_and_right():
 
 
 def test_seed_flag_names_are_aliases():
-    from pose_spi.train import PRESETS, parse_args
-
     args = parse_args(PRESETS, "simple", "", ["--data_path", "imgs", "--annotation_path", "a.json", "--epochs", "3",
                                               "--batch", "2", "--lr", "0.5", "--output_dir", "o", "--num_keypoints",
                                               "17", "--subset", "8"])
@@ -215,9 +217,6 @@ def test_seed_flag_names_are_aliases():
 
 def test_overfit_eight_images(out_root):
     """The seed's advice, as a test: the whole pipeline memorises 8 images (AP >= 0.95 within 300 steps)."""
-    from pose_spi.dataset import render_synthetic_split
-    from pose_spi.train import PRESETS, main, parse_args
-
     image_dir, ann = out_root / "eight" / "images", out_root / "eight" / "ann.json"
     render_synthetic_split(image_dir, ann, 8, seed=7, size=16)
     args = parse_args(PRESETS, "simple", "", [
@@ -231,7 +230,6 @@ def test_overfit_eight_images(out_root):
 
 def test_efficientnet_head_builds_offline_and_trains_one_step():
     model = PoseSPI(input_size=32, head="efficientnet", encoder="conv")
-    from pose_spi.train import keypoint_loss
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     target = torch.rand(2, 13, 3)
@@ -243,8 +241,6 @@ def test_efficientnet_head_builds_offline_and_trains_one_step():
 
 
 def test_pretrained_efficientnet_policy(tmp_path):
-    from pose_spi.train_keypointrcnn import load_pretrained_trunk
-
     model = PoseSPI(input_size=32, head="efficientnet")
     assert load_pretrained_trunk(model, "none") is None
     # an efficientnet-pytorch style file fills the trunk (stem + first 11 blocks) by renamed keys
@@ -260,10 +256,6 @@ def test_pretrained_efficientnet_policy(tmp_path):
 
 
 def test_train_two_steps_then_eval_and_infer(small_builtin, out_root, capsys):
-    from pose_spi import eval as eval_script
-    from pose_spi import infer as infer_script
-    from pose_spi.train import PRESETS, main, parse_args
-
     main(parse_args(PRESETS, "simple", "", ["--max-steps", "2", "--batch-size", "4", "--run-name", "tiny"]))
     printed = capsys.readouterr().out
     assert "mean-pose baseline AP" in printed and "Average Precision" in printed
@@ -272,16 +264,19 @@ def test_train_two_steps_then_eval_and_infer(small_builtin, out_root, capsys):
     eval_script.main([])  # defaults: newest checkpoint, built-in val
     printed = capsys.readouterr().out
     assert "Average Precision" in printed and "mean-pose baseline AP" in printed
-    predictions = out_root / "outputs" / "pose_spi" / "tiny" / "predictions.json"
-    assert str(predictions) in printed.strip().splitlines()[-1]
-    assert len(json.loads(predictions.read_text())) == 8
+    results = out_root / "outputs" / "pose_spi" / "tiny" / "results.json"
+    assert str(results) in printed.strip().splitlines()[-1]
+    assert len(json.loads(results.read_text())) == 8
     assert infer_script.main(["--limit", "3"]) == 0
-    assert len(list((out_root / "outputs" / "pose_spi" / "tiny" / "infer").glob("*.png"))) == 3
+    infer_dir = out_root / "outputs" / "pose_spi" / "infer-tiny"
+    assert len(list(infer_dir.glob("*_pose.jpg"))) == 3
+    predictions = json.loads((infer_dir / "predictions.json").read_text())
+    assert predictions["keypoint_names"] == list(POSE_SPI13.names) and len(predictions["images"]) == 3
+    person = predictions["images"][0]["people"][0]
+    assert len(person["keypoints"]) == 13 and len(person["box"]) == 4 and 0 <= person["score"] <= 1
 
 
 def test_eval_without_checkpoint_says_how_to_get_one(out_root, capsys):
-    from pose_spi.eval import main
-
     with pytest.raises(SystemExit) as exit_info:
-        main([])
+        eval_script.main([])
     assert exit_info.value.code == 1 and "python pose_spi/train.py" in capsys.readouterr().err

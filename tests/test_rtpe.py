@@ -1,9 +1,10 @@
-"""rtpe: student architecture, colour conversion, teacher cache geometry, losses, LR schedule, AP paths,
+"""rtpe: student architecture, color conversion, teacher cache geometry, losses, LR schedule, AP paths,
 ONNX parity and a tiny end-to-end distillation on built-in scenes."""
 from __future__ import annotations
 
 import json
 import random
+from argparse import Namespace
 from pathlib import Path
 
 import cv2
@@ -11,7 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from rtpe.model import ContextAwareModule, RealtimePoseStudent, fold_batchnorm, rgb_to_hsv, rgb_to_lab
+from common.data import load_coco_keypoints
+from common.engine import fit
+from common.evaluation import coco_keypoint_ap
+from common.keypoints import COCO17
+from higher_hrnet.grouping import GroupingParams
+from higher_hrnet.inference import fold_batchnorm
+from higher_hrnet.scenes import ensure_scenes
+from rtpe.dataset import DistillationDataset, collate_people
+from rtpe.eval import evaluate_student, oracle_ap
+from rtpe.export import export_onnx, onnx_parity
+from rtpe.infer import decoding_settings, maps_to_people, people_to_results
+from rtpe.loss import DistillationObjective, associative_embedding_loss, keypoint_loss, segmentation_loss
+from rtpe.model import ContextAwareModule, RealtimePoseStudent, rgb_to_hsv, rgb_to_lab
+from rtpe.teacher_inference import build_cache, coco_items, people_keypoints, read_entry, read_index, render_oracle
+from rtpe.train import RestartingCosineLR, restarting_cosine_lr, trainable_parameters, warmup_cosine
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -42,7 +57,7 @@ def test_frozen_stem_and_trainable_parts():
     for name, value in model.stem.state_dict().items():
         assert torch.equal(value, stem_buffers[name]), name
     for name, child in model.named_children():
-        if name in ("stem", "colour_transform"):
+        if name in ("stem", "color_transform"):
             continue
         grads = [p.grad for p in child.parameters()]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
@@ -60,7 +75,7 @@ def test_middle_attention_branch_matters():
     assert not torch.allclose(before, after)
 
 
-def test_colour_conversions_match_opencv():
+def test_color_conversions_match_opencv():
     rng = np.random.default_rng(0)
     rgb = rng.random((16, 16, 3), dtype=np.float32)
     tensor = torch.from_numpy(rgb).permute(2, 0, 1)[None]
@@ -87,8 +102,6 @@ def test_fold_batchnorm_keeps_outputs():
 
 
 def test_restarting_cosine_lr_values():
-    from rtpe.train import RestartingCosineLR, restarting_cosine_lr
-
     expected = {0: 0.025, 350: 0.014, 699: 0.003, 700: 0.0255, 1407: 0.02601}
     for step, lr in expected.items():
         assert restarting_cosine_lr(step) == pytest.approx(lr, abs=2e-6), step
@@ -104,8 +117,6 @@ def test_restarting_cosine_lr_values():
 
 
 def test_masked_loss_is_zero_on_zero_weight_pixels():
-    from rtpe.train import keypoint_loss, segmentation_loss
-
     torch.manual_seed(0)
     gt = torch.rand(2, 17, 8, 8)
     teacher = torch.rand(2, 17, 8, 8)
@@ -128,8 +139,6 @@ def test_masked_loss_is_zero_on_zero_weight_pixels():
 
 
 def test_associative_embedding_loss():
-    from rtpe.train import associative_embedding_loss
-
     tags = torch.zeros(1, 1, 4, 4)
     tags.view(-1)[[0, 1]] = 1.0    # person 0: joints at pixels 0 and 1, tags 1 and 1
     tags.view(-1)[[5, 6]] = torch.tensor([3.0, 5.0])  # person 1: tags 3 and 5
@@ -181,14 +190,12 @@ def _person(x, y):
 
 
 def test_crowd_and_zero_keypoint_masks(tmp_path):
-    from rtpe.dataset import DistillationDataset
-
     unlabelled = np.zeros((17, 3))
     image_dir, ann = _write_scene(tmp_path, [_person(40, 60), unlabelled], crowd=(100, 20, 150, 100))
     dataset = DistillationDataset(image_dir, ann, None, crop_size=160, augment=False)
     sample = dataset[0]
     weight, segmentation = sample["weight"][0].numpy(), sample["segmentation"][0].numpy()
-    # map = input / 4, the 160x120 image fills the 160 crop at scale 1 (centred vertically)
+    # map = input / 4, the 160x120 image fills the 160 crop at scale 1 (centered vertically)
     dy = (160 - 120) / 2 / 4
     assert weight[int(60 / 4 + dy), int(125 / 4)] == 0          # inside the crowd box
     assert weight[int(35 / 4 + dy), int(25 / 4)] == 0           # inside the zero-keypoint person (10..40, 10..60)
@@ -201,10 +208,6 @@ def test_crowd_and_zero_keypoint_masks(tmp_path):
 def test_cached_teacher_lands_on_ground_truth_after_augmentation(tmp_path, monkeypatch):
     """The cache stores the exact original -> map affine (here a teacher that saw the image at 1.6x),
     so after the training augmentation the teacher's peak sits within one output pixel of the joint."""
-    from common.data import load_coco_keypoints
-    from rtpe.dataset import DistillationDataset
-    from rtpe.teacher_inference import build_cache, coco_items, read_entry, read_index
-
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
     people = [_person(45, 60), _person(110, 55)]
     image_dir, ann = _write_scene(tmp_path, people)
@@ -236,13 +239,6 @@ def test_cached_teacher_lands_on_ground_truth_after_augmentation(tmp_path, monke
 
 
 def test_ground_truth_as_teacher_gives_ap_1():
-    from common.data import load_coco_keypoints
-    from common.evaluation import coco_keypoint_ap
-    from common.keypoints import COCO17
-    from higher_hrnet.grouping import GroupingParams
-    from rtpe.infer import maps_to_people, people_to_results
-    from rtpe.teacher_inference import people_keypoints, render_oracle
-
     ann = SHARED / "coco_sample" / "test_coco.json"
     if not ann.is_file():
         pytest.skip("../shared/data/coco_sample is not here")
@@ -259,11 +255,6 @@ def test_ground_truth_as_teacher_gives_ap_1():
 
 
 def test_one_training_step_all_losses(tmp_path):
-    from rtpe.dataset import DistillationDataset, collate_people
-    from rtpe.teacher_inference import build_cache, coco_items
-    from common.data import load_coco_keypoints
-    from rtpe.train import DistillationObjective, trainable_parameters
-
     image_dir, ann = _write_scene(tmp_path, [_person(45, 60), _person(110, 55)])
     coco = load_coco_keypoints(ann)
     cache = build_cache(tmp_path / "cache", coco_items(coco, image_dir), "oracle", coco)
@@ -284,7 +275,6 @@ def test_one_training_step_all_losses(tmp_path):
 def test_onnx_export_parity(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from rtpe.export import export_onnx, onnx_parity
 
     torch.manual_seed(0)
     model = RealtimePoseStudent("light", "lab").eval()
@@ -301,17 +291,9 @@ def test_tiny_distillation_end_to_end(tmp_path, monkeypatch):
     many tiny people (under 32 x 32 px) a peak one map pixel off already scores OKS ~0. 600 steps at LR 3e-3
     reached AP 0.64-0.65 (oracle 0.93; one or two threads); 150 steps gave 0.0, and 400 steps 0.42-0.58
     depending on the thread count, too close to the bar."""
-    from argparse import Namespace
-
-    from common.data import load_coco_keypoints
-    from common.engine import train
-    from common.synthetic import ensure_dataset
-    from rtpe.dataset import DistillationDataset, collate_people
-    from rtpe.teacher_inference import build_cache, coco_items, people_keypoints
-    from rtpe.train import DistillationObjective, evaluate_student, oracle_ap, warmup_cosine
 
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
-    data = Path(ensure_dataset("multi_person", root=tmp_path, num_images=30, num_val=2, image_size=128, seed=3))
+    data = Path(ensure_scenes(tmp_path, num_images=30, num_val=2, image_size=128, seed=3))
     ann = data / "annotations" / "person_keypoints_train.json"
     coco = load_coco_keypoints(ann)
 
@@ -334,11 +316,13 @@ def test_tiny_distillation_end_to_end(tmp_path, monkeypatch):
     batch = collate_people([dataset[i] for i in range(len(ids))])
     with torch.no_grad():
         first_loss = float(objective(model.train(), batch)[0])
-    model, _ = train(args, model, dataset, objective, optimizer, scheduler=warmup_cosine(optimizer, lr, lr / 30, 10, steps),
-                     scheduler_interval="step", collate_fn=collate_people, model_name="rtpe")
+    settings = decoding_settings(128)
+    model, _ = fit(args, model, dataset, objective, optimizer, model_name="rtpe", arch=model.arch, settings=settings,
+                   scheduler=warmup_cosine(optimizer, lr, lr / 30, 10, steps), scheduler_interval="step",
+                   collate_fn=collate_people)
     with torch.no_grad():
         assert float(objective(model.eval(), batch)[0]) < first_loss / 5
 
-    metrics, _ = evaluate_student(model, coco, data / "images" / "train", ids, input_size=128)
+    metrics, _ = evaluate_student(model, settings, coco, data / "images" / "train", ids, input_size=128)
     teacher_ap = oracle_ap(coco, ids)
     assert metrics["AP"] >= 0.3 and metrics["AP"] >= 0.5 * teacher_ap, (metrics["AP"], teacher_ap)

@@ -10,10 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from common.heatmaps import flip_heatmaps_back
-from common.keypoints import LIP16
-from simple_baseline.dataset import TopDownDataset, read_lip_csv, read_mpii_json
-from simple_baseline.model import PoseResNet, build_model
+import simple_baseline.eval as eval_script
+import simple_baseline.infer as infer_script
+import simple_baseline.train as train_script
+
+from common.evaluation import coco_keypoint_ap
+from common.keypoints import COCO17, LIP16
+from simple_baseline.crops import CROP_DEFAULTS, build_single_person_crops
+from simple_baseline.dataset import TopDownDataset, read_coco_topdown, read_lip_csv, read_mpii_json, target_codec
+from simple_baseline.eval import coco_results, mean_pose_in_crop, mean_pose_predictions, pckh_table, run_predictions
+from simple_baseline.infer import flip_heatmaps_back
+from simple_baseline.model import PoseResNet, build_model, load_pretrained_backbone
+from simple_baseline.train import compute_loss
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -59,7 +67,8 @@ def test_pretrained_none_never_touches_the_network(monkeypatch, tmp_path):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     monkeypatch.setattr(torch.hub, "get_dir", no_network)  # not even the cache is looked at
-    model = build_model(**TINY, pretrained="none")
+    model = build_model(**TINY)
+    load_pretrained_backbone(model, "none")
     assert isinstance(model, PoseResNet)
 
 
@@ -69,7 +78,7 @@ def test_pretrained_imagenet_offline_stops_with_one_line_naming_the_file(monkeyp
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(SystemExit) as info:
-        build_model(**TINY, pretrained="imagenet")
+        load_pretrained_backbone(build_model(**TINY), "imagenet")
     message = str(info.value)
     assert "resnet18-f37072fd.pth" in message and "--pretrained none" in message and "\n" not in message
 
@@ -77,7 +86,8 @@ def test_pretrained_imagenet_offline_stops_with_one_line_naming_the_file(monkeyp
 def test_pretrained_path_loads_backbone_weights(tmp_path):
     source = PoseResNet(**TINY)
     torch.save(source.backbone.state_dict(), tmp_path / "backbone.pth")
-    model = build_model(**TINY, pretrained=str(tmp_path / "backbone.pth"))
+    model = build_model(**TINY)
+    load_pretrained_backbone(model, str(tmp_path / "backbone.pth"))
     assert torch.equal(model.backbone.conv1.weight, source.backbone.conv1.weight)
 
 
@@ -91,11 +101,11 @@ def test_targets_full_peak_on_the_last_row_and_column_and_zero_weight_for_missin
     write_image(tmp_path / "a.png")
     joints = np.zeros((16, 3), np.float32)
     joints[0] = (60, 60, 1)      # maps to heatmap pixel (15, 15): the last row and column
-    joints[1] = (32, 32, 1)      # heatmap centre (8, 8)
+    joints[1] = (32, 32, 1)      # heatmap center (8, 8)
     joints[2] = (-40, 10, 1)     # outside the crop
     # joints[3:] unlabelled (nan in the CSV -> weight 0)
     record = {"image": str(tmp_path / "a.png"), "joints": joints, "box": (0, 0, 64, 64)}
-    dataset = TopDownDataset([record], LIP16.flip_index, input_size=(64, 64), stride=4, padding=1.0)
+    dataset = TopDownDataset([record], LIP16.flip_index, target_codec((64, 64), 4, 2.0), padding=1.0)
     sample = dataset[0]
     target, weight = sample["target"].numpy(), sample["target_weight"].numpy()
     assert target.shape == (16, 16, 16)
@@ -106,11 +116,14 @@ def test_targets_full_peak_on_the_last_row_and_column_and_zero_weight_for_missin
     assert target[1, 8, 14] == pytest.approx(np.exp(-36 / 8), rel=1e-4) and target[1, 8, 15] == 0
 
 
-def test_flip_back_twice_is_identity():
+def test_flip_back_twice_is_identity_and_the_shift_moves_one_pixel():
     heatmaps = torch.rand(2, 16, 8, 6)
     once = flip_heatmaps_back(heatmaps, LIP16.flip_index)
     assert not torch.equal(once, heatmaps)
     assert torch.equal(flip_heatmaps_back(once, LIP16.flip_index), heatmaps)
+    assert torch.equal(once[0, 0, :, 0], heatmaps[0, 5, :, -1])  # r_ankle <- mirrored l_ankle
+    shifted = flip_heatmaps_back(heatmaps, LIP16.flip_index, shift=True)
+    assert torch.equal(shifted[..., 1:], once[..., :-1])
 
 
 LIP_ROWS = [
@@ -172,7 +185,7 @@ def test_mpii_json_reader_on_the_shared_sample():
         pytest.skip("../shared/data is not available")
     records = read_mpii_json(folder / "test_mpii.json", folder)
     assert len(records) == 5 and all(Path(r["image"]).is_file() for r in records)
-    dataset = TopDownDataset(records, LIP16.flip_index, input_size=(64, 64))
+    dataset = TopDownDataset(records, LIP16.flip_index, target_codec((64, 64), 4, 2.0))
     sample = dataset[0]
     assert sample["image"].shape == (3, 64, 64) and sample["target_weight"].sum() > 8
 
@@ -181,8 +194,7 @@ def test_mpii_json_reader_on_the_shared_sample():
 
 def _mean_pose_pckh(train_records, val_records):
     """PCKh@0.5 Mean of the mean-pose baseline (train mean pose placed in every val person's crop)."""
-    from simple_baseline.eval import mean_pose_in_crop, mean_pose_predictions, pckh_table
-    dataset = TopDownDataset(train_records, LIP16.flip_index, input_size=(128, 128))
+    dataset = TopDownDataset(train_records, LIP16.flip_index, target_codec((128, 128), 4, 2.0))
     mean_pose = mean_pose_in_crop(train_records, dataset)
     val_records = [r for r in val_records if (r["joints"][:, 2] > 0).sum() >= 2]
     centers, sizes = zip(*[dataset.crop_box(r, 1, 1) for r in val_records])
@@ -195,7 +207,6 @@ def _mean_pose_pckh(train_records, val_records):
 def test_built_in_poses_vary_as_much_as_lip_poses(tmp_path):
     """The built-in crops' pose spread is calibrated to LIP: the mean-pose baseline scores about what it
     scores on the real LIP annotations, and clearly more than at the renderer's full angle range."""
-    from common import synthetic
     source = SHARED_DATA / "lip_annotations" / "val_annotations.csv"
     if not source.is_file():
         pytest.skip("../shared/data is not available")
@@ -203,18 +214,17 @@ def test_built_in_poses_vary_as_much_as_lip_poses(tmp_path):
     lip_baseline = _mean_pose_pckh(lip[: len(lip) // 2], lip[len(lip) // 2:])
 
     def built_in_baseline(spread):
-        splits = [synthetic.build_single_person_crops(tmp_path / str(spread), split, count, pose_spread=spread)
+        splits = [build_single_person_crops(tmp_path / str(spread), split, count, pose_spread=spread)
                   for split, count in (("train", 400), ("val", 300))]
         train, val = (read_lip_csv(s["lip"], s["images"])[0] for s in splits)
         return _mean_pose_pckh(train, val)
 
-    calibrated = built_in_baseline(synthetic._DEFAULTS["single_person"]["pose_spread"])
+    calibrated = built_in_baseline(CROP_DEFAULTS["pose_spread"])
     assert abs(calibrated - lip_baseline) < 0.03, (calibrated, lip_baseline)
     assert built_in_baseline(1.0) < calibrated - 0.02
 
 
 def test_pckh_on_hand_made_cases():
-    from simple_baseline.eval import pckh_table
     gt = np.zeros((2, 16, 3), np.float32)
     gt[..., 0] = np.arange(16) * 10.0
     gt[..., 1] = 50.0
@@ -239,7 +249,6 @@ def test_pckh_on_hand_made_cases():
 def trained_run(tmp_path_factory):
     """One tiny `train.py --max-steps 2` run on a tiny built-in set, shared by the script tests.
     compute_loss is wrapped to record whether every BatchNorm is in train mode at each step."""
-    import simple_baseline.train as train_script
     root = tmp_path_factory.mktemp("simple_baseline")
     modes = []
     original = train_script.compute_loss
@@ -270,7 +279,6 @@ def test_train_max_steps_2_writes_checkpoints_and_keeps_bn_training_after_valida
 
 
 def test_eval_defaults_to_newest_checkpoint_and_visualizes(trained_run, monkeypatch, capsys):
-    import simple_baseline.eval as eval_script
     root, _, _ = trained_run
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(root))
     metrics = eval_script.main(eval_script.parse_args(["--visualize", "2", "--batch-size", "4"]))
@@ -282,7 +290,6 @@ def test_eval_defaults_to_newest_checkpoint_and_visualizes(trained_run, monkeypa
 
 
 def test_eval_refuses_a_checkpoint_of_another_architecture(trained_run, monkeypatch, tmp_path):
-    import simple_baseline.eval as eval_script
     root, summary, _ = trained_run
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(root))
     with pytest.raises(SystemExit, match="another architecture: backbone: checkpoint 'resnet18' vs requested 'resnet34'"):
@@ -295,7 +302,6 @@ def test_eval_refuses_a_checkpoint_of_another_architecture(trained_run, monkeypa
 
 
 def test_eval_without_any_checkpoint_says_how_to_get_one(monkeypatch, tmp_path, capsys):
-    import simple_baseline.eval as eval_script
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
     with pytest.raises(SystemExit) as info:
         eval_script.main(eval_script.parse_args([]))
@@ -303,7 +309,6 @@ def test_eval_without_any_checkpoint_says_how_to_get_one(monkeypatch, tmp_path, 
 
 
 def test_infer_on_an_image_a_folder_and_a_10_frame_video(trained_run, monkeypatch, tmp_path):
-    import simple_baseline.infer as infer_script
     root, _, _ = trained_run
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(root))
     images = sorted((root / "data" / "single_person" / "images" / "val").glob("*.jpg"))[:3]
@@ -324,8 +329,11 @@ def test_infer_on_an_image_a_folder_and_a_10_frame_video(trained_run, monkeypatc
     out = root / "outputs" / "simple_baseline"
     assert len(list((out / "one").glob("*_pose.jpg"))) == 1
     assert len(list((out / "folder").glob("*_pose.jpg"))) == 2
-    predictions = json.loads((out / "video" / "keypoints.json").read_text())["predictions"]
-    assert len(predictions) == 10 and len(predictions[0]["keypoints"]) == 16
+    predictions = json.loads((out / "video" / "predictions.json").read_text())
+    assert predictions["keypoint_names"] == list(LIP16.names) and predictions["model"] == "simple_baseline"
+    frames = predictions["images"]
+    assert len(frames) == 10 and [f["frame"] for f in frames] == list(range(10))
+    assert len(frames[0]["people"]) == 1 and len(frames[0]["people"][0]["keypoints"]) == 16
     capture = cv2.VideoCapture(str(out / "video" / "clip_pose.mp4"))
     frames = 0
     while capture.read()[0]:
@@ -335,12 +343,10 @@ def test_infer_on_an_image_a_folder_and_a_10_frame_video(trained_run, monkeypatc
 
 def test_overfit_a_few_built_in_images(trained_run):
     """A small network memorises 2 built-in crops: PCKh@0.5 > 90% on them (no augmentation)."""
-    from simple_baseline.eval import pckh_table, run_predictions
-    from simple_baseline.train import compute_loss
     root, _, _ = trained_run
     data = root / "data" / "single_person"
     records, _ = read_lip_csv(data / "annotations" / "lip_train.csv", data / "images" / "train")
-    dataset = TopDownDataset(records[:2], LIP16.flip_index, input_size=(64, 64), stride=2)
+    dataset = TopDownDataset(records[:2], LIP16.flip_index, target_codec((64, 64), 2, 2.0))
     batch = {k: torch.stack([dataset[i][k] for i in range(2)]) for k in ("image", "target", "target_weight")}
     torch.manual_seed(0)
     model = PoseResNet("resnet18", 16, (16, 16, 16, 16))  # 4 deconvolutions: 32x32 heatmaps
@@ -360,16 +366,12 @@ OVERFIT_STEPS = 250  # 200 steps reached 93% in a trial run; the margin keeps th
 
 
 def test_coco_topdown_reader_and_ap_of_ground_truth_predictions():
-    from common.keypoints import COCO17
-    from simple_baseline.dataset import read_coco_topdown
-    from simple_baseline.eval import coco_results
-    from common.evaluation import coco_keypoint_ap
     folder = SHARED_DATA / "coco_sample"
     if not folder.is_dir():
         pytest.skip("../shared/data is not available")
     records, coco = read_coco_topdown(folder / "test_coco.json", folder)
     assert len(records) == 12  # 14 people, of which 12 are non-crowd with keypoints
-    dataset = TopDownDataset(records[:1], COCO17.flip_index, input_size=(48, 64), train=True)
+    dataset = TopDownDataset(records[:1], COCO17.flip_index, target_codec((48, 64), 4, 2.0), train=True)
     assert dataset[0]["image"].shape == (3, 64, 48) and dataset[0]["target"].shape == (17, 16, 12)
     gt = np.stack([r["joints"] for r in records])
     predictions = {"index": np.arange(len(records)), "pred": gt[..., :2], "scores": gt[..., 2]}
@@ -381,7 +383,6 @@ def test_coco_topdown_reader_and_ap_of_ground_truth_predictions():
     (["--warmup", "1.5"], "--warmup 1.5: the warm-up is a fraction of the run"),
 ])
 def test_train_rejects_bad_settings_before_touching_data(tmp_path, flags, message):
-    import simple_baseline.train as train_script
     with pytest.raises(SystemExit, match=message):
         train_script.main(train_script.parse_args(flags + ["--out", str(tmp_path)]))
     assert not any(tmp_path.iterdir())  # no data rendered, no run folders made

@@ -11,6 +11,8 @@ from pycocotools.coco import COCO
 
 from common import synthetic as syn
 from common.keypoints import COCO17, MPII16
+from higher_hrnet.scenes import COCO_RELATIVE_SIZE_BANDS, build_multi_person_scenes, relative_person_sizes
+from simple_baseline.crops import build_single_person_crops, ensure_crops
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -62,7 +64,7 @@ def test_human_keypoints_lie_on_their_drawn_parts():
         own = np.array([k in draws[p] for k, p in enumerate(part)])
         # the limbs, hips and shoulders of a person alone are mostly drawn on top
         assert own.mean() > 0.6, f"seed {seed}: only {own.mean():.2f} of the joints visible"
-        canvas = syn._Canvas(np.zeros((512, 512, 3), np.uint8))
+        canvas = syn.Canvas(np.zeros((512, 512, 3), np.uint8))
         canvas.add(fig)
         assert ((canvas.visibility(0) == 2) == own).all()
 
@@ -77,11 +79,6 @@ def test_left_and_right_follow_the_person():
         if abs(facing_us) > 0.3:  # seen from the front the person's left is on the image right
             for left, right in ((syn.L_SH, syn.R_SH), (syn.L_HIP, syn.R_HIP), (syn.L_EAR, syn.R_EAR)):
                 assert np.dot(P[left] - P[right], image_right_of_person) * facing_us > 0
-    pose = syn.random_human_pose(np.random.default_rng(0), 100, (50, 60))
-    assert pose.shape == (17, 2) and pose.dtype == np.float32
-    assert syn.random_human_pose(np.random.default_rng(0), 100, (50, 60), with_extra=True).shape == (21, 2)
-    assert max(max(e) for e in syn.human_limb_edges()) < 17
-    assert max(max(e) for e in syn.human_limb_edges(with_extra=True)) < 21
 
 
 def _files(root):
@@ -89,7 +86,7 @@ def _files(root):
 
 
 def test_same_seed_gives_identical_files_and_splits_differ(tmp_path):
-    for build in (syn.build_multi_person_scenes, syn.build_single_person_crops):
+    for build in (build_multi_person_scenes, build_single_person_crops):
         build(tmp_path / "a", "train", 5, seed=7)
         build(tmp_path / "b", "train", 5, seed=7)
         build(tmp_path / "a", "val", 5, seed=7)
@@ -100,8 +97,8 @@ def test_same_seed_gives_identical_files_and_splits_differ(tmp_path):
         assert not set(train) & set(val)
 
 
-@pytest.mark.parametrize("build, annotation_files", [(syn.build_single_person_crops, 2),   # COCO JSON, LIP CSV
-                                                     (syn.build_multi_person_scenes, 1)])
+@pytest.mark.parametrize("build, annotation_files", [(build_single_person_crops, 2),   # COCO JSON, LIP CSV
+                                                     (build_multi_person_scenes, 1)])
 def test_rendering_in_worker_processes_writes_the_same_files(tmp_path, build, annotation_files):
     build(tmp_path / "serial", "val", 70, image_size=64, workers=1)
     build(tmp_path / "forked", "val", 70, image_size=64, workers=2)   # 70 >= 64: a pool of two processes
@@ -112,7 +109,7 @@ def test_rendering_in_worker_processes_writes_the_same_files(tmp_path, build, an
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     root = tmp_path_factory.mktemp("scenes")
-    return COCO(str(syn.build_multi_person_scenes(root, "train", 100, image_size=256, seed=0)))
+    return COCO(str(build_multi_person_scenes(root, "train", 100, image_size=256, seed=0)))
 
 
 def _check_coco(coco, size):
@@ -181,21 +178,21 @@ def test_multi_person_difficulty_holds(scenes):
 
 
 def _inside_bands(sizes):
-    return {q: lo <= np.percentile(sizes, q) <= hi for q, (lo, hi) in syn.COCO_RELATIVE_SIZE_BANDS.items()}
+    return {q: lo <= np.percentile(sizes, q) <= hi for q, (lo, hi) in COCO_RELATIVE_SIZE_BANDS.items()}
 
 
 def test_multi_person_people_are_as_large_as_coco_people(scenes):
     """OKS tolerance scales with sqrt(area): the scenes' people must be sized like COCO's, small ones included."""
-    sizes = syn.relative_person_sizes(scenes.dataset)
+    sizes = relative_person_sizes(scenes.dataset)
     assert len(sizes) > 150
     assert all(_inside_bands(sizes).values()), {q: round(float(np.percentile(sizes, q)), 3) for q in (10, 50, 90)}
     assert (sizes < 0.12).mean() > 0.03          # small people, as COCO's medium-sized ones
     if COCO_SAMPLE.exists():                       # the documented bands come from the real annotations
-        assert all(_inside_bands(syn.relative_person_sizes(json.loads(COCO_SAMPLE.read_text()))).values())
+        assert all(_inside_bands(relative_person_sizes(json.loads(COCO_SAMPLE.read_text()))).values())
 
 
 def test_single_person_crops_and_lip_csv(tmp_path):
-    paths = syn.build_single_person_crops(tmp_path, "val", 40, image_size=128, seed=1)
+    paths = build_single_person_crops(tmp_path, "val", 40, image_size=128, seed=1)
     coco = COCO(str(paths["coco"]))
     _check_coco(coco, 128)
     assert len(coco.dataset["annotations"]) == len(coco.dataset["images"]) == 40
@@ -228,7 +225,7 @@ def test_lip_csv_matches_the_real_lip_format(tmp_path):
     if not LIP_SAMPLE.exists():
         pytest.skip("../shared/data is not present")
     real = next(csv.reader(LIP_SAMPLE.open()))
-    ours = next(csv.reader(syn.build_single_person_crops(tmp_path, "val", 1)["lip"].open()))
+    ours = next(csv.reader(build_single_person_crops(tmp_path, "val", 1)["lip"].open()))
     assert len(ours) == len(real) == 49
     for value in ours[1:] + real[1:]:
         assert value == "nan" or float(value) == int(value)
@@ -236,15 +233,15 @@ def test_lip_csv_matches_the_real_lip_format(tmp_path):
 
 def test_ensure_dataset_generates_once_and_regenerates_on_new_params(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
-    path = syn.ensure_dataset("single_person", num_images=3, num_val=2)
+    path = ensure_crops(num_images=3, num_val=2)
     assert path == tmp_path / "data" / "single_person"
     assert "generated" in capsys.readouterr().out
     assert len(list((path / "images" / "train").glob("*.jpg"))) == 3
     assert (path / "annotations" / "lip_val.csv").exists()
     assert json.loads((path / "params.json").read_text())["num_val"] == 2
-    syn.ensure_dataset("single_person", num_images=3, num_val=2)
+    ensure_crops(num_images=3, num_val=2)
     assert "generated" not in capsys.readouterr().out
-    syn.ensure_dataset("single_person", num_images=3, num_val=4)
+    ensure_crops(num_images=3, num_val=4)
     assert len(list((path / "images" / "val").glob("*.jpg"))) == 4
-    with pytest.raises(ValueError):
-        syn.ensure_dataset("horses")
+    with pytest.raises(TypeError):
+        ensure_crops(num_horses=3)

@@ -1,0 +1,333 @@
+"""Runs: the command-line vocabulary every script shares, where a run's files go, the device and process group,
+and checkpoints (save, load, find the newest, rebuild a model from one).
+
+A checkpoint is a dict loadable with `torch.load(weights_only=True)`. Besides the training state (engine.py)
+it holds `model_name`, `arch` (the keywords of the folder's `build_model`) and `settings` (what turns images
+into inputs and outputs into keypoints: input size, stride, sigma, keypoint layout ...), so eval and infer
+rebuild the model from the file alone, as nanoGPT's sample.py does from `model_args`.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import os
+import pickle
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINT_FORMAT = 2   # 2 stores "arch" and "settings"; 1 (before issue 18) kept them inside "config"
+
+
+# --- The command-line vocabulary ----------------------------------------------------------------------------
+
+def add_common_args(parser: argparse.ArgumentParser, role: str = "train", **defaults) -> argparse.ArgumentParser:
+    """Add the flags scripts share. role "train": all of them; "eval": data, checkpoint, output, device, batch
+    size, workers, run name; "infer": input, checkpoint, output, device, run name, limit. `defaults` (by dest
+    name, e.g. batch_size=32) replace ours; an unknown name is a TypeError."""
+    a = parser.add_argument
+    if role == "infer":
+        a("--input", nargs="+", default=None, metavar="PATH",
+          help="images, folders of images or videos (default: a few built-in validation images)")
+        a("--limit", type=int, default=None, help="at most N images from each folder (default: all)")
+        a("--threshold", type=float, default=0.0, help="draw joints scoring above this (default: %(default)s)")
+    else:
+        a("--data", default=None, help="dataset folder (default: the built-in data, rendered into <root>/data/)")
+        a("--ann", default=None, help="annotation file (COCO JSON / CSV) when not inside --data")
+    a("--checkpoint", default=None, help="weights to evaluate / run (default: newest checkpoint of this model)")
+    a("--out", default=None, help="root for data/, checkpoints/, outputs/, tensorboard_logs/ "
+                                   "(default: $POSE_OUTPUT_ROOT, else the current directory)")
+    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    a("--run-name", default=None, help="run folder name under checkpoints/<model>/ etc. (default: a timestamp)")
+    if role != "infer":
+        a("--batch-size", type=int, default=16, help="samples per process and step (default: %(default)s)")
+        a("--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
+    if role == "train":
+        _add_training_args(a)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise TypeError(f"add_common_args: unknown default(s) {unknown}")
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def _add_training_args(a) -> None:
+    a("--epochs", type=int, default=10, help="number of epochs (default: %(default)s)")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
+    a("--lr", type=float, default=1e-3, help="base learning rate (default: %(default)s)")
+    a("--seed", type=int, default=0, help="seed for weights, data order and augmentation (default: %(default)s)")
+    a("--resume", default=None, metavar="PATH|auto",
+      help="continue a run exactly from a checkpoint; 'auto' = newest last.pt of this model (of --run-name's run)")
+    a("--init-from", default=None, metavar="CKPT", help="start from a checkpoint's weights only (fine-tuning)")
+    a("--pretrained", default="none", metavar="none|imagenet|PATH",
+      help="backbone weights: none (default, no network), imagenet (torch cache or download), or a file")
+    a("--amp", choices=("none", "bf16", "fp16"), default="none",
+      help="mixed precision autocast (fp16 adds a GradScaler); meant for CUDA (default: %(default)s)")
+    a("--sync-bn", action="store_true", help="use SyncBatchNorm across processes under torchrun")
+    a("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this value; 0 = off (default: %(default)s)")
+    a("--accumulate", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
+    a("--val-every", default="1e", help="validate and checkpoint every N steps ('500') or N epochs ('1e'); "
+                                         "'0' = only at the end (default: %(default)s)")
+    a("--log-every", type=int, default=20, help="log losses and LR every N steps (default: %(default)s)")
+    a("--hist-every", type=int, default=0, help="parameter/gradient histograms every N steps; 0 = off (default: %(default)s)")
+    a("--keep-best", type=int, default=1, help="keep the best K checkpoints by the model's metric (default: %(default)s)")
+
+
+def parse_with_preset(parser, presets: dict, argv=None, default: str = "cpu", default_with_data: str | None = None):
+    """The one preset mechanism: `--preset NAME` picks a plain dict of defaults (near the top of train.py).
+    They are set before the real parse, so --help shows the active values and every flag given overrides
+    them. default_with_data: the preset when --data is given (ImageNet-scale runs)."""
+    parser.add_argument("--preset", choices=sorted(presets), default=default,
+                        help="defaults to start from (flags given override them) (default: %(default)s)")
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", choices=sorted(presets), default=None)
+    first.add_argument("--data", default=None)
+    known = first.parse_known_args(argv)[0]
+    name = known.preset or (default_with_data if known.data and default_with_data else default)
+    unknown = sorted(set(presets[name]) - {action.dest for action in parser._actions})
+    if unknown:
+        raise TypeError(f"preset {name!r}: no flag for {unknown}")
+    parser.set_defaults(preset=name, **presets[name])
+    return parser.parse_args(argv)
+
+
+# --- Output folders -----------------------------------------------------------------------------------------
+
+def output_root(out=None) -> Path:
+    return Path(out or os.environ.get("POSE_OUTPUT_ROOT") or os.getcwd())
+
+
+def output_dirs(model_name: str, run_name: str | None = None, out=None) -> dict[str, Path]:
+    """Paths (not created) of a run: root, data (shared by models), checkpoints, outputs, tensorboard."""
+    root = output_root(out)
+    run = run_name or time.strftime("%Y%m%d-%H%M%S")
+    return {"root": root, "run_name": run, "data": root / "data",
+            "checkpoints": root / "checkpoints" / model_name / run,
+            "outputs": root / "outputs" / model_name / run,
+            "tensorboard": root / "tensorboard_logs" / model_name / run}
+
+
+def data_dir(out=None) -> Path:
+    """<root>/data: the built-in data sets and caches every model shares."""
+    return output_root(out) / "data"
+
+
+def resume_path(args, model_name: str, verbose: bool = True) -> Path | None:
+    """--resume PATH, or for 'auto' the newest last.pt of this model (of --run-name's run when given)."""
+    if not args.resume:
+        return None
+    if args.resume != "auto":
+        return Path(args.resume)
+    if args.run_name:
+        path = output_dirs(model_name, args.run_name, args.out)["checkpoints"] / "last.pt"
+        path = path if path.is_file() else None
+    else:
+        path = newest_checkpoint(model_name, args.out, kind="last")
+    if path is None and verbose:
+        print(f"--resume auto: no last.pt under {output_root(args.out) / 'checkpoints' / model_name}"
+              f"{'/' + args.run_name if args.run_name else ''}; starting fresh")
+    return path
+
+
+def run_dirs(args, model_name: str) -> dict[str, Path]:
+    """output_dirs() of the run training writes: --run-name, else the run being resumed, else a timestamp
+    (rank 0's under torchrun). Sets args.run_name, so a script can put its own outputs beside the run's."""
+    if not hasattr(args, "world_size"):
+        setup_device_and_distributed(args)
+    if args.run_name is None:
+        path = resume_path(args, model_name, verbose=False)
+        resumed_here = path is not None and path.parent.parent.name == model_name
+        name = path.parent.name if resumed_here else time.strftime("%Y%m%d-%H%M%S")
+        args.run_name = broadcast_object(name, args.rank, args.world_size)
+    return output_dirs(model_name, args.run_name, args.out)
+
+
+# --- Device, process group, seeds ---------------------------------------------------------------------------
+
+def pick_device(requested=None) -> torch.device:
+    """--device, else CUDA when there is one; a CUDA request without CUDA stops with one line."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {requested}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def setup_device_and_distributed(args) -> torch.device:
+    """Pick the device, join the torchrun process group if there is one, seed. Sets on `args`:
+    device (str), rank, world_size, local_rank, distributed."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0)) if world > 1 else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else 0
+    device = pick_device(getattr(args, "device", None))
+    if device.type == "cuda":
+        if world > 1:
+            device = torch.device("cuda", local_rank)
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    args.device, args.rank, args.world_size = str(device), rank, world
+    args.local_rank, args.distributed = local_rank, world > 1
+    if getattr(args, "seed", None) is not None:
+        seed_everything(args.seed)
+    if rank == 0:
+        where = f", {world} processes ({dist.get_backend()})" if world > 1 else ""
+        print(f"device: {device}{where}")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def broadcast_object(obj, rank: int, world: int):
+    """Rank 0's `obj` on every rank."""
+    if world == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj, world: int) -> list:
+    """[rank 0's obj, rank 1's obj, ...] on every rank."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --- Checkpoints --------------------------------------------------------------------------------------------
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Write atomically: a temporary file in the same folder, fsync, then os.replace over `path`.
+    A write killed midway leaves the previous file untouched (and at worst a stray *.tmp)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """torch.load(weights_only=True); a missing or unreadable file stops with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise SystemExit(f"{path}: cannot load checkpoint: not a torch.save file, or it holds objects other "
+                         "than tensors and plain types (refused by weights_only=True)") from None
+    except Exception as error:   # truncated or corrupted zip archive, ...
+        first_sentence = str(error).strip().split(". ")[0] or type(error).__name__
+        raise SystemExit(f"{path}: cannot load checkpoint ({first_sentence})") from None
+
+
+def newest_checkpoint(model_name: str, out=None, kind: str = "best") -> Path | None:
+    """The newest run's checkpoint under <root>/checkpoints/<model_name>/ (runs ordered by their newest file).
+    kind="best": that run's best.pt, else its last.pt; kind="last": its last.pt. None when there is none."""
+    base = output_root(out) / "checkpoints" / model_name
+    runs = [d for d in base.glob("*") if (d / "last.pt").is_file() or (d / "best.pt").is_file()]
+    newest = lambda d: max(p.stat().st_mtime for p in (d / "last.pt", d / "best.pt") if p.is_file())
+    names = ("best.pt", "last.pt") if kind == "best" else ("last.pt",)
+    for run in sorted(runs, key=newest, reverse=True):
+        for name in names:
+            if (run / name).is_file():
+                return run / name
+    return None
+
+
+def checkpoint_or_exit(checkpoint, model_names, train_command: str, out=None, hint: str = "") -> Path:
+    """What eval/infer scripts run on: --checkpoint when given, else the newest checkpoint of these models'
+    runs (newest_checkpoint); with neither, one line saying how to get one, then exit status 1."""
+    if checkpoint:
+        return Path(checkpoint)
+    names = (model_names,) if isinstance(model_names, str) else tuple(model_names)
+    found = [path for path in (newest_checkpoint(name, out) for name in names) if path is not None]
+    if found:
+        return max(found, key=lambda path: path.stat().st_mtime)
+    print(f"no {' or '.join(names)} checkpoint under {output_root(out) / 'checkpoints'}: train one with "
+          f"`{train_command}` or pass --checkpoint FILE{hint}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def require(mapping: dict, key: str, source) -> object:
+    """mapping[key], or one line naming the file and the missing key: a checkpoint never falls back to a default."""
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise SystemExit(f"{source}: checkpoint has no '{key}' (written by another program, or damaged)")
+    return mapping[key]
+
+
+def model_from_checkpoint(path, build_model, model_names, upgrade=None, device="cpu", checkpoint=None):
+    """(model in eval mode, checkpoint) rebuilt as build_model(**checkpoint["arch"]) with its weights.
+
+    model_names: the folder's MODEL_NAME (or several). upgrade(checkpoint, path) turns a format-1 checkpoint
+    (arch and settings inside "config") into the current layout; without one, such a file is an error.
+    checkpoint: the file's contents when the caller has read it already."""
+    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
+    names = (model_names,) if isinstance(model_names, str) else tuple(model_names)
+    owner = checkpoint.get("model_name") if isinstance(checkpoint, dict) else None
+    if owner not in names:
+        raise SystemExit(f"{path}: not a {' or '.join(names)} checkpoint (it belongs to {owner or 'an unknown model'})")
+    if checkpoint.get("format", 1) < CHECKPOINT_FORMAT:
+        if upgrade is None:
+            raise SystemExit(f"{path}: checkpoint format {checkpoint.get('format', 1)} is too old for {owner}")
+        checkpoint = upgrade(checkpoint, path)
+    model = build_model(**require(checkpoint, "arch", path))
+    try:
+        model.load_state_dict(require(checkpoint, "model", path))
+    except RuntimeError as error:
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise SystemExit(f"{path}: weights do not fit the model built from its arch ({detail})") from None
+    return model.to(device).eval(), checkpoint
+
+
+def load_weights(model, path) -> None:
+    """--init-from: copy every tensor whose name and shape match; say what was left out (fine-tuning
+    usually swaps a head). Stops when nothing matches, which means the wrong file."""
+    state = load_checkpoint(path)
+    weights = state.get("model", state)
+    own = model.state_dict()
+    matched = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise SystemExit(f"--init-from {path}: no weights match this model")
+    model.load_state_dict(matched, strict=False)
+    skipped = len(weights) - len(matched)
+    missing = len(own) - len(matched)
+    print(f"init-from {path}: loaded {len(matched)} tensors ({skipped} in the file unused, "
+          f"{missing} of the model's left at their initial values)")
+
+
+def plain(value):
+    """A value as types a weights_only load accepts (vars(args) in checkpoints)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return str(value)
