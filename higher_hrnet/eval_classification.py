@@ -85,7 +85,7 @@ def parse_args(argv=None):
     parser.add_argument("--mode", choices=("val", "custom"), default="val",
                         help="val: top-1/top-5 on <data>/val; custom: draw top-5 on --images (default: val)")
     parser.add_argument("--images", nargs="+", default=None,
-                        help="custom mode: image files or folders (default: a few built-in val images)")
+                        help="custom mode: image files or folders (default: one val image per class, 8 at most)")
     parser.add_argument("--class-names", default=None,
                         help=f"a {SYNSET_FILE} for readable ImageNet names (default: <data>/{SYNSET_FILE})")
     parser.add_argument("--image-size", type=int, default=None, help="crop size (default: the checkpoint's, else 224)")
@@ -140,7 +140,9 @@ def main(args):
         return 0
 
     shown_names = class_display_names(class_names, args, data_root)
-    inputs = args.images or sorted((data_root / "val").rglob("*.png"))[::10][:6]
+    # default: the first validation image of each of the first 8 classes
+    inputs = args.images or [min(folder.glob("*.png")) for folder in sorted((data_root / "val").iterdir())
+                             if folder.is_dir() and any(folder.glob("*.png"))][:8]
     predictions, failures = [], 0
     for path in image_paths(inputs):
         try:
