@@ -36,7 +36,7 @@ from common.loader import SeededSamples, collate_skip_bad
 from common.pretrained import resolve_pretrained
 from common.runs import add_common_args, output_dirs, parse_with_preset, setup_device_and_distributed
 from common.synthetic import (L_ANK, L_EL, L_HIP, L_KNEE, L_SH, L_WR, PELVIS, R_ANK, R_EL, R_HIP, R_KNEE, R_SH,
-                              R_WR, THORAX, draw_human, random_background, random_human_figure)
+                              R_WR, THORAX, random_background, random_human_figure, rasterize_human)
 from higher_hrnet.checkpoints import load_official_checkpoint
 from higher_hrnet.model import BasicBlock, Bottleneck, ClassificationHRNet
 from higher_hrnet.train import PRESETS as POSE_PRESETS
@@ -89,7 +89,7 @@ def pose_figure(rng, pose, size):
     0.5-0.85 of the image side tall or wide, placed at random in a size x size image with all of it in view."""
     while True:  # standing upright (no rare bent-over figure), facing the camera or turned away:
         # seen from the side one arm hides the other and the classes would overlap
-        fig = random_human_figure(rng, size, (0, 0), angle_range="upright")
+        fig = random_human_figure(rng, size, (0, 0), angle_range=0.35)  # near standing
         points = fig.points.copy()
         down = _unit(points[PELVIS] - points[THORAX])
         if abs(np.sin(fig.yaw)) <= 0.5 and down[1] >= np.cos(0.5):
@@ -124,7 +124,8 @@ def render_pose(pose, rng, size=BUILTIN_DEFAULTS["image_size"]):
     """One RGB image of class `pose`: a cluttered built-in background, the posed person, sensor noise."""
     image = random_background(rng, (size, size))
     if pose != "no_person":
-        draw_human(image, pose_figure(rng, pose, size))
+        labels, colors, _ = rasterize_human(pose_figure(rng, pose, size), (0, 0), image.shape[:2])
+        image[labels > 0] = colors[labels[labels > 0]]
     noise = rng.normal(0, rng.uniform(1, 5), (size, size, 1))
     return np.clip(image + noise, 0, 255).astype(np.uint8)
 
