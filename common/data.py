@@ -1,11 +1,13 @@
 """Reading images and COCO annotations, and the ImageNet normalization every RGB model uses.
 
 Bad input is one line, never a traceback: an unreadable image raises `BadImageError` naming the file (the loader
-makes it a warning and a skipped sample), a malformed annotation file `AnnotationError` naming file and id.
+makes it a warning and a skipped sample), a malformed annotation file `AnnotationError` naming file and id; a
+script's `main` run under `exit_on_bad_input` prints any `BadInput` (folders subclass it) or OSError as one line.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import sys
@@ -21,20 +23,31 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-class BadImageError(Exception):
+class BadInput(Exception):
+    """Input the user can fix (a file, a flag); the message is one line naming it."""
+
+
+class BadImageError(BadInput):
     """An image that cannot be read; the message is '<path>: <problem>'."""
 
 
-class AnnotationError(Exception):
+class AnnotationError(BadInput):
     """A malformed annotation file; the message is '<file>: [annotation <id>: ]<problem>'."""
 
 
 def exit_on_bad_input(main, *args, **kwargs):
-    """Run a script's `main`; bad input becomes one line on stderr and exit status 1."""
+    """Run a script's `main`; bad input, a folder that cannot be written or a full disk becomes one line on
+    stderr and exit status 1, Ctrl-C outside training (which saves first, engine.py) status 130."""
     try:
         return main(*args, **kwargs)
-    except (BadImageError, AnnotationError) as error:
+    except BadInput as error:
         sys.exit(f"error: {error}")
+    except OSError as error:
+        problem = ("disk full: " if error.errno == errno.ENOSPC else "") + (error.strerror or str(error))
+        sys.exit(f"error: {error.filename}: {problem}" if error.filename else f"error: {problem}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def normalize_image(image) -> torch.Tensor:

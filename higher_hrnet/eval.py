@@ -33,7 +33,7 @@ from higher_hrnet.dataset import LAYOUTS, TARGET_SIGMA
 from higher_hrnet.infer import NO_CHECKPOINT_HINT, add_plain_network_arg
 from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, multi_scale_size,
                                     people_to_coco_results, predict_people, prepare_for_inference)
-from higher_hrnet.model import MODEL_NAME
+from higher_hrnet.model import MODEL_NAME, input_size
 from higher_hrnet.scenes import ensure_scenes
 
 
@@ -177,7 +177,7 @@ def parse_args(argv=None):
     add_common_args(parser, role="eval")
     parser.add_argument("--inference", default="official", choices=sorted(INFERENCE_SETTINGS),
                         help="test settings: official (flip, detection 0.1, tag 1.0) or seed (default: %(default)s)")
-    parser.add_argument("--input-size", type=int, default=None,
+    parser.add_argument("--input-size", type=input_size, default=None,
                         help="short side at scale 1 (default: the checkpoint's training size, else 512)")
     parser.add_argument("--scales", type=float, nargs="+", default=None, help="multi-scale test factors, e.g. 2 1 0.5")
     parser.add_argument("--no-flip", action="store_true", help="turn flip test off")

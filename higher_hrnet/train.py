@@ -22,12 +22,12 @@ from common.engine import fit
 from common.keypoints import get_layout
 from common.pretrained import resolve_pretrained
 from common.runs import add_common_args, parse_with_preset, run_dirs, setup_device_and_distributed
-from higher_hrnet.checkpoints import load_imagenet_backbone
+from higher_hrnet.checkpoints import CheckpointError, load_imagenet_backbone
 from higher_hrnet.dataset import LAYOUTS, BottomUpDataset, collate_skip_bad_bottom_up
 from higher_hrnet.eval import evaluate_model, oracle_metrics, summary_line
 from higher_hrnet.inference import INFERENCE_SETTINGS, inference_settings
 from higher_hrnet.loss import multi_resolution_loss
-from higher_hrnet.model import MODEL_NAME, build_model
+from higher_hrnet.model import MODEL_NAME, build_model, input_size
 from higher_hrnet.scenes import ensure_scenes
 
 # Defaults per preset. "milestones" are epochs (scheduler stepped per epoch) or, with "max_steps",
@@ -71,8 +71,13 @@ def build(args, layout):
     model = build_model(args.width, layout.num_keypoints, tag_per_joint=not args.shared_tag)
     if args.pretrained not in (None, "none"):
         # no download URL: the official ImageNet weights come from a OneDrive link, fetched by hand
+        def load_backbone(state):
+            try:
+                print(f"backbone: {load_imagenet_backbone(model, state)} tensors")
+            except CheckpointError as error:    # it was given the weights, not the file: name the file
+                raise CheckpointError(f"--pretrained {args.pretrained}: {error}".replace("<state dict>: ", ""))
         resolve_pretrained(args.pretrained, filename=f"hrnetv2_w{args.width}_imagenet_pretrained.pth", url=None,
-                           load_fn=lambda state: print(f"backbone: {load_imagenet_backbone(model, state)} tensors"))
+                           load_fn=load_backbone)
     return model
 
 
@@ -122,7 +127,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--width", type=int, help="HRNet width: 32, 48 or tiny 8/16 (default: %(default)s)")
-    parser.add_argument("--input-size", type=int, help="square training input (default: %(default)s)")
+    parser.add_argument("--input-size", type=input_size, help="square training input, a multiple of 32 (default: %(default)s)")
     parser.add_argument("--milestones", type=int, nargs="+",
                         help="LR x0.1 at these epochs (or steps with --max-steps) (default: %(default)s)")
     parser.add_argument("--ae-loss", choices=("exp", "max"),
