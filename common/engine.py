@@ -31,6 +31,7 @@ from common.runs import (CHECKPOINT_FORMAT, broadcast_object, load_checkpoint, l
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COUNTERS = ("epoch", "step", "batch_in_epoch", "best", "metrics", "early_stopping")   # what --resume restores
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")     # in last.pt, not in the best files
 
 
 @dataclass
@@ -422,12 +423,14 @@ def save(run: Run, new_metrics: dict | None = None) -> None:
     if not run.is_main:
         return
     folder = run.dirs["checkpoints"]
-    if new_file:
-        save_checkpoint(folder / new_file, checkpoint)
+    if new_file:    # weights only (and what rebuilds the model): last.pt alone carries what --resume needs
+        save_checkpoint(folder / new_file, {k: v for k, v in checkpoint.items() if k not in RESUME_ONLY})
         for entry in dropped:
             (folder / entry["file"]).unlink(missing_ok=True)
-        if run.best[0]["file"] == new_file:
-            save_checkpoint(folder / "best.pt", checkpoint)
+        if run.best[0]["file"] == new_file:     # best.pt: a second name for that file, not a second copy
+            (folder / ".best.pt.tmp").unlink(missing_ok=True)
+            os.link(folder / new_file, folder / ".best.pt.tmp")
+            os.replace(folder / ".best.pt.tmp", folder / "best.pt")
     save_checkpoint(folder / "last.pt", checkpoint)
 
 

@@ -219,10 +219,12 @@ def save_checkpoint(path, state: dict) -> Path:
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(error, OSError):
-            kept = f"; the previous {path.name} is kept" if path.is_file() else ""
-            raise OSError(error.errno, f"cannot save checkpoint ({error.strerror}){kept}", str(path)) from None
-        raise
+        # a write that failed partway surfaces as torch's RuntimeError, the OSError as its context
+        cause = next((e for e in (error, error.__context__) if isinstance(e, OSError)), None)
+        if cause is None:
+            raise
+        kept = f"; the previous {path.name} is kept" if path.is_file() else ""
+        raise OSError(cause.errno, f"cannot save checkpoint ({cause.strerror}){kept}", str(path)) from None
     return path
 
 

@@ -85,9 +85,9 @@ def main(args):
     setup_device_and_distributed(args)
     dirs = run_dirs(args, MODEL_NAME)
     layout = get_layout(args.layout, LAYOUTS)
+    model = build(args, layout)     # before the data: a wrong --pretrained file stops at once
     train_images, train_ann, val_images, val_ann = data_paths(args)
     train_set = BottomUpDataset(train_images, train_ann, args.input_size, layout, tag_per_joint=not args.shared_tag)
-    model = build(args, layout)
     arch = model.arch
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -127,7 +127,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--width", type=int, help="HRNet width: 32, 48 or tiny 8/16 (default: %(default)s)")
-    parser.add_argument("--input-size", type=input_size, help="square training input, a multiple of 32 (default: %(default)s)")
+    parser.add_argument("--input-size", type=input_size,
+                        help="square training input, a multiple of 32 (default: %(default)s)")
     parser.add_argument("--milestones", type=int, nargs="+",
                         help="LR x0.1 at these epochs (or steps with --max-steps) (default: %(default)s)")
     parser.add_argument("--ae-loss", choices=("exp", "max"),

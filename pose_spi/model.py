@@ -110,8 +110,10 @@ class MeasurementEncoder(nn.Module):
                 phi = (torch.randint(0, 2, (num_measurements, num_pixels), generator=gen) * 2 - 1).float() * scale
             if patterns == "learned":
                 self.phi = nn.Parameter(phi)
-            else:
-                self.register_buffer("phi", phi)  # a real camera's projected patterns are fixed
+            else:   # a real camera's patterns are fixed: rebuilt from the arch, not stored in checkpoints
+                self.register_buffer("phi", phi, persistent=False)
+                # files written before issue 19 hold them: drop them on load
+                self.register_load_state_dict_pre_hook(lambda _, state, prefix, *rest: state.pop(prefix + "phi", 0))
         if reduce:
             num_measurements //= 4
         self.num_measurements = num_measurements

@@ -164,7 +164,7 @@ def main(args, model_name=MODEL_NAME):
 
     def log_images(net, _train_batch):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in val_preview.items()}
-        return {"val/predicted_red_vs_true_green": draw_predictions(
+        return {"predicted_red_vs_true_green": draw_predictions(
             net, batch, train_set.layout, args.input_size, args.raw_targets)}
 
     settings = {"raw_targets": args.raw_targets, "layout": train_set.layout.as_dict()}

@@ -86,6 +86,15 @@ def test_hadamard_patterns_orthogonal_and_sequency_ordered():
     torch.testing.assert_close(phi @ phi.t(), torch.eye(256))
 
 
+def test_fixed_patterns_are_rebuilt_not_stored_and_old_files_still_load():
+    model = PoseSPI(input_size=16, encoder="patterns", patterns="hadamard", measurements=256)
+    state = model.state_dict()
+    assert "encoder.phi" not in state      # 256 x 256 floats regenerable from the arch: not in checkpoints
+    old_file = {**state, "encoder.phi": model.encoder.phi.clone()}     # as written before issue 19
+    PoseSPI(input_size=16, encoder="patterns", patterns="hadamard", measurements=256).load_state_dict(old_file)
+    assert "encoder.phi" in PoseSPI(input_size=16, encoder="patterns", patterns="learned").state_dict()
+
+
 def test_hadamard_refuses_non_power_of_two():
     with pytest.raises(ValueError, match="power-of-two"):
         PoseSPI(input_size=48, encoder="patterns", patterns="hadamard")
