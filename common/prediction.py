@@ -116,8 +116,13 @@ class VideoWriter:
 def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw, limit=None) -> int:
     """Predict every image (or frame) of `sources`; write <name>_<picture>.jpg per image (an mp4 per video) and
     predictions.json (the schema in the top README). draw(image, people) -> {picture name: RGB image} (video:
-    the first one). Returns the exit status: 1 when nothing could be read."""
-    out_dir = Path(out_dir)
+    the first one). A folder an earlier run wrote to is left alone: this run takes `<out_dir>-2`, `-3` ...
+    Returns the exit status: 1 (and no predictions.json) when no image was found or none could be read."""
+    base, number = Path(out_dir), 1
+    out_dir = base
+    while out_dir.is_dir() and any(out_dir.iterdir()):
+        number += 1
+        out_dir = base.with_name(f"{base.name}-{number}")
     out_dir.mkdir(parents=True, exist_ok=True)
     records, errors = [], []
     for source in map(Path, sources):
@@ -143,10 +148,15 @@ def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw, limi
             errors.append(str(error))
         if video is not None:
             video.close()
+    if not records:
+        out_dir.rmdir()
+        print(f"error: {'no input could be read' if errors else 'no images found in ' + ', '.join(map(str, sources))}"
+              f"; nothing written", file=sys.stderr)
+        return 1
     document = {"model": predictor.model_name, "checkpoint": str(checkpoint),
                 "keypoint_names": list(predictor.layout.names),
                 "skeleton": [list(edge) for edge in predictor.layout.skeleton], "images": records}
     (out_dir / "predictions.json").write_text(json.dumps(document, indent=1))
     print(f"{len(records)} images or frames, {sum(len(r['people']) for r in records)} people"
           f"{f', {len(errors)} inputs unreadable' if errors else ''}; drawings and predictions.json in {out_dir}")
-    return 1 if errors and not records else 0
+    return 0

@@ -56,6 +56,8 @@ def evaluate_model(model, image_dir, ann_file, config, layout=COCO17, device=Non
             continue
         people, scores = predict_people(model, image, config, layout, device)
         results += people_to_coco_results(people, scores, image_id)
+    if failed and failed == len(image_ids):     # AP 0 of no image read is no result
+        raise BadImageError(f"{image_dir}: none of the {failed} images of {ann_file} could be read")
     if failed:
         print(f"{failed} image(s) could not be read and count as having no detections")
     metrics = None

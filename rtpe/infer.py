@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import cv2
 import numpy as np
@@ -163,4 +164,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    exit_on_bad_input(main, parse_args())
+    sys.exit(exit_on_bad_input(main, parse_args()))

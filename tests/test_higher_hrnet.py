@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from common.data import normalize_image, read_image
+from common.data import BadImageError, normalize_image, read_image
 from common.evaluation import coco_keypoint_ap
 from common.geometry import affine_points, flip_keypoints, get_affine_transform, warp_image
 from common.heatmaps import joint_centers, make_heatmaps
@@ -604,3 +604,7 @@ def test_torchrun_one_step_then_eval_writes_its_files(tiny_scenes, tmp_path):
                                "--ann", str(tmp_path / "image_info.json"), "--run-name", "t", "--out", str(tmp_path)])
     assert hh_eval.main(args) == 0
     assert [p.name for p in (tmp_path / "outputs" / "higher_hrnet" / "t").iterdir()] == ["results.json"]
+    args = hh_eval.parse_args(["--checkpoint", str(checkpoint), "--data", str(tmp_path), "--ann", str(val),
+                               "--out", str(tmp_path), "--device", "cpu"])
+    with pytest.raises(BadImageError, match=f"{tmp_path}: none of the 2 images of .* could be read"):
+        hh_eval.main(args)      # a folder without the images: an error, not AP 0
