@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import sys
@@ -48,6 +49,15 @@ def exit_on_bad_input(main, *args, **kwargs):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def sha256_of(path) -> str:
+    """A file's content hash: the same file under another path or a copy is the same data (pose_spi eval)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def normalize_image(image) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.data import exit_on_bad_input
+from common.data import exit_on_bad_input, sha256_of
 from common.drawing import GREEN, RED, draw_keypoints, make_grid
 from common.engine import fit, planned_steps
 from common.runs import add_common_args, output_dirs, parse_with_preset, setup_device_and_distributed
@@ -146,7 +146,8 @@ def main(args, model_name=MODEL_NAME):
     model = build(args, train_set)
     # the schedule spans the run: whichever of --epochs and --max-steps ends it first
     optimizer, scheduler = make_optimizer(args, model, planned_steps(args, len(train_set)))
-    baseline = mean_pose_ap(mean_pose(train_set), val_set)
+    train_mean_pose = mean_pose(train_set)
+    baseline = mean_pose_ap(train_mean_pose, val_set)
     print(f"mean-pose baseline AP on the validation split: {baseline:.4f}")
     device = torch.device(args.device)
 
@@ -167,7 +168,11 @@ def main(args, model_name=MODEL_NAME):
         return {"predicted_red_vs_true_green": draw_predictions(
             net, batch, train_set.layout, args.input_size, args.raw_targets)}
 
-    settings = {"raw_targets": args.raw_targets, "layout": train_set.layout.as_dict()}
+    # eval.py scores only the held-out images when given the training file, and compares with this mean pose
+    held_out = val_set.image_ids if val_set.ann_file == train_set.ann_file else None
+    settings = {"raw_targets": args.raw_targets, "layout": train_set.layout.as_dict(),
+                "train_ann_sha256": sha256_of(train_set.ann_file), "val_image_ids": held_out,
+                "mean_pose": train_mean_pose.tolist()}
     model, summary = fit(args, model, train_set, lambda net, batch: loss_fn(net(batch["image"]), batch["target"]),
                          optimizer, model_name=model_name, arch=model.arch, settings=settings, scheduler=scheduler,
                          scheduler_interval="step", evaluate=evaluate, best_metric="AP", log_images=log_images)

@@ -284,6 +284,30 @@ def test_train_two_steps_then_eval_and_infer(small_builtin, out_root, capsys):
     assert len(person["keypoints"]) == 13 and len(person["box"]) == 4 and 0 <= person["score"] <= 1
 
 
+def test_eval_knows_the_training_file_by_content_and_scores_only_its_held_out_images(small_builtin, out_root,
+                                                                                    capsys):
+    """The same file spelled differently, or a copy, is the training file: eval scores the images train.py held
+    out (stored in the checkpoint) and compares with the training set's mean pose, as training did."""
+    train_dir, train_ann = small_builtin["train"]
+    main(parse_args(PRESETS, "simple", "", ["--data", str(train_dir), "--ann", str(train_ann), "--max-steps", "1",
+                                            "--batch-size", "4", "--val-every", "0", "--run-name", "split"]))
+    trained = capsys.readouterr().out
+    checkpoint = out_root / "checkpoints" / "pose_spi" / "split" / "last.pt"
+    held_out = torch.load(checkpoint, weights_only=True)["settings"]["val_image_ids"]
+    assert len(held_out) == 3      # 20% of 16
+    baseline = trained.split("mean-pose baseline AP on the validation split: ")[1].split()[0]
+    copy = out_root / "copy.json"
+    copy.write_bytes(train_ann.read_bytes())
+    for spelling in (train_ann.parent / ".." / train_ann.parent.name / train_ann.name, copy):
+        eval_script.main(["--checkpoint", str(checkpoint), "--data", str(train_dir), "--ann", str(spelling)])
+        printed = capsys.readouterr().out
+        assert f"AP on 3 images: the validation split of {spelling}" in printed
+        assert f"(mean-pose baseline AP {baseline})" in printed
+    val_dir, val_ann = small_builtin["val"]
+    eval_script.main(["--checkpoint", str(checkpoint), "--data", str(val_dir), "--ann", str(val_ann)])
+    assert f"AP on 8 images: all of {val_ann}" in capsys.readouterr().out
+
+
 def test_eval_without_checkpoint_says_how_to_get_one(out_root, capsys):
     with pytest.raises(SystemExit) as exit_info:
         eval_script.main([])
