@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.data import sha256_of
 from common.loader import collate_skip_bad, make_loader
 from common.runs import (CHECKPOINT_FORMAT, broadcast_object, load_checkpoint, load_weights, plain, resume_path,
                          run_dirs, save_checkpoint, seed_everything, setup_device_and_distributed)
@@ -179,6 +180,8 @@ def start_run(run: Run) -> Run:
         print(f"--amp {args.amp} on {run.device}: CPU autocast works but is rarely faster; it is there for tests")
     resume_from = resume_path(args, run.model_name, verbose=run.is_main)
     run.dirs = run_dirs(args, run.model_name)     # a resumed run keeps writing into its own run folder
+    if getattr(args, "ann", None) and os.path.isfile(args.ann):     # eval knows the training file by content
+        run.settings.setdefault("train_ann_sha256", sha256_of(args.ann))
     if run.device.type == "cpu":
         keep_freed_memory()
     run.model.to(run.device)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.data import sha256_of
+
 CHECKPOINT_FORMAT = 2   # 2 stores "arch" and "settings"; 1 (before issue 18) kept them inside "config"
 
 
@@ -241,6 +243,17 @@ def load_checkpoint(path) -> dict:
     except Exception as error:   # truncated or corrupted zip archive, ...
         first_sentence = str(error).strip().split(". ")[0] or type(error).__name__
         raise SystemExit(f"{path}: cannot load checkpoint ({first_sentence})") from None
+
+
+def is_training_file(path, settings: dict, warn: bool = False) -> bool:
+    """Whether annotation file `path` holds what a checkpoint (its `settings`) trained on (engine.fit stores the
+    sha256 of --ann), however its path is spelled; `warn`: say that the scores are then on training images."""
+    trained_on = settings.get("train_ann_sha256")
+    found = bool(trained_on) and Path(path).is_file() and sha256_of(path) == trained_on
+    if found and warn:
+        print(f"warning: {path} is the annotation file this checkpoint was trained on: the scores below are on "
+              "training images")
+    return found
 
 
 def newest_checkpoint(model_name: str, out=None, names=("best.pt", "last.pt")) -> Path | None:

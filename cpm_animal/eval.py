@@ -21,7 +21,8 @@ from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, p
 from common.geometry import affine_points, invert_affine
 from common.keypoints import KeypointLayout
 from common.loader import collate_skip_bad
-from common.runs import add_common_args, checkpoint_or_exit, data_dir, model_from_checkpoint, output_dirs, pick_device
+from common.runs import (add_common_args, checkpoint_or_exit, data_dir, is_training_file, model_from_checkpoint,
+                         output_dirs, pick_device)
 from cpm_animal.dataset import (ImageCache, KeypointCrops, box_diagonal, build_datasets, load_coco_records,
                                 load_seed_json, record_box)
 from cpm_animal.infer import decode_predictions
@@ -162,9 +163,9 @@ def evaluation_data(args, saved, model, data_root):
     preset = saved["settings"]["preset"]
     for override in args.overrides:
         apply_override(preset, override)
-    if not args.ann:
+    if not args.ann or is_training_file(args.ann, saved["settings"]):   # the training file: its held-out animals only
         _, dataset, layout = build_datasets(preset, model.config, data_root)
-        return dataset, layout, f"the {preset['dataset']['kind']} validation split"
+        return dataset, layout, f"the {preset['dataset']['kind']} validation split (not the training animals)"
     ann = Path(args.ann)
     try:
         content = json.loads(ann.read_text())

@@ -27,7 +27,7 @@ from common.evaluation import coco_keypoint_ap, count_parameters, write_results_
 from common.geometry import affine_points, get_affine_transform
 from common.heatmaps import make_heatmaps
 from common.keypoints import COCO17, get_layout, layout_from_dict
-from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
+from common.runs import add_common_args, checkpoint_or_exit, is_training_file, output_dirs, pick_device
 from higher_hrnet.checkpoints import load_for_inference
 from higher_hrnet.dataset import LAYOUTS, TARGET_SIGMA
 from higher_hrnet.infer import NO_CHECKPOINT_HINT, add_plain_network_arg
@@ -147,6 +147,7 @@ def main(args):
                                 detection_threshold=args.detection_threshold, tag_threshold=args.tag_threshold,
                                 flip=False if args.no_flip else None)
     image_dir, ann_file = default_data(args)
+    is_training_file(ann_file, settings, warn=True)
     run = args.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = output_dirs(MODEL_NAME, run, args.out)["outputs"]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data import exit_on_bad_input, load_coco_keypoints, sha256_of
+from common.data import exit_on_bad_input, load_coco_keypoints
 from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, write_results_json
-from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
+from common.runs import (add_common_args, checkpoint_or_exit, is_training_file, model_from_checkpoint, output_dirs,
+                         pick_device)
 from pose_spi.dataset import PoseSPIDataset, ensure_synthetic, split_image_ids, to_image_pixels
 from pose_spi.infer import MODEL_NAMES, decode_output
 from pose_spi.model import build_model, upgrade_checkpoint
@@ -92,9 +93,10 @@ def mean_pose_ap(mean_xy, dataset, print_table=False):
     return coco_ap(dataset, points, np.ones(len(dataset)), print_table)["AP"]
 
 
-def scored_images(args, settings, config, checkpoint, data_root, arch):
+def scored_images(args, saved, checkpoint, data_root):
     """(dataset, what it is) that eval scores. A file is the training file when its content is (train.py stored its
     sha256, so another spelling of its path or a copy is caught): then only the images train.py held out."""
+    arch, settings = saved["arch"], saved["settings"]
     common = dict(input_size=arch["input_size"], num_keypoints=arch["num_keypoints"],
                   normalize=not settings["raw_targets"])
     if args.val_ann or args.ann:
@@ -105,11 +107,10 @@ def scored_images(args, settings, config, checkpoint, data_root, arch):
     if not ann.is_file():
         raise SystemExit(f"error: {ann}: annotation file not found")
     if "train_ann_sha256" in settings:
-        is_training_file = sha256_of(ann) == settings["train_ann_sha256"]
-        held_out = settings["val_image_ids"]
+        training_file, held_out = is_training_file(ann, settings), settings["val_image_ids"]
     else:   # checkpoints before issue 19: the path train.py was given, and the split it made
-        is_training_file, held_out = str(ann) == config.get("ann"), None
-    if not is_training_file:
+        training_file, held_out = str(ann) == saved["config"].get("ann"), None
+    if not training_file:
         return PoseSPIDataset(ann, image_dir, **common), f"all of {ann}"
     if held_out is None and "train_ann_sha256" not in settings:
         held_out = split_image_ids(load_coco_keypoints(ann, arch["num_keypoints"]), args.val_fraction)[1]
@@ -134,7 +135,7 @@ def main(argv=None):
     model, saved = model_from_checkpoint(checkpoint, build_model, MODEL_NAMES, upgrade_checkpoint, device)
     arch, settings = saved["arch"], saved["settings"]
     dirs = output_dirs(checkpoint.parent.parent.name, checkpoint.parent.name, args.out)
-    val_set, split = scored_images(args, settings, saved["config"], checkpoint, dirs["data"], arch)
+    val_set, split = scored_images(args, saved, checkpoint, dirs["data"])
     print(f"checkpoint {checkpoint} ({arch['head']} head, {arch['encoder']} encoder)")
     example = torch.zeros(1, 1, arch["input_size"], arch["input_size"], device=device)
     print(f"parameters {count_parameters(model):,}; GFLOPs per image {count_flops(model, example) / 1e9:.4f}")

@@ -23,7 +23,8 @@ import numpy as np
 from common.data import exit_on_bad_input, load_coco_keypoints, read_image
 from common.evaluation import coco_keypoint_ap, write_results_json
 from common.keypoints import COCO17
-from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
+from common.runs import (add_common_args, checkpoint_or_exit, is_training_file, model_from_checkpoint, output_dirs,
+                         pick_device)
 from higher_hrnet.grouping import GroupingParams
 from higher_hrnet.scenes import ensure_scenes
 from rtpe.infer import SEED_GROUPING, Predictor, maps_to_people, people_to_results
@@ -136,6 +137,7 @@ def main(args):
         model, saved = model_from_checkpoint(checkpoint, build_model, MODEL_NAME, upgrade_checkpoint,
                                              pick_device(args.device))
         input_size = args.input_size or saved["settings"]["input_size"]
+        is_training_file(ann, saved["settings"], warn=True)
         metrics, results = evaluate_student(model, saved["settings"], coco, image_dir, image_ids, input_size,
                                             print_table=True)
         label = f"student {model.size}/{model.color} ({checkpoint}, input {input_size})"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data import exit_on_bad_input, load_coco_keypoints
+from common.data import exit_on_bad_input, load_coco_keypoints, sha256_of
 from common.engine import fit
 from common.runs import add_common_args, parse_with_preset, setup_device_and_distributed
 from higher_hrnet.checkpoints import read_state_dict
@@ -175,7 +175,8 @@ def main(args):
     val_coco = load_coco_keypoints(val_ann)
     val_ids = select_image_ids(val_coco, args.val_list, args.val_size)
     # eval.py and infer.py decode with these (and rebuild the model from its arch)
-    settings = {**decoding_settings(args.input_size), "codec": train_set.codec.as_dict()}
+    settings = {**decoding_settings(args.input_size), "codec": train_set.codec.as_dict(),
+                "train_ann_sha256": sha256_of(train_ann)}     # eval warns when given the training file
 
     def evaluate(student):
         if args.stage == "stem":

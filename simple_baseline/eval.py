@@ -21,7 +21,8 @@ from common.geometry import affine_points, get_affine_transform
 from common.heatmaps import HeatmapCodec
 from common.keypoints import COCO17
 from common.loader import make_loader
-from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
+from common.runs import (add_common_args, checkpoint_or_exit, is_training_file, model_from_checkpoint, output_dirs,
+                         pick_device)
 from simple_baseline.dataset import TopDownDataset, load_split
 from simple_baseline.infer import draw_prediction, heatmaps_to_image_coords, predict_heatmaps
 from simple_baseline.model import LIP16, MODEL_NAME, architecture_mismatch, build_model, upgrade_checkpoint
@@ -206,6 +207,8 @@ def evaluation_data(args, saved, dirs):
     builtin = config.get("builtin_sizes") if args.data is None and args.ann is None else None
     split = load_split(data_format, args.data, args.ann, "val", data_root=dirs["root"],
                        head_boxes=args.head_boxes, detections=args.detections, builtin_sizes=builtin)
+    if args.ann:
+        is_training_file(args.ann, settings, warn=True)
     layout = COCO17 if data_format == "coco" else LIP16
     dataset = TopDownDataset(split["records"], layout.flip_index, HeatmapCodec.from_dict(settings["codec"]))
     dataset.official_head_boxes = split.get("official_head_boxes", False)

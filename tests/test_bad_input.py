@@ -179,3 +179,23 @@ def test_ctrl_c_saves_last_pt_prints_the_resume_command_and_resumes_exactly(tmp_
     straight = train("--run-name", "straight")
     for name, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_checkpoints_know_their_training_file_by_content(tmp_path, capsys):
+    """Every eval.py asks is_training_file: a copy of --ann, or its path spelled another way, is the training file."""
+    ann = tmp_path / "train.json"
+    ann.write_text('{"images": []}')
+    args = tiny.make_parser().parse_args(["--out", str(tmp_path), "--device", "cpu", "--max-steps", "1",
+                                          "--run-name", "r", "--ann", str(ann)])
+    model, optimizer, _ = tiny.build(args)
+    tiny.fit(args, model, tiny.NoisyRegression(), tiny.mse_loss, optimizer, model_name="tiny", arch=tiny.ARCH,
+             settings={})
+    settings = load_checkpoint(tmp_path / "checkpoints" / "tiny" / "r" / "last.pt")["settings"]
+    copy = tmp_path / "copy.json"
+    copy.write_bytes(ann.read_bytes())
+    capsys.readouterr()
+    assert runs.is_training_file(tmp_path / ".." / tmp_path.name / "train.json", settings)
+    assert runs.is_training_file(copy, settings, warn=True)
+    assert f"warning: {copy} is the annotation file this checkpoint was trained on" in capsys.readouterr().out
+    copy.write_text('{"images": [], "annotations": []}')
+    assert not runs.is_training_file(copy, settings, warn=True) and not capsys.readouterr().out
