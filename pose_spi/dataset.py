@@ -47,25 +47,36 @@ def to_image_pixels(xy, size, input_size):
 
 
 def largest_people(coco, ann_file, image_ids=None):
-    """{image_id: annotation of its largest person}; annotations without keypoints or area are skipped."""
-    chosen, skipped = {}, []
+    """{image_id: annotation of its largest person}; annotations without keypoints or area are skipped. A person
+    split into a box-only annotation and a zero-area keypoint one (some COCO-style files) gets the box back, in
+    `coco` too (COCO AP scales by it); an image left with no person is named in a warning."""
+    chosen, skipped, recovered, left_out = {}, [], [], []
+    area_of = lambda ann: ann.get("area") or (ann["bbox"][2] * ann["bbox"][3] if "bbox" in ann else 0)
+    labelled = lambda ann: bool(ann.get("keypoints")) and any(ann["keypoints"][2::3])
     for image_id in image_ids if image_ids is not None else sorted(coco.getImgIds()):
+        anns = [ann for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None)) if not ann.get("iscrowd")]
+        boxes = [ann for ann in anns if not labelled(ann) and area_of(ann) > 0]
+        flat = [ann for ann in anns if labelled(ann) and area_of(ann) <= 0]
+        if len(anns) == 2 and len(boxes) == len(flat) == 1:     # one person in two halves, nobody else
+            flat[0]["area"], flat[0]["bbox"] = area_of(boxes[0]), list(boxes[0]["bbox"])
+            recovered.append(flat[0].get("id"))
         best = None
-        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None)):
-            if ann.get("iscrowd"):
-                continue
-            area = ann.get("area") or (ann["bbox"][2] * ann["bbox"][3] if "bbox" in ann else 0)
-            if not ann.get("keypoints") or not any(ann["keypoints"][2::3]) or area <= 0:
+        for ann in anns:
+            if not labelled(ann) or area_of(ann) <= 0:
                 skipped.append(ann.get("id"))
-                continue
-            if best is None or area > best[0]:
-                best = (area, ann)
+            elif best is None or area_of(ann) > best[0]:
+                best = (area_of(ann), ann)
         if best is not None:
             chosen[image_id] = best[1]
-    if skipped:
-        shown = ", ".join(str(i) for i in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        warnings.warn(f"{ann_file}: skipped {len(skipped)} annotations without keypoints or with zero area "
-                      f"(ids {shown})", stacklevel=2)
+        else:
+            left_out.append(image_id)
+    for count, what, ids in ((len(skipped), "annotations without keypoints or with zero area skipped", skipped),
+                             (len(recovered), "zero-area keypoint annotations took the box of a box-only annotation "
+                              "of the same image", recovered),
+                             (len(left_out), "images left out: no annotated person with keypoints and area", left_out)):
+        if count:
+            shown = ", ".join(str(i) for i in ids[:5]) + (" ..." if count > 5 else "")
+            warnings.warn(f"{ann_file}: {count} {what} (ids {shown})", stacklevel=2)
     return chosen
 
 

@@ -186,11 +186,30 @@ def test_largest_person_is_the_target_and_bad_annotations_are_skipped(tmp_path):
                {"id": 4, "image_id": 1, "category_id": 3, "keypoints": [0] * 6, "area": 900, "bbox": [0, 0, 30, 30]}]}
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(ann))
-    with pytest.warns(UserWarning, match="skipped 2 annotations"):
+    with pytest.warns(UserWarning, match="2 annotations without keypoints or with zero area skipped"):
         data = PoseSPIDataset(path, image_dir, input_size=16, normalize=False)
     target = data[0]["target"].numpy()
     assert target[0, 0] == pytest.approx((20 + 0.5) * 16 / 48 - 0.5)  # annotation 2, resized 48 -> 16
     assert data.layout.flip_index == [1, 0]
+
+
+def test_a_person_split_into_box_and_keypoints_is_joined_and_a_lost_image_is_named(tmp_path):
+    kp = [10, 10, 2, 20, 10, 2]
+    image = lambda i: {"id": i, "file_name": f"{i}.png", "width": 48, "height": 32}  # noqa: E731
+    ann = {"images": [image(1), image(2)],
+           "categories": [{"id": 3, "name": "p", "keypoints": ["left_hip", "right_hip"], "skeleton": [[1, 2]]}],
+           "annotations": [   # image 1: one person in two annotations; image 2: keypoints without any box
+               {"id": 1, "image_id": 1, "category_id": 3, "keypoints": [0] * 6, "area": 300, "bbox": [5, 5, 20, 15]},
+               {"id": 2, "image_id": 1, "category_id": 3, "keypoints": kp, "area": 0, "bbox": [0, 0, 0, 0]},
+               {"id": 3, "image_id": 2, "category_id": 3, "keypoints": kp, "area": 0}]}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(ann))
+    with pytest.warns(UserWarning) as caught:
+        data = PoseSPIDataset(path, tmp_path, input_size=16)
+    messages = [str(w.message) for w in caught]
+    assert data.image_ids == [1] and data.coco.anns[2]["area"] == 300 and data.coco.anns[2]["bbox"] == [5, 5, 20, 15]
+    assert any("1 zero-area keypoint annotations took the box of a box-only annotation" in m for m in messages)
+    assert any(f"{path}: 1 images left out: no annotated person with keypoints and area (ids 2)" in m for m in messages)
 
 
 def test_augmentation_flip_swaps_left_and_right():
