@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
@@ -108,6 +109,9 @@ def load_coco_keypoints(ann_file, num_keypoints=None) -> COCO:
     dataset.setdefault("annotations", [])
     dataset.setdefault("categories", [])
     category_size = {c.get("id"): len(c.get("keypoints", [])) for c in dataset["categories"]}
+    sizes = {image.get("id"): (image.get("width") or np.inf, image.get("height") or np.inf)
+             for image in dataset["images"]}
+    outside = 0
     for ann in dataset["annotations"]:
         if "keypoints" not in ann:
             continue
@@ -115,7 +119,22 @@ def load_coco_keypoints(ann_file, num_keypoints=None) -> COCO:
         if len(ann["keypoints"]) != 3 * expected:
             raise AnnotationError(f"{ann_file}: annotation {ann.get('id')}: {len(ann['keypoints'])} keypoint "
                                   f"values, expected {3 * expected} ({expected} keypoints x 3)")
+        keypoints = np.asarray(ann["keypoints"], np.float32).reshape(-1, 3)
+        kept = drop_outside(keypoints, *sizes.get(ann.get("image_id"), (np.inf, np.inf)))
+        outside += int(np.count_nonzero(keypoints[:, 2] > 0) - np.count_nonzero(kept[:, 2] > 0))
+    if outside:
+        warnings.warn(f"{ann_file}: {outside} labelled keypoints lie outside their image (negative, or beyond its "
+                      "width or height); training targets leave them out", stacklevel=2)
     return coco_from_dict(dataset)
+
+
+def drop_outside(keypoints, width, height) -> np.ndarray:
+    """(..., K, 3) keypoints as float32 with v = 0 where (x, y) is outside the image: no training target is made
+    from a point its pixels cannot show."""
+    keypoints = np.array(keypoints, np.float32)
+    x, y = keypoints[..., 0], keypoints[..., 1]
+    keypoints[..., 2] *= (x >= 0) & (y >= 0) & (x <= width) & (y <= height)
+    return keypoints
 
 
 def coco_from_dict(dataset: dict) -> COCO:

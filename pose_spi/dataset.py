@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from common import synthetic
-from common.data import exit_on_bad_input, load_coco_keypoints, read_image
+from common.data import drop_outside, exit_on_bad_input, load_coco_keypoints, read_image
 from common.drawing import draw_keypoints, show_samples
 from common.geometry import flip_keypoints
 from common.keypoints import layout_from_coco_category
@@ -124,7 +124,7 @@ class PoseSPIDataset(Dataset):
         """Keypoints (K,3) of sample `index` in resized-input pixels, from the annotations alone."""
         index %= len(self.people)
         info = self.coco.loadImgs([self.image_ids[index]])[0]
-        keypoints = np.asarray(self.people[index]["keypoints"], np.float32).reshape(-1, 3).copy()
+        keypoints = drop_outside(np.reshape(self.people[index]["keypoints"], (-1, 3)), info["width"], info["height"])
         keypoints[:, :2] = to_input_pixels(keypoints[:, :2], (info["width"], info["height"]), self.input_size)
         return keypoints
 
@@ -136,7 +136,7 @@ class PoseSPIDataset(Dataset):
         h, w = image.shape[:2]
         s = self.input_size
         gray = cv2.resize(to_gray(image), (s, s), interpolation=cv2.INTER_AREA) if (h, w) != (s, s) else to_gray(image)
-        keypoints = np.asarray(self.people[index]["keypoints"], np.float32).reshape(-1, 3).copy()
+        keypoints = drop_outside(np.reshape(self.people[index]["keypoints"], (-1, 3)), w, h)  # no target from them
         keypoints[:, :2] = to_input_pixels(keypoints[:, :2], (w, h), s)  # the file's size, not the JSON's
         return gray, keypoints, (w, h)
 
