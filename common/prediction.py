@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from common.data import BadImageError, read_image
 
@@ -130,11 +131,14 @@ def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw, limi
         try:
             if not source.exists():
                 raise BadImageError(f"{source}: no such file or folder")
+            frames = None
             if source.suffix.lower() in VIDEO_SUFFIXES:     # the drawn video keeps the input's frame rate
                 capture = cv2.VideoCapture(str(source))
                 video = VideoWriter(out_dir / f"{source.stem}_pose.mp4", capture.get(cv2.CAP_PROP_FPS) or 25.0)
+                frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
                 capture.release()
-            for name, image, path, frame in iter_inputs(source, limit, errors):
+            for name, image, path, frame in tqdm(iter_inputs(source, limit, errors), desc=source.name, total=frames,
+                                                 unit="frame" if video else "image", dynamic_ncols=True, leave=False):
                 people = predictor.predict(image)
                 pictures = draw(image, people)
                 if video is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from torch.utils.data import DataLoader
 
 from common.data import AnnotationError, coco_from_dict, exit_on_bad_input
@@ -39,7 +40,7 @@ def predict(model: CPM, dataset, device, batch_size=16, workers=0, compute_loss=
     model.eval()
     out = {"index": [], "pred": [], "score": [], "visible_pred": []}
     loss_sum, loss_count = 0.0, 0
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True, leave=False):
         batch.pop("num_skipped", None)
         if not batch:
             continue

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common.data import exit_on_bad_input, load_coco_keypoints
 from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, write_results_json
@@ -41,7 +42,7 @@ def predict(model, dataset, device="cpu", batch_size=64, flip_test=True, raw_tar
     flip_index = dataset.layout.flip_index
     all_points, all_scores, losses = [], [], []
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True, leave=False):
         images = batch["image"].to(device)
         output = model(images)
         if loss_fn is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from common.data import exit_on_bad_input, load_coco_keypoints, read_image
 from common.evaluation import coco_keypoint_ap, write_results_json
@@ -62,7 +63,7 @@ def evaluate_student(model, settings, coco, image_dir, image_ids, input_size=256
     pos_weight) the model was trained with."""
     predictor = Predictor(copy.deepcopy(model).cpu(), settings, input_size)
     results, intersection, union = [], 0, 0
-    for image_id in image_ids:
+    for image_id in tqdm(image_ids, desc="eval", unit="image", dynamic_ncols=True, leave=False):
         info = coco.loadImgs(image_id)[0]
         image = read_image(Path(image_dir) / info["file_name"])
         keypoints, scores, segmentation = predictor.run(image)

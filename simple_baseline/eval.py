@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common.data import BadImageError, exit_on_bad_input, read_image
 from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, pck, write_results_json
@@ -44,7 +45,7 @@ def run_predictions(model, dataset, flip_index, batch_size=32, workers=0, flip_t
     parts = {k: [] for k in ("index", "pred", "scores", "gt", "head_size", "center", "size")}
     was_training = model.training
     model.eval()
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True, leave=False):
         if "image" not in batch:  # every sample of this batch was unreadable (already warned)
             continue
         heatmaps = predict_heatmaps(model, batch["image"].to(device), flip_index, flip_test, flip_shift)

@@ -319,7 +319,8 @@ def test_eval_knows_the_training_file_by_content_and_scores_only_its_held_out_im
     copy.write_bytes(train_ann.read_bytes())
     for spelling in (train_ann.parent / ".." / train_ann.parent.name / train_ann.name, copy):
         eval_script.main(["--checkpoint", str(checkpoint), "--data", str(train_dir), "--ann", str(spelling)])
-        printed = capsys.readouterr().out
+        printed, progress = capsys.readouterr()
+        assert "eval:   0%" in progress
         assert f"AP on 3 images: the validation split of {spelling}" in printed
         assert f"(mean-pose baseline AP {baseline})" in printed
     val_dir, val_ann = small_builtin["val"]

@@ -75,7 +75,9 @@ def test_run_inference_writes_drawings_and_one_json_schema(tmp_path, capsys):
 
     status = run_inference(CenterPredictor(), [folder, tmp_path / "clip.mp4", tmp_path / "missing.jpg"], out, "c.pt",
                            draw)
-    assert status == 0 and "missing.jpg: no such file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert status == 0 and "missing.jpg: no such file" in err
+    assert "clip.mp4:   0%|          | 0/3 [" in err      # progress per input, of a video's frame count
     assert sorted(p.name for p in out.iterdir()) == ["a_pose.jpg", "clip_pose.mp4", "predictions.json"]
     assert cv2.VideoCapture(str(out / "clip_pose.mp4")).get(cv2.CAP_PROP_FPS) == 5.0     # the input's frame rate
     document = json.loads((out / "predictions.json").read_text())
