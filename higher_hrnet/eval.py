@@ -27,7 +27,7 @@ from common.evaluation import coco_keypoint_ap, count_parameters, write_results_
 from common.geometry import affine_points, get_affine_transform
 from common.heatmaps import make_heatmaps
 from common.keypoints import COCO17, get_layout, layout_from_dict
-from common.runs import add_common_args, checkpoint_or_exit, is_training_file, output_dirs, pick_device
+from common.runs import add_common_args, at_least, checkpoint_or_exit, is_training_file, output_dirs, pick_device
 from higher_hrnet.checkpoints import load_for_inference
 from higher_hrnet.dataset import LAYOUTS, TARGET_SIGMA
 from higher_hrnet.infer import NO_CHECKPOINT_HINT, add_plain_network_arg
@@ -182,13 +182,14 @@ def parse_args(argv=None):
                         help="test settings: official (flip, detection 0.1, tag 1.0) or seed (default: %(default)s)")
     parser.add_argument("--input-size", type=input_size, default=None,
                         help="short side at scale 1 (default: the checkpoint's training size, else 512)")
-    parser.add_argument("--scales", type=float, nargs="+", default=None, help="multi-scale test factors, e.g. 2 1 0.5")
+    parser.add_argument("--scales", type=at_least(0.0, above=True), nargs="+", default=None,
+                        help="multi-scale test factors, e.g. 2 1 0.5")
     parser.add_argument("--no-flip", action="store_true", help="turn flip test off")
     parser.add_argument("--detection-threshold", type=float, default=None, help="override the settings'")
     parser.add_argument("--tag-threshold", type=float, default=None, help="override the settings'")
     parser.add_argument("--layout", default=None, help="keypoint layout: coco17 or crowdpose14 (default: the "
                                                        "checkpoint's, else coco17)")
-    parser.add_argument("--max-images", type=int, default=None, help="only the first N images (quick checks)")
+    parser.add_argument("--max-images", type=at_least(1), default=None, help="only the first N images (quick checks)")
     add_plain_network_arg(parser)
     return parser.parse_args(argv)
 

@@ -20,7 +20,7 @@ from common.data import drop_outside, exit_on_bad_input, load_coco_keypoints, re
 from common.drawing import draw_keypoints, show_samples
 from common.geometry import flip_keypoints
 from common.keypoints import layout_from_coco_category
-from common.runs import data_dir, output_dirs
+from common.runs import at_least, data_dir, output_dirs
 from pose_spi.model import POSE_SPI13, generic_layout
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as the seed's grayscale conversion
@@ -259,13 +259,14 @@ def add_data_args(parser):
                                   "--batch, --lr, --output_dir, --num_keypoints")
     g.add_argument("--data_path", dest="data", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     g.add_argument("--annotation_path", dest="ann", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    g.add_argument("--batch", dest="batch_size", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    g.add_argument("--batch", dest="batch_size", type=at_least(1), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     g.add_argument("--output_dir", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     g.add_argument("--val-data", help="validation image folder (default: --data)")
     g.add_argument("--val-ann", help="validation annotations (default: a fixed 20%% split of --ann)")
-    g.add_argument("--val-fraction", type=float, default=0.2, help="share of --ann held out when no --val-ann")
-    g.add_argument("--subset", type=int, default=None, help="train on the first N images only (overfit check)")
-    g.add_argument("--repeat", type=int, default=1,
+    g.add_argument("--val-fraction", type=at_least(0.0, above=True), default=0.2,
+                   help="share of --ann held out when no --val-ann")
+    g.add_argument("--subset", type=at_least(1), default=None, help="train on the first N images only (overfit check)")
+    g.add_argument("--repeat", type=at_least(1), default=1,
                    help="passes over the training images per epoch (tiny sets: fewer per-epoch saves)")
     g.add_argument("--no-augment", dest="augment", action="store_false", help="turn flip/shift/scale off")
     g.add_argument("--raw-targets", action="store_true",
@@ -321,7 +322,7 @@ def main():
     parser.add_argument("--out", help="output root (default $POSE_OUTPUT_ROOT or .)")
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--num-keypoints", "--num_keypoints", type=int, default=None)
-    parser.add_argument("--show", type=int, default=16, help="number of augmented samples to draw")
+    parser.add_argument("--show", type=at_least(1), default=16, help="number of augmented samples to draw")
     add_data_args(parser)
     args = parser.parse_args()
     train, _ = build_datasets(args, data_dir(args.out))

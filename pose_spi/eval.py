@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from common.data import exit_on_bad_input, load_coco_keypoints
 from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, write_results_json
-from common.runs import (add_common_args, checkpoint_or_exit, is_training_file, model_from_checkpoint, output_dirs,
-                         pick_device)
+from common.runs import (add_common_args, at_least, checkpoint_or_exit, is_training_file, model_from_checkpoint,
+                         output_dirs, pick_device)
 from pose_spi.dataset import PoseSPIDataset, ensure_synthetic, split_image_ids, to_image_pixels
 from pose_spi.infer import MODEL_NAMES, decode_output
 from pose_spi.model import build_model, upgrade_checkpoint
@@ -127,7 +127,7 @@ def main(argv=None):
     add_common_args(parser, role="eval")
     parser.add_argument("--no-flip-test", dest="flip_test", action="store_false",
                         help="one forward pass per image; score = mean visibility")
-    parser.add_argument("--val-fraction", type=float, default=0.2,
+    parser.add_argument("--val-fraction", type=at_least(0.0, above=True), default=0.2,
                         help="checkpoints before issue 19, with their training --ann: the held-out share train.py used")
     parser.add_argument("--val-ann", help="evaluate this annotation file as a whole")
     args = parser.parse_args(argv)

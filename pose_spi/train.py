@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from common.data import exit_on_bad_input, sha256_of
 from common.drawing import GREEN, RED, draw_keypoints, make_grid
 from common.engine import fit, planned_steps
-from common.runs import add_common_args, output_dirs, parse_with_preset, setup_device_and_distributed
+from common.runs import add_common_args, at_least, output_dirs, parse_with_preset, setup_device_and_distributed
 from pose_spi.dataset import add_data_args, build_datasets
 from pose_spi.eval import coco_ap, mean_pose, mean_pose_ap, predict
 from pose_spi.infer import decode_output
@@ -101,14 +101,14 @@ def build_parser(head, description):
     add_data_args(parser)
     g = parser.add_argument_group("optimization")
     g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), help="optimizer (preset)")
-    g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (the seed used none)")
-    g.add_argument("--weight-decay", type=float, help="weight decay (preset)")
+    g.add_argument("--momentum", type=at_least(0.0), default=0.0, help="SGD momentum (the seed used none)")
+    g.add_argument("--weight-decay", type=at_least(0.0), help="weight decay (preset)")
     g.add_argument("--schedule", choices=("onecycle", "cosine", "none"), help="LR schedule, stepped per step (preset)")
     g.add_argument("--loss", choices=("l1", "mse", "smooth_l1"), help="coordinate loss (preset)")
     g.add_argument("--encoder-init", choices=("downsample", "random"),
                    help="start the encoder's FC layer as measurement-inverse + 2x2 average pool, or as PyTorch's "
                         "random init like the seed (preset)")
-    g.add_argument("--vis-weight", type=float, default=0.1, help="weight of the visibility BCE (default 0.1)")
+    g.add_argument("--vis-weight", type=at_least(0.0), default=0.1, help="weight of the visibility BCE (default 0.1)")
     g.add_argument("--no-flip-test", dest="flip_test", action="store_false",
                    help="evaluate without the mirrored second pass (its agreement is the detection score)")
     return parser

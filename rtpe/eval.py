@@ -24,8 +24,8 @@ from tqdm import tqdm
 from common.data import exit_on_bad_input, load_coco_keypoints, read_image
 from common.evaluation import coco_keypoint_ap, write_results_json
 from common.keypoints import COCO17
-from common.runs import (add_common_args, checkpoint_or_exit, is_training_file, model_from_checkpoint, output_dirs,
-                         pick_device)
+from common.runs import (add_common_args, at_least, checkpoint_or_exit, is_training_file, model_from_checkpoint,
+                         output_dirs, pick_device)
 from higher_hrnet.grouping import GroupingParams
 from higher_hrnet.scenes import ensure_scenes
 from rtpe.infer import SEED_GROUPING, Predictor, maps_to_people, people_to_results
@@ -160,8 +160,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher-cache", default=None, help="teacher cache root with <split>/ (own data)")
     p.add_argument("--split", default="val2017", help="split under --data (default: %(default)s)")
     p.add_argument("--list", default=None, help="file of image names to evaluate (a minival list)")
-    p.add_argument("--limit", type=int, default=None, help="first N images only")
-    p.add_argument("--input-size", type=int, default=None,
+    p.add_argument("--limit", type=at_least(1), default=None, help="first N images only")
+    p.add_argument("--input-size", type=at_least(1), default=None,
                    help="student input, longer side (default: the checkpoint's validation size)")
     return p.parse_args(argv)
 

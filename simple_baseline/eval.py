@@ -22,8 +22,8 @@ from common.geometry import affine_points, get_affine_transform
 from common.heatmaps import HeatmapCodec
 from common.keypoints import COCO17
 from common.loader import make_loader
-from common.runs import (add_common_args, checkpoint_or_exit, is_training_file, model_from_checkpoint, output_dirs,
-                         pick_device)
+from common.runs import (add_common_args, at_least, checkpoint_or_exit, is_training_file, model_from_checkpoint,
+                         output_dirs, pick_device)
 from simple_baseline.dataset import TopDownDataset, load_split
 from simple_baseline.infer import draw_prediction, heatmaps_to_image_coords, predict_heatmaps
 from simple_baseline.model import LIP16, MODEL_NAME, architecture_mismatch, build_model, upgrade_checkpoint
@@ -257,11 +257,11 @@ def parse_args(argv=None):
     parser.add_argument("--head-boxes", default=None, help="MPII gt_valid.mat for the official PCKh head sizes")
     parser.add_argument("--detections", default=None, help="COCO: person boxes as a results JSON (default: GT boxes)")
     parser.add_argument("--backbone", default=None, help="expected backbone; an error if the checkpoint differs")
-    parser.add_argument("--deconv-filters", type=int, nargs="+", default=None, help="expected deconv widths")
+    parser.add_argument("--deconv-filters", type=at_least(1), nargs="+", default=None, help="expected deconv widths")
     parser.add_argument("--no-flip-test", action="store_true", help="one forward pass instead of two")
     parser.add_argument("--no-flip-shift", action="store_true", help="flip test without the one-pixel shift")
     parser.add_argument("--no-baseline", action="store_true", help="skip the mean-pose baseline")
-    parser.add_argument("--visualize", type=int, default=0, metavar="N", help="write N validation images")
+    parser.add_argument("--visualize", type=at_least(0), default=0, metavar="N", help="write N validation images")
     parser.add_argument("--no-skeleton", action="store_true", help="joints only in --visualize images")
     parser.add_argument("--no-gt", action="store_true", help="leave ground truth out of --visualize images")
     parser.add_argument("--threshold", type=float, default=0.2, help="hide joints scoring below this")

@@ -94,6 +94,9 @@ def test_bad_inputs_end_in_one_line_naming_file_or_key(tmp_path, out_root, monke
     ("higher_hrnet/train.py", ["--input-size", "100"], "--input-size: 100 is not a positive multiple of 32"),
     ("higher_hrnet/eval.py", ["--input-size", "100"], "--input-size: 100 is not a positive multiple of 32"),
     ("simple_baseline/infer.py", ["--limit", "0"], "--limit: 0 is not at least 1"),
+    ("pose_spi/train.py", ["--repeat", "0"], "--repeat: 0 is not at least 1"),
+    ("simple_baseline/train.py", ["--sigma", "0"], "--sigma: 0 is not above 0.0"),
+    ("rtpe/train.py", ["--crop-size", "-256"], "--crop-size: -256 is not at least 1"),
 ])
 def test_numeric_flags_are_checked_at_parse_time(script, argv, flag, out_root, monkeypatch, capsys):
     code, err = run_script(script, *argv, monkeypatch=monkeypatch, capsys=capsys)
