@@ -138,7 +138,8 @@ def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw, limi
                 frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
                 capture.release()
             for name, image, path, frame in tqdm(iter_inputs(source, limit, errors), desc=source.name, total=frames,
-                                                 unit="frame" if video else "image", dynamic_ncols=True, leave=False):
+                                                 unit="frame" if video else "image", dynamic_ncols=True, leave=False,
+                                                 disable=not (video or source.is_dir())):
                 people = predictor.predict(image)
                 pictures = draw(image, people)
                 if video is not None:

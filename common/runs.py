@@ -242,7 +242,7 @@ def load_checkpoint(path) -> dict:
                          "than tensors and plain types (refused by weights_only=True)") from None
     except Exception as error:   # truncated or corrupted zip archive, ...
         first_sentence = str(error).strip().split(". ")[0] or type(error).__name__
-        raise SystemExit(f"{path}: cannot load checkpoint ({first_sentence})") from None
+        raise SystemExit(f"{path}: cannot load checkpoint: truncated or damaged ({first_sentence})") from None
 
 
 def is_training_file(path, settings: dict, warn: bool = False) -> bool:
