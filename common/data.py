@@ -53,12 +53,7 @@ def exit_on_bad_input(main, *args, **kwargs):
 
 
 def sha256_of(path) -> str:
-    """A file's content hash: the same file under another path or a copy is the same data (pose_spi eval)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def normalize_image(image) -> torch.Tensor:
@@ -109,9 +104,8 @@ def load_coco_keypoints(ann_file, num_keypoints=None) -> COCO:
     dataset.setdefault("annotations", [])
     dataset.setdefault("categories", [])
     category_size = {c.get("id"): len(c.get("keypoints", [])) for c in dataset["categories"]}
-    sizes = {image.get("id"): (image.get("width") or np.inf, image.get("height") or np.inf)
-             for image in dataset["images"]}
-    outside = 0
+    sizes, outside = {image.get("id"): (image.get("width") or np.inf, image.get("height") or np.inf)
+                      for image in dataset["images"]}, 0
     for ann in dataset["annotations"]:
         if "keypoints" not in ann:
             continue
@@ -119,9 +113,8 @@ def load_coco_keypoints(ann_file, num_keypoints=None) -> COCO:
         if len(ann["keypoints"]) != 3 * expected:
             raise AnnotationError(f"{ann_file}: annotation {ann.get('id')}: {len(ann['keypoints'])} keypoint "
                                   f"values, expected {3 * expected} ({expected} keypoints x 3)")
-        keypoints = np.asarray(ann["keypoints"], np.float32).reshape(-1, 3)
-        kept = drop_outside(keypoints, *sizes.get(ann.get("image_id"), (np.inf, np.inf)))
-        outside += int(np.count_nonzero(keypoints[:, 2] > 0) - np.count_nonzero(kept[:, 2] > 0))
+        kept = drop_outside(np.reshape(ann["keypoints"], (-1, 3)), *sizes.get(ann.get("image_id"), (np.inf, np.inf)))
+        outside += np.count_nonzero(np.asarray(ann["keypoints"][2::3]) > 0) - np.count_nonzero(kept[:, 2] > 0)
     if outside:
         warnings.warn(f"{ann_file}: {outside} labelled keypoints lie outside their image (negative, or beyond its "
                       "width or height); training targets leave them out", stacklevel=2)

@@ -154,11 +154,8 @@ def save_and_exit(run: Run) -> None:
     flush_training_log(run)
     save(run)
     if run.is_main:
-        argv, skip = [], False
-        for word in sys.argv[1:]:       # the same command with --resume pointing at this run's last.pt
-            if not skip and not word.startswith("--resume"):
-                argv.append(word)
-            skip = word == "--resume"
+        # the same command, its --resume (if any) now pointing at this run's last.pt
+        argv = [word for before, word in zip(sys.argv, sys.argv[1:]) if "--resume" not in (before, word[:8])]
         last = run.dirs["checkpoints"] / "last.pt"
         print(f"stopped by {signal.Signals(run.stop_signal).name} at step {run.step}; saved {last}\ncontinue with: "
               f"{shlex.join(['python', sys.argv[0], *argv, '--resume', str(last)])}", file=sys.stderr)
