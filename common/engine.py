@@ -107,15 +107,15 @@ def fit(args, model: nn.Module, train_set, compute_loss, optimizer, *, model_nam
         set_rng_state(run.resumed_rng)
     else:
         seed_everything(args.seed + run.rank)       # ranks draw different dropout masks
-    if run.is_main:
-        run.dirs["checkpoints"].mkdir(parents=True, exist_ok=True)
-        for stale in run.dirs["checkpoints"].glob(".*.tmp"):     # left by a write that was killed
-            stale.unlink(missing_ok=True)
-        # purge_step drops the events a crashed run logged after its last checkpoint
-        run.writer = SummaryWriter(str(run.dirs["tensorboard"]),
-                                   purge_step=run.step if run.resumed_rng is not None else None)
     previous_handlers = catch_stop_signals(run)
     try:
+        if run.is_main:
+            run.dirs["checkpoints"].mkdir(parents=True, exist_ok=True)
+            for stale in run.dirs["checkpoints"].glob(".*.tmp"):     # left by a write that was killed
+                stale.unlink(missing_ok=True)
+            # purge_step drops the events a crashed run logged after its last checkpoint
+            run.writer = SummaryWriter(str(run.dirs["tensorboard"]),
+                                       purge_step=run.step if run.resumed_rng is not None else None)
         while not run.stopped and not out_of_budget(run):
             if not train_one_epoch(run, loader):
                 break               # --max-steps, early stopping or a stop signal, mid-epoch

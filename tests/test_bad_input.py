@@ -160,9 +160,9 @@ def test_ctrl_c_saves_last_pt_prints_the_resume_command_and_resumes_exactly(tmp_
                                start_new_session=True)
     events = tmp_path / "tensorboard_logs" / "tiny" / "r"
     deadline = time.time() + 120
-    while not any(events.glob("events.*")) and time.time() < deadline:     # training has started
+    while not any(events.glob("events.*")) and time.time() < deadline:     # the handlers are in place
         time.sleep(0.2)
-    time.sleep(1.0)
+    time.sleep(1.0)     # some steps in
     os.killpg(process.pid, signal.SIGINT)
     _, err = process.communicate(timeout=120)
     last = tmp_path / "checkpoints" / "tiny" / "r" / "last.pt"
