@@ -68,7 +68,7 @@ def evaluate_model(model, image_dir, ann_file, config, layout=COCO17, device=Non
             metrics = coco_keypoint_ap(coco, results, layout.sigmas, print_table=True, image_ids=image_ids)
         table = buffer.getvalue()
         if print_table:
-            print(table, end="")
+            print(f"COCO keypoint AP on {len(image_ids) - failed} images of {ann_file}:\n{table}", end="")
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_results_json(results, out_dir / "results.json")

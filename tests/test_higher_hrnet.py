@@ -579,7 +579,7 @@ def test_tiny_model_training_loss_drops(tiny_scenes):
     assert np.isfinite(losses).all() and min(losses[-3:]) < 0.7 * losses[0], losses
 
 
-def test_torchrun_one_step_then_eval_writes_its_files(tiny_scenes, tmp_path):
+def test_torchrun_one_step_then_eval_writes_its_files(tiny_scenes, tmp_path, capsys):
     root, train, val = tiny_scenes
     env = {**os.environ, "POSE_OUTPUT_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -595,6 +595,7 @@ def test_torchrun_one_step_then_eval_writes_its_files(tiny_scenes, tmp_path):
     args = hh_eval.parse_args(["--checkpoint", str(checkpoint), "--data", str(root / "images" / "val"),
                                "--ann", str(val), "--run-name", "e", "--out", str(tmp_path), "--device", "cpu"])
     assert hh_eval.main(args) == 0
+    assert f"COCO keypoint AP on 2 images of {val}:" in capsys.readouterr().out
     out = tmp_path / "outputs" / "higher_hrnet" / "e"
     assert {p.name for p in out.iterdir()} == {"results.json", "coco_output.txt", "config.yaml"}
     info = json.loads(Path(val).read_text())
