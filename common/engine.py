@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -429,7 +430,10 @@ def save(run: Run, new_metrics: dict | None = None) -> None:
             (folder / entry["file"]).unlink(missing_ok=True)
         if run.best[0]["file"] == new_file:     # best.pt: a second name for that file, not a second copy
             (folder / ".best.pt.tmp").unlink(missing_ok=True)
-            os.link(folder / new_file, folder / ".best.pt.tmp")
+            try:
+                os.link(folder / new_file, folder / ".best.pt.tmp")
+            except OSError:     # a file system without hard links
+                shutil.copyfile(folder / new_file, folder / ".best.pt.tmp")
             os.replace(folder / ".best.pt.tmp", folder / "best.pt")
     save_checkpoint(folder / "last.pt", checkpoint)
 
