@@ -27,13 +27,13 @@ from common.evaluation import coco_keypoint_ap, count_parameters, write_results_
 from common.geometry import affine_points, get_affine_transform
 from common.heatmaps import make_heatmaps
 from common.keypoints import COCO17, get_layout, layout_from_dict
-from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
+from common.runs import add_common_args, at_least, checkpoint_or_exit, is_training_file, output_dirs, pick_device
 from higher_hrnet.checkpoints import load_for_inference
 from higher_hrnet.dataset import LAYOUTS, TARGET_SIGMA
 from higher_hrnet.infer import NO_CHECKPOINT_HINT, add_plain_network_arg
 from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, multi_scale_size,
                                     people_to_coco_results, predict_people, prepare_for_inference)
-from higher_hrnet.model import MODEL_NAME
+from higher_hrnet.model import MODEL_NAME, input_size
 from higher_hrnet.scenes import ensure_scenes
 
 
@@ -56,6 +56,8 @@ def evaluate_model(model, image_dir, ann_file, config, layout=COCO17, device=Non
             continue
         people, scores = predict_people(model, image, config, layout, device)
         results += people_to_coco_results(people, scores, image_id)
+    if failed and failed == len(image_ids):     # AP 0 of no image read is no result
+        raise BadImageError(f"{image_dir}: none of the {failed} images of {ann_file} could be read")
     if failed:
         print(f"{failed} image(s) could not be read and count as having no detections")
     metrics = None
@@ -66,7 +68,7 @@ def evaluate_model(model, image_dir, ann_file, config, layout=COCO17, device=Non
             metrics = coco_keypoint_ap(coco, results, layout.sigmas, print_table=True, image_ids=image_ids)
         table = buffer.getvalue()
         if print_table:
-            print(table, end="")
+            print(f"COCO keypoint AP on {len(image_ids) - failed} images of {ann_file}:\n{table}", end="")
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_results_json(results, out_dir / "results.json")
@@ -145,6 +147,7 @@ def main(args):
                                 detection_threshold=args.detection_threshold, tag_threshold=args.tag_threshold,
                                 flip=False if args.no_flip else None)
     image_dir, ann_file = default_data(args)
+    is_training_file(ann_file, settings, warn=True)
     run = args.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = output_dirs(MODEL_NAME, run, args.out)["outputs"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,15 +180,16 @@ def parse_args(argv=None):
     add_common_args(parser, role="eval")
     parser.add_argument("--inference", default="official", choices=sorted(INFERENCE_SETTINGS),
                         help="test settings: official (flip, detection 0.1, tag 1.0) or seed (default: %(default)s)")
-    parser.add_argument("--input-size", type=int, default=None,
+    parser.add_argument("--input-size", type=input_size, default=None,
                         help="short side at scale 1 (default: the checkpoint's training size, else 512)")
-    parser.add_argument("--scales", type=float, nargs="+", default=None, help="multi-scale test factors, e.g. 2 1 0.5")
+    parser.add_argument("--scales", type=at_least(0.0, above=True), nargs="+", default=None,
+                        help="multi-scale test factors, e.g. 2 1 0.5")
     parser.add_argument("--no-flip", action="store_true", help="turn flip test off")
     parser.add_argument("--detection-threshold", type=float, default=None, help="override the settings'")
     parser.add_argument("--tag-threshold", type=float, default=None, help="override the settings'")
     parser.add_argument("--layout", default=None, help="keypoint layout: coco17 or crowdpose14 (default: the "
                                                        "checkpoint's, else coco17)")
-    parser.add_argument("--max-images", type=int, default=None, help="only the first N images (quick checks)")
+    parser.add_argument("--max-images", type=at_least(1), default=None, help="only the first N images (quick checks)")
     add_plain_network_arg(parser)
     return parser.parse_args(argv)
 

@@ -20,7 +20,7 @@ from torchvision.datasets.folder import find_classes
 
 from common.data import BadImageError, exit_on_bad_input, read_image
 from common.prediction import IMAGE_SUFFIXES
-from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
+from common.runs import add_common_args, checkpoint_or_exit, load_checkpoint, output_dirs, pick_device
 from higher_hrnet.checkpoints import CheckpointError, checkpoint_width, load_official_checkpoint, read_state_dict
 from higher_hrnet.model import ClassificationHRNet
 from higher_hrnet.train_classification import (MODEL_NAME, PRESETS, ImageFolderSamples,
@@ -34,12 +34,7 @@ def load_classifier(path):
     """(model, info) from any supported checkpoint; info holds our checkpoints' settings and config (image
     size, class names, data folder); it is {} for files without them (official, seed)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise CheckpointError(f"{path}: cannot be read with weights_only=True ({type(exc).__name__})") from None
+    raw = load_checkpoint(path)     # one line for a missing, refused or damaged file
     config = {**raw.get("config", {}), **raw.get("settings", {})} if isinstance(raw, dict) else {}
     state = read_state_dict(raw, name=path)
     if "classifier.weight" not in state:

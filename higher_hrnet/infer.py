@@ -26,7 +26,7 @@ from higher_hrnet.checkpoints import load_for_inference
 from higher_hrnet.dataset import LAYOUTS
 from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, predict_maps,
                                     prepare_for_inference)
-from higher_hrnet.model import MODEL_NAME
+from higher_hrnet.model import MODEL_NAME, input_size
 from higher_hrnet.scenes import ensure_scenes
 
 NO_CHECKPOINT_HINT = " (ours, official or the seed's)"
@@ -128,7 +128,7 @@ def parse_args(argv=None):
     add_common_args(parser, role="infer", limit=8, threshold=0.1)
     parser.add_argument("--inference", default="official", choices=sorted(INFERENCE_SETTINGS),
                         help="test settings (default: %(default)s)")
-    parser.add_argument("--input-size", type=int, default=None,
+    parser.add_argument("--input-size", type=input_size, default=None,
                         help="short side (default: the checkpoint's training size)")
     parser.add_argument("--layout", default=None, help="keypoint layout (default: the checkpoint's, else coco17)")
     add_plain_network_arg(parser)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from common.data import normalize_image, read_image
+from common.data import BadImageError, normalize_image, read_image
 from common.evaluation import coco_keypoint_ap
 from common.geometry import affine_points, flip_keypoints, get_affine_transform, warp_image
 from common.heatmaps import joint_centers, make_heatmaps
@@ -613,7 +613,7 @@ def test_tiny_model_learns_to_find_people_through_the_eval_path(tmp_path):
     assert results and metrics["AP"] > 0.2, metrics
 
 
-def test_torchrun_one_step_then_eval_writes_its_files(tiny_scenes, tmp_path):
+def test_torchrun_one_step_then_eval_writes_its_files(tiny_scenes, tmp_path, capsys):
     root, train, val = tiny_scenes
     env = {**os.environ, "POSE_OUTPUT_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -629,6 +629,7 @@ def test_torchrun_one_step_then_eval_writes_its_files(tiny_scenes, tmp_path):
     args = hh_eval.parse_args(["--checkpoint", str(checkpoint), "--data", str(root / "images" / "val"),
                                "--ann", str(val), "--run-name", "e", "--out", str(tmp_path), "--device", "cpu"])
     assert hh_eval.main(args) == 0
+    assert f"COCO keypoint AP on 2 images of {val}:" in capsys.readouterr().out
     out = tmp_path / "outputs" / "higher_hrnet" / "e"
     assert {p.name for p in out.iterdir()} == {"results.json", "coco_output.txt", "config.yaml"}
     info = json.loads(Path(val).read_text())
@@ -638,3 +639,7 @@ def test_torchrun_one_step_then_eval_writes_its_files(tiny_scenes, tmp_path):
                                "--ann", str(tmp_path / "image_info.json"), "--run-name", "t", "--out", str(tmp_path)])
     assert hh_eval.main(args) == 0
     assert [p.name for p in (tmp_path / "outputs" / "higher_hrnet" / "t").iterdir()] == ["results.json"]
+    args = hh_eval.parse_args(["--checkpoint", str(checkpoint), "--data", str(tmp_path), "--ann", str(val),
+                               "--out", str(tmp_path), "--device", "cpu"])
+    with pytest.raises(BadImageError, match=f"{tmp_path}: none of the 2 images of .* could be read"):
+        hh_eval.main(args)      # a folder without the images: an error, not AP 0
