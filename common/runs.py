@@ -32,6 +32,9 @@ def add_common_args(parser: argparse.ArgumentParser, role: str = "train", **defa
           help="images, folders of images or videos (default: a few built-in validation images)")
         a("--limit", type=int, default=None, help="at most N images from each folder (default: all)")
         a("--threshold", type=float, default=0.0, help="draw joints scoring above this (default: %(default)s)")
+        a("--backend", choices=("torch", "onnxruntime"), default="torch",
+          help="run the network in torch, or its ONNX file (<folder>/export.py) in onnxruntime (default: torch)")
+        a("--onnx", default=None, help="ONNX file for --backend onnxruntime (default: <checkpoint>.onnx)")
     else:
         a("--data", default=None, help="dataset folder (default: the built-in data, rendered into <root>/data/)")
         a("--ann", default=None, help="annotation file (COCO JSON / CSV) when not inside --data")

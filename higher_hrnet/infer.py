@@ -17,6 +17,7 @@ import numpy as np
 
 from common.data import exit_on_bad_input
 from common.drawing import draw_heatmap_overlay, draw_people, person_color
+from common.export import use_backend
 from common.geometry import get_affine_transform, warp_image
 from common.keypoints import get_layout, layout_from_dict
 from common.prediction import Predictor as BasePredictor
@@ -110,6 +111,11 @@ def drawings(predictor, threshold):
     return draw
 
 
+def builtin_inputs(args, checkpoint=None):
+    """The built-in validation scenes (infer.py's and export.py's default)."""
+    return [ensure_scenes(args.out) / "images" / "val"]
+
+
 def main(args):
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python higher_hrnet/train.py", args.out,
                                     hint=NO_CHECKPOINT_HINT)
@@ -118,7 +124,8 @@ def main(args):
     layout = get_layout(args.layout, LAYOUTS) if args.layout else None
     predictor = Predictor(model, settings, args.inference, device, layout, args.plain_network,
                           input_size=args.input_size)
-    sources = args.input or [ensure_scenes(args.out) / "images" / "val"]
+    use_backend(predictor, args.backend, checkpoint, args.onnx)
+    sources = args.input or builtin_inputs(args)
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
     return run_inference(predictor, sources, out_dir, checkpoint, drawings(predictor, args.threshold), args.limit)
 

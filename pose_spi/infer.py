@@ -15,6 +15,7 @@ import torch
 
 from common.data import exit_on_bad_input
 from common.drawing import draw_keypoints
+from common.export import use_backend
 from common.keypoints import layout_from_dict
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
@@ -76,18 +77,25 @@ def enlarged_drawing(skeleton, scale, threshold):
     return draw
 
 
+def builtin_inputs(args, checkpoint=None):
+    """The built-in validation images (what infer.py and export.py read without --input)."""
+    folder = synthetic_paths(data_dir(args.out))["val"][0]
+    if not folder.is_dir():
+        sys.exit(f"error: no built-in val images at {folder}; run python pose_spi/train.py or pass --input")
+    return [folder]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, role="infer", threshold=-1.0)
     parser.add_argument("--scale", type=int, default=4, help="enlarge drawings by this factor (default: %(default)s)")
     args = parser.parse_args(argv)
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAMES, "python pose_spi/train.py", args.out)
-    predictor = Predictor.from_checkpoint(checkpoint, pick_device(args.device))
+    predictor = use_backend(Predictor.from_checkpoint(checkpoint, pick_device(args.device)), args.backend,
+                            checkpoint, args.onnx)
     sources, limit = args.input, args.limit
     if not sources:
-        sources, limit = [synthetic_paths(data_dir(args.out))["val"][0]], limit or 16
-        if not sources[0].is_dir():
-            sys.exit(f"error: no built-in val images at {sources[0]}; run python pose_spi/train.py or pass --input")
+        sources, limit = builtin_inputs(args), limit or 16
     out_dir = output_dirs(checkpoint.parent.parent.name, args.run_name or f"infer-{checkpoint.parent.name}",
                           args.out)["outputs"]
     draw = enlarged_drawing(predictor.layout.skeleton, args.scale, args.threshold)

@@ -18,6 +18,7 @@ import torch
 
 from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input
 from common.drawing import draw_people
+from common.export import use_backend
 from common.geometry import affine_points
 from common.keypoints import COCO17, layout_from_dict
 from common.prediction import Predictor as BasePredictor
@@ -103,9 +104,10 @@ class Predictor(BasePredictor):
         self.last_segmentation = None   # of the last image `predict` saw, for drawing
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", input_size=None):
+    def from_checkpoint(cls, path, device="cpu", input_size=None, **options):
+        """options: fold, channels_last (export.py's reference keeps the network as trained)."""
         model, checkpoint = model_from_checkpoint(path, build_model, MODEL_NAME, upgrade_checkpoint, device)
-        return cls(model, checkpoint["settings"], input_size)
+        return cls(model, checkpoint["settings"], input_size, **options)
 
     @torch.inference_mode()
     def run(self, image):
@@ -144,10 +146,16 @@ def drawing(predictor, threshold, attention):
     return draw
 
 
+def builtin_inputs(args, checkpoint=None):
+    """The built-in validation scenes (infer.py's and export.py's default)."""
+    return [ensure_scenes(args.out) / "images" / "val"]
+
+
 def main(args):
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python rtpe/train.py", args.out)
-    predictor = Predictor.from_checkpoint(checkpoint, pick_device(args.device), args.input_size)
-    sources = args.input or [ensure_scenes(args.out) / "images" / "val"]
+    predictor = use_backend(Predictor.from_checkpoint(checkpoint, pick_device(args.device), args.input_size),
+                            args.backend, checkpoint, args.onnx)
+    sources = args.input or builtin_inputs(args)
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
     return run_inference(predictor, sources, out_dir, checkpoint, drawing(predictor, args.threshold, args.attention),
                          args.limit)
