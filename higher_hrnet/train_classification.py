@@ -26,7 +26,8 @@ from common.drawing import make_grid
 from common.engine import fit
 from common.loader import SeededSamples, collate_skip_bad
 from common.pretrained import resolve_pretrained
-from common.runs import add_common_args, output_dirs, parse_with_preset, setup_device_and_distributed
+from common.runs import (add_common_args, local_main_first, output_dirs, parse_with_preset,
+                         setup_device_and_distributed)
 from higher_hrnet.checkpoints import load_official_checkpoint
 from higher_hrnet.model import ClassificationHRNet
 
@@ -231,10 +232,8 @@ def main(args):
         data_root = Path(args.data)
     else:
         data_root = dirs["data"] / "hrnet_shapes"
-        if args.rank == 0:
+        with local_main_first(args):
             ensure_builtin_imagefolder(dirs["data"], seed=0)
-        if args.distributed:
-            torch.distributed.barrier()
     train_set = ImageFolderSamples(data_root / "train", train_transform(args.image_size, args.crop_min_scale))
     val_set = None
     if (data_root / "val").is_dir():

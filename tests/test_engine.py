@@ -59,6 +59,31 @@ def test_torchrun_two_ranks_end_with_equal_weights(tmp_path):
     assert not torch.equal(tiny.tiny_model().state_dict()["0.weight"], rank0["0.weight"])
 
 
+def test_two_nodes_with_c10d_rendezvous_and_unshared_roots(tmp_path):
+    """Two single-process "machines" on localhost (torchrun --nnodes=2, gloo, a c10d rendezvous), each with its own
+    output root: each renders the built-in data into its root before training, and both end with the same weights."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for node in range(2):
+        root = tmp_path / f"node{node}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=posezoo-test",
+               str(REPO / "tests" / "_ddp_worker.py"), "--out", str(root), "--device", "cpu", "--max-steps", "4",
+               "--workers", "0", "--scenes", "2"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "POSE_OUTPUT_ROOT": str(root)}
+        nodes.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(out[-3000:] for out in outputs)
+    weights = [list((tmp_path / f"node{node}").glob("rank*.pt")) for node in range(2)]
+    assert sorted(path.name for paths in weights for path in paths) == ["rank0.pt", "rank1.pt"]
+    for node in range(2):
+        assert len(list((tmp_path / f"node{node}" / "data" / "multi_person" / "images" / "train").iterdir())) == 2
+    assert_same_weights(*(torch.load(paths[0], weights_only=True) for paths in weights))
+
+
 def test_resume_mid_epoch_gives_identical_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
 
