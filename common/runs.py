@@ -52,9 +52,12 @@ def add_common_args(parser: argparse.ArgumentParser, role: str = "train", **defa
         a("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
         a("--lr", type=float, default=1e-3, help="base learning rate (default: %(default)s)")
         a("--seed", type=int, default=0, help="seed for weights, data order and augmentation (default: %(default)s)")
-        a("--resume", default=None, metavar="PATH|auto",
-          help="continue a run exactly from a checkpoint; 'auto' = newest last.pt of this model (of --run-name's run)")
-        a("--init-from", default=None, metavar="CKPT", help="start from a checkpoint's weights only (fine-tuning)")
+        a("--resume", default=None, metavar="PATH|RUN|newest|auto",
+          help="continue a run exactly from a checkpoint: a file, a run name of this model (its last.pt), newest "
+               "(the newest last.pt), or auto (as newest, of --run-name's run when given; none: start fresh)")
+        a("--init-from", default=None, metavar="PATH|RUN|newest",
+          help="start from a checkpoint's weights only (fine-tuning): a file, a run name of this model (its best.pt, "
+               "else last.pt) or newest (the newest run's)")
         a("--pretrained", default="none", metavar="none|imagenet|PATH",
           help="backbone weights: none (default, no network), imagenet (torch cache or download), or a file")
         a("--amp", choices=("none", "bf16", "fp16"), default="none",
@@ -115,12 +118,28 @@ def data_dir(out=None) -> Path:
     return output_root(out) / "data"
 
 
+def checkpoint_from_spec(spec, model_name: str, out=None, names=("best.pt", "last.pt"), flag="--init-from") -> Path:
+    """A checkpoint named on the command line: a file, `newest` (the newest run of this model that has one of
+    `names`) or a run name (the first of `names` in that run); else one line saying what was looked for."""
+    if Path(spec).is_file():
+        return Path(spec)
+    if spec == "newest":
+        found, where = newest_checkpoint(model_name, out, names), output_root(out) / "checkpoints" / model_name
+    else:
+        where = output_dirs(model_name, spec, out)["checkpoints"]
+        found = next((where / name for name in names if (where / name).is_file()), None)
+    if found is None:
+        raise SystemExit(f"{flag} {spec}: no such file, and no {' or '.join(names)} in {where}")
+    return found
+
+
 def resume_path(args, model_name: str, verbose: bool = True) -> Path | None:
-    """--resume PATH, or for 'auto' the newest last.pt of this model (of --run-name's run when given)."""
+    """--resume PATH|RUN|newest (checkpoint_from_spec, last.pt), or for 'auto' the newest last.pt of this model (of
+    --run-name's run when given), None when there is none."""
     if not args.resume:
         return None
     if args.resume != "auto":
-        return Path(args.resume)
+        return checkpoint_from_spec(args.resume, model_name, args.out, ("last.pt",), "--resume")
     if args.run_name:
         path = output_dirs(model_name, args.run_name, args.out)["checkpoints"] / "last.pt"
         path = path if path.is_file() else None

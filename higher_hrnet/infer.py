@@ -3,6 +3,7 @@
     python higher_hrnet/infer.py                                  # newest checkpoint, built-in val images
     python higher_hrnet/infer.py --input photo.jpg --checkpoint pose_higher_hrnet_w32_512.pth --threshold 0.2
     python higher_hrnet/infer.py --input clip.mp4 --inference seed   # video in, annotated video out
+    python higher_hrnet/infer.py --scales 2 1 0.5 --no-flip --detection-threshold 0.2 --tag-threshold 0.8   # as eval.py
 Writes to outputs/higher_hrnet/<run>/: <name>_pose.jpg, <name>_tags.jpg, <name>_heatmaps.jpg per image
 (a <name>_pose.mp4 for a video) and predictions.json (top README; each person's "extra" holds its tags).
 --threshold hides joints (e.g. refined ones) below it. Works with our checkpoints, official and the seed's.
@@ -60,6 +61,28 @@ class Predictor(BasePredictor):
         self.last_maps = heatmaps, center, box
         people, scores = maps_to_people(heatmaps, tags, center, box, self.config, num_joints)
         return [make_person(p[:, :2], p[:, 2], s, tags=p[:, 3:]) for p, s in zip(people, scores)]
+
+
+def add_inference_args(parser):
+    """The test settings eval.py and infer.py share; inference_overrides(args) turns them into Predictor keywords."""
+    a = parser.add_argument
+    a("--inference", default="official", choices=sorted(INFERENCE_SETTINGS),
+      help="test settings: official (flip, detection 0.1, tag 1.0) or seed (default: %(default)s)")
+    a("--input-size", type=int, default=None, help="short side at scale 1 (default: the checkpoint's training size, "
+                                                   "else 512)")
+    a("--scales", type=float, nargs="+", default=None, help="multi-scale test factors, e.g. 2 1 0.5")
+    a("--no-flip", action="store_true", help="turn flip test off")
+    a("--detection-threshold", type=float, default=None, help="override the settings'")
+    a("--tag-threshold", type=float, default=None, help="override the settings'")
+    a("--layout", default=None, help="keypoint layout: coco17 or crowdpose14 (default: the checkpoint's, else coco17)")
+    add_plain_network_arg(parser)
+
+
+def inference_overrides(args):
+    """InferenceConfig fields from add_inference_args' flags (None: the settings' own)."""
+    return {"input_size": args.input_size, "scales": tuple(args.scales) if args.scales else None,
+            "detection_threshold": args.detection_threshold, "tag_threshold": args.tag_threshold,
+            "flip": False if args.no_flip else None}
 
 
 def add_plain_network_arg(parser):
@@ -123,7 +146,7 @@ def main(args):
     model, settings = load_for_inference(checkpoint, device)
     layout = get_layout(args.layout, LAYOUTS) if args.layout else None
     predictor = Predictor(model, settings, args.inference, device, layout, args.plain_network,
-                          input_size=args.input_size)
+                          **inference_overrides(args))
     use_backend(predictor, args.backend, checkpoint, args.onnx)
     sources = args.input or builtin_inputs(args)
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
@@ -133,12 +156,7 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, role="infer", limit=8, threshold=0.1)
-    parser.add_argument("--inference", default="official", choices=sorted(INFERENCE_SETTINGS),
-                        help="test settings (default: %(default)s)")
-    parser.add_argument("--input-size", type=int, default=None,
-                        help="short side (default: the checkpoint's training size)")
-    parser.add_argument("--layout", default=None, help="keypoint layout (default: the checkpoint's, else coco17)")
-    add_plain_network_arg(parser)
+    add_inference_args(parser)
     return parser.parse_args(argv)
 
 

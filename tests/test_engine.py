@@ -255,6 +255,17 @@ def test_init_from_loads_weights_only(tmp_path, monkeypatch):
     assert runs.run_dirs(args, "tiny")["run_name"] == "c" and runs.resume_path(args, "tiny") is None
     args = parse(["--device", "cpu", "--resume", "auto", "--run-name", "a"])
     assert runs.resume_path(args, "tiny") == tmp_path / "checkpoints/tiny/a/last.pt"
+    # a run name or `newest` instead of a path (issue 20): run a's file by its name, run b's as the newest
+    assert runs.resume_path(parse(["--resume", "a"]), "tiny") == tmp_path / "checkpoints/tiny/a/last.pt"
+    assert runs.resume_path(parse(["--resume", "newest"]), "tiny") == tmp_path / "checkpoints/tiny/b/last.pt"
+    assert runs.checkpoint_from_spec("a", "tiny") == tmp_path / "checkpoints/tiny/a/last.pt"   # a has no best.pt
+    with pytest.raises(SystemExit, match="--init-from nope: no such file, and no best.pt or last.pt in .*tiny/nope"):
+        runs.checkpoint_from_spec("nope", "tiny")
+    args = tiny.make_parser().parse_args(["--device", "cpu", "--max-steps", "0", "--run-name", "d", "--init-from", "a"])
+    model, optimizer, _ = tiny.build(args)
+    model, _ = fit(args, model, tiny.NoisyRegression(), tiny.mse_loss, optimizer, model_name="tiny", arch=tiny.ARCH,
+                   settings={})
+    assert_same_weights(first.state_dict(), model.state_dict())
 
 
 def test_cli_vocabulary_and_output_dirs(tmp_path, monkeypatch):
