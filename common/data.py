@@ -1,14 +1,18 @@
 """Reading images and COCO annotations, and the ImageNet normalization every RGB model uses.
 
 Bad input is one line, never a traceback: an unreadable image raises `BadImageError` naming the file (the loader
-makes it a warning and a skipped sample), a malformed annotation file `AnnotationError` naming file and id.
+makes it a warning and a skipped sample), a malformed annotation file `AnnotationError` naming file and id; a
+script's `main` run under `exit_on_bad_input` prints any `BadInput` (folders subclass it) or OSError as one line.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import io
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
@@ -21,20 +25,35 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-class BadImageError(Exception):
+class BadInput(Exception):
+    """Input the user can fix (a file, a flag); the message is one line naming it."""
+
+
+class BadImageError(BadInput):
     """An image that cannot be read; the message is '<path>: <problem>'."""
 
 
-class AnnotationError(Exception):
+class AnnotationError(BadInput):
     """A malformed annotation file; the message is '<file>: [annotation <id>: ]<problem>'."""
 
 
 def exit_on_bad_input(main, *args, **kwargs):
-    """Run a script's `main`; bad input becomes one line on stderr and exit status 1."""
+    """Run a script's `main`; bad input, a folder that cannot be written or a full disk becomes one line on
+    stderr and exit status 1, Ctrl-C outside training (which saves first, engine.py) status 130."""
     try:
         return main(*args, **kwargs)
-    except (BadImageError, AnnotationError) as error:
+    except BadInput as error:
         sys.exit(f"error: {error}")
+    except OSError as error:
+        problem = ("disk full: " if error.errno == errno.ENOSPC else "") + (error.strerror or str(error))
+        sys.exit(f"error: {error.filename}: {problem}" if error.filename else f"error: {problem}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def normalize_image(image) -> torch.Tensor:
@@ -85,6 +104,8 @@ def load_coco_keypoints(ann_file, num_keypoints=None) -> COCO:
     dataset.setdefault("annotations", [])
     dataset.setdefault("categories", [])
     category_size = {c.get("id"): len(c.get("keypoints", [])) for c in dataset["categories"]}
+    sizes, outside = {image.get("id"): (image.get("width") or np.inf, image.get("height") or np.inf)
+                      for image in dataset["images"]}, 0
     for ann in dataset["annotations"]:
         if "keypoints" not in ann:
             continue
@@ -92,7 +113,21 @@ def load_coco_keypoints(ann_file, num_keypoints=None) -> COCO:
         if len(ann["keypoints"]) != 3 * expected:
             raise AnnotationError(f"{ann_file}: annotation {ann.get('id')}: {len(ann['keypoints'])} keypoint "
                                   f"values, expected {3 * expected} ({expected} keypoints x 3)")
+        kept = drop_outside(np.reshape(ann["keypoints"], (-1, 3)), *sizes.get(ann.get("image_id"), (np.inf, np.inf)))
+        outside += np.count_nonzero(np.asarray(ann["keypoints"][2::3]) > 0) - np.count_nonzero(kept[:, 2] > 0)
+    if outside:
+        warnings.warn(f"{ann_file}: {outside} labelled keypoints lie outside their image (negative, or beyond its "
+                      "width or height); training targets leave them out", stacklevel=2)
     return coco_from_dict(dataset)
+
+
+def drop_outside(keypoints, width, height) -> np.ndarray:
+    """(..., K, 3) keypoints as float32 with v = 0 where (x, y) is outside the image: no training target is made
+    from a point its pixels cannot show."""
+    keypoints = np.array(keypoints, np.float32)
+    x, y = keypoints[..., 0], keypoints[..., 1]
+    keypoints[..., 2] *= (x >= 0) & (y >= 0) & (x <= width) & (y <= height)
+    return keypoints
 
 
 def coco_from_dict(dataset: dict) -> COCO:

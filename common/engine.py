@@ -12,6 +12,11 @@ import ctypes
 import math
 import os
 import random
+import shlex
+import shutil
+import signal
+import sys
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,12 +26,14 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.data import sha256_of
 from common.loader import collate_skip_bad, make_loader
 from common.runs import (CHECKPOINT_FORMAT, broadcast_object, checkpoint_from_spec, load_checkpoint, load_weights, plain,
                          resume_path, run_dirs, save_checkpoint, seed_everything, setup_device_and_distributed)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COUNTERS = ("epoch", "step", "batch_in_epoch", "best", "metrics", "early_stopping")   # what --resume restores
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")     # in last.pt, not in the best files
 
 
 @dataclass
@@ -69,6 +76,8 @@ class Run:
     num_skipped: int = 0
     last_saved: tuple | None = None
     last_validated: tuple | None = None
+    signal_received: int = 0         # SIGINT / SIGTERM number, set by the handler
+    stop_signal: int = 0             # the same, agreed on by every rank: stop after this step
 
     @property
     def is_main(self):
@@ -99,21 +108,59 @@ def fit(args, model: nn.Module, train_set, compute_loss, optimizer, *, model_nam
         set_rng_state(run.resumed_rng)
     else:
         seed_everything(args.seed + run.rank)       # ranks draw different dropout masks
-    if run.is_main:
-        run.dirs["checkpoints"].mkdir(parents=True, exist_ok=True)
-        # purge_step drops the events a crashed run logged after its last checkpoint
-        run.writer = SummaryWriter(str(run.dirs["tensorboard"]),
-                                   purge_step=run.step if run.resumed_rng is not None else None)
+    previous_handlers = catch_stop_signals(run)
     try:
+        if run.is_main:
+            run.dirs["checkpoints"].mkdir(parents=True, exist_ok=True)
+            for stale in run.dirs["checkpoints"].glob(".*.tmp"):     # left by a write that was killed
+                stale.unlink(missing_ok=True)
+            # purge_step drops the events a crashed run logged after its last checkpoint
+            run.writer = SummaryWriter(str(run.dirs["tensorboard"]),
+                                       purge_step=run.step if run.resumed_rng is not None else None)
         while not run.stopped and not out_of_budget(run):
             if not train_one_epoch(run, loader):
-                break               # --max-steps or early stopping, mid-epoch
+                break               # --max-steps, early stopping or a stop signal, mid-epoch
             end_epoch(run)
+        if run.stop_signal:
+            save_and_exit(run)
         finish(run)
     finally:
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
         if run.writer is not None:
             run.writer.close()
     return run.model, summarize(run)
+
+
+def catch_stop_signals(run: Run) -> dict:
+    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, then save_and_exit; a second one stops at once."""
+    owner = os.getpid()
+
+    def request_stop(number, frame):
+        if os.getpid() != owner:     # a DataLoader worker (forked): keep serving batches until the loop ends
+            return
+        if run.signal_received:
+            raise KeyboardInterrupt
+        run.signal_received = number
+        if run.is_main:
+            print(f"\n{signal.Signals(number).name}: stopping after this step to save last.pt "
+                  "(send it again to stop at once)", file=sys.stderr)
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+
+
+def save_and_exit(run: Run) -> None:
+    """After a stop signal: last.pt at this step boundary, the command that continues the run, exit 128 + signal."""
+    flush_training_log(run)
+    save(run)
+    if run.is_main:
+        # the same command, its --resume (if any) now pointing at this run's last.pt
+        argv = [word for before, word in zip(sys.argv, sys.argv[1:]) if "--resume" not in (before, word[:8])]
+        last = run.dirs["checkpoints"] / "last.pt"
+        print(f"stopped by {signal.Signals(run.stop_signal).name} at step {run.step}; saved {last}\ncontinue with: "
+              f"{shlex.join(['python', sys.argv[0], *argv, '--resume', str(last)])}", file=sys.stderr)
+    raise SystemExit(128 + run.stop_signal)
 
 
 def start_run(run: Run) -> Run:
@@ -131,6 +178,8 @@ def start_run(run: Run) -> Run:
         print(f"--amp {args.amp} on {run.device}: CPU autocast works but is rarely faster; it is there for tests")
     resume_from = resume_path(args, run.model_name, verbose=run.is_main)
     run.dirs = run_dirs(args, run.model_name)     # a resumed run keeps writing into its own run folder
+    if getattr(args, "ann", None) and os.path.isfile(args.ann):     # eval knows the training file by content
+        run.settings.setdefault("train_ann_sha256", sha256_of(args.ann))
     if run.device.type == "cpu":
         keep_freed_memory()
     run.model.to(run.device)
@@ -217,6 +266,8 @@ def train_one_epoch(run: Run, loader) -> bool:
             micro_batches = 0
             optimizer_step(run)
             progress.set_postfix(step=run.step, loss=f"{run.last_loss:.4g}")
+            if run.stop_signal:
+                return False
             if args.max_steps is not None and run.step >= args.max_steps:
                 return upcoming is None
             unit, every = run.val_every
@@ -244,12 +295,15 @@ def forward_backward(run: Run, batch: dict, sync: bool) -> None:
 
 
 def stop_if_not_finite(run: Run, loss, parts: dict) -> None:
-    """Every rank calls this before backward; all stop together when any rank's loss is inf/nan."""
+    """Every rank calls this before backward; all stop together when any rank's loss is inf/nan. The same
+    collective tells every rank whether any received a stop signal (they then stop after the same step)."""
     local_bad = not bool(torch.isfinite(loss.detach()).all())
-    bad = torch.tensor(float(local_bad), device=loss.device)
+    flags = torch.tensor([float(local_bad), float(run.signal_received)], device=loss.device)
     if run.world > 1:
-        dist.all_reduce(bad)
-    if bad.item() == 0:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, stop = flags.tolist()
+    run.stop_signal = int(stop)
+    if bad == 0:
         return
     names = [n for n, v in parts.items() if not math.isfinite(float(v))] or ["loss"]
     what = f"{', '.join(names)} = {float(loss.detach().float().sum()):g}" if local_bad else "on another rank"
@@ -276,7 +330,13 @@ def optimizer_step(run: Run) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     if run.scheduler is not None and run.scheduler_interval == "step":
         run.scheduler.step()
-    if args.log_every and run.step % args.log_every == 0 and run.loss_count:
+    if args.log_every and run.step % args.log_every == 0:
+        flush_training_log(run, grad_norm)
+
+
+def flush_training_log(run: Run, grad_norm=None) -> None:
+    """Log what was summed since the last log; at the end too, so a run shorter than --log-every has its losses."""
+    if run.loss_count:
         log_training(run, grad_norm)
 
 
@@ -338,7 +398,7 @@ def evaluate_and_log(run: Run) -> dict:
         if run.log_images is not None and run.last_batch is not None:
             with torch.no_grad():
                 for name, image in run.log_images(run.model, run.last_batch).items():
-                    run.writer.add_image(name, image, run.step, dataformats="HWC")
+                    run.writer.add_image(f"images/{name}", image, run.step, dataformats="HWC")
     run.model.train()
     for name, value in new.items():  # a name with a '/' ("loss/val") is already a full tag
         run.writer.add_scalar(name if "/" in name else f"metrics/{name}", value, run.step)
@@ -364,12 +424,17 @@ def save(run: Run, new_metrics: dict | None = None) -> None:
     if not run.is_main:
         return
     folder = run.dirs["checkpoints"]
-    if new_file:
-        save_checkpoint(folder / new_file, checkpoint)
+    if new_file:    # weights only (and what rebuilds the model): last.pt alone carries what --resume needs
+        save_checkpoint(folder / new_file, {k: v for k, v in checkpoint.items() if k not in RESUME_ONLY})
         for entry in dropped:
             (folder / entry["file"]).unlink(missing_ok=True)
-        if run.best[0]["file"] == new_file:
-            save_checkpoint(folder / "best.pt", checkpoint)
+        if run.best[0]["file"] == new_file:     # best.pt: a second name for that file, not a second copy
+            (folder / ".best.pt.tmp").unlink(missing_ok=True)
+            try:
+                os.link(folder / new_file, folder / ".best.pt.tmp")
+            except OSError:     # a file system without hard links
+                shutil.copyfile(folder / new_file, folder / ".best.pt.tmp")
+            os.replace(folder / ".best.pt.tmp", folder / "best.pt")
     save_checkpoint(folder / "last.pt", checkpoint)
 
 
@@ -390,6 +455,7 @@ def checkpoint_state(run: Run) -> dict:
 
 def finish(run: Run) -> None:
     """A last validation unless this very state was just validated; last.pt always ends at the final state."""
+    flush_training_log(run)
     if run.evaluate is not None and run.last_validated != run.position:
         validate(run)
     else:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from common.data import BadImageError, read_image
 
@@ -116,8 +117,13 @@ class VideoWriter:
 def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw, limit=None) -> int:
     """Predict every image (or frame) of `sources`; write <name>_<picture>.jpg per image (an mp4 per video) and
     predictions.json (the schema in the top README). draw(image, people) -> {picture name: RGB image} (video:
-    the first one). Returns the exit status: 1 when nothing could be read."""
-    out_dir = Path(out_dir)
+    the first one). A folder an earlier run wrote to is left alone: this run takes `<out_dir>-2`, `-3` ...
+    Returns the exit status: 1 (and no predictions.json) when no image was found or none could be read."""
+    base, number = Path(out_dir), 1
+    out_dir = base
+    while out_dir.is_dir() and any(out_dir.iterdir()):
+        number += 1
+        out_dir = base.with_name(f"{base.name}-{number}")
     out_dir.mkdir(parents=True, exist_ok=True)
     records, errors = [], []
     for source in map(Path, sources):
@@ -125,11 +131,15 @@ def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw, limi
         try:
             if not source.exists():
                 raise BadImageError(f"{source}: no such file or folder")
+            frames = None
             if source.suffix.lower() in VIDEO_SUFFIXES:     # the drawn video keeps the input's frame rate
                 capture = cv2.VideoCapture(str(source))
                 video = VideoWriter(out_dir / f"{source.stem}_pose.mp4", capture.get(cv2.CAP_PROP_FPS) or 25.0)
+                frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
                 capture.release()
-            for name, image, path, frame in iter_inputs(source, limit, errors):
+            for name, image, path, frame in tqdm(iter_inputs(source, limit, errors), desc=source.name, total=frames,
+                                                 unit="frame" if video else "image", dynamic_ncols=True, leave=False,
+                                                 disable=not (video or source.is_dir())):
                 people = predictor.predict(image)
                 pictures = draw(image, people)
                 if video is not None:
@@ -143,10 +153,15 @@ def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw, limi
             errors.append(str(error))
         if video is not None:
             video.close()
+    if not records:
+        out_dir.rmdir()
+        print(f"error: {'no input could be read' if errors else 'no images found in ' + ', '.join(map(str, sources))}"
+              f"; nothing written", file=sys.stderr)
+        return 1
     document = {"model": predictor.model_name, "checkpoint": str(checkpoint),
                 "keypoint_names": list(predictor.layout.names),
                 "skeleton": [list(edge) for edge in predictor.layout.skeleton], "images": records}
     (out_dir / "predictions.json").write_text(json.dumps(document, indent=1))
     print(f"{len(records)} images or frames, {sum(len(r['people']) for r in records)} people"
           f"{f', {len(errors)} inputs unreadable' if errors else ''}; drawings and predictions.json in {out_dir}")
-    return 1 if errors and not records else 0
+    return 0

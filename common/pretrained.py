@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from common.runs import load_checkpoint
+
 
 def resolve_pretrained(spec, *, filename: str, url: str | None = None, load_fn) -> Path | None:
     """Load `spec`'s weights with load_fn(state_dict); returns the file used, or None for "none".
@@ -36,7 +38,7 @@ def resolve_pretrained(spec, *, filename: str, url: str | None = None, load_fn) 
         path = Path(spec).expanduser()
         if not path.is_file():
             raise SystemExit(f"--pretrained {spec}: no such file (use --pretrained none, imagenet or PATH)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path)
     if not isinstance(state, dict):
         raise SystemExit(f"--pretrained {path}: expected a state dict, found {type(state).__name__}")
     load_fn(next((state[key] for key in ("model", "state_dict") if isinstance(state.get(key), dict)), state))

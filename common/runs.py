@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.data import sha256_of
+
 CHECKPOINT_FORMAT = 2   # 2 stores "arch" and "settings"; 1 (before issue 18) kept them inside "config"
 
 
@@ -31,7 +33,7 @@ def add_common_args(parser: argparse.ArgumentParser, role: str = "train", **defa
     if role == "infer":
         a("--input", nargs="+", default=None, metavar="PATH",
           help="images, folders of images or videos (default: a few built-in validation images)")
-        a("--limit", type=int, default=None, help="at most N images from each folder (default: all)")
+        a("--limit", type=at_least(1), default=None, help="at most N images from each folder (default: all)")
         a("--threshold", type=float, default=0.0, help="draw joints scoring above this (default: %(default)s)")
         a("--backend", choices=("torch", "onnxruntime"), default="torch",
           help="run the network in torch, or its ONNX file (<folder>/export.py) in onnxruntime (default: torch)")
@@ -45,12 +47,12 @@ def add_common_args(parser: argparse.ArgumentParser, role: str = "train", **defa
     a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     a("--run-name", default=None, help="run folder name under checkpoints/<model>/ etc. (default: a timestamp)")
     if role != "infer":
-        a("--batch-size", type=int, default=16, help="samples per process and step (default: %(default)s)")
-        a("--workers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
+        a("--batch-size", type=at_least(1), default=16, help="samples per process and step (default: %(default)s)")
+        a("--workers", type=at_least(0), default=2, help="DataLoader worker processes (default: %(default)s)")
     if role == "train":
-        a("--epochs", type=int, default=10, help="number of epochs (default: %(default)s)")
-        a("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
-        a("--lr", type=float, default=1e-3, help="base learning rate (default: %(default)s)")
+        a("--epochs", type=at_least(1), default=10, help="number of epochs (default: %(default)s)")
+        a("--max-steps", type=at_least(0), default=None, help="stop after this many optimizer steps in all")
+        a("--lr", type=at_least(0.0, above=True), default=1e-3, help="base learning rate (default: %(default)s)")
         a("--seed", type=int, default=0, help="seed for weights, data order and augmentation (default: %(default)s)")
         a("--resume", default=None, metavar="PATH|RUN|newest|auto",
           help="continue a run exactly from a checkpoint: a file, a run name of this model (its last.pt), newest "
@@ -63,18 +65,30 @@ def add_common_args(parser: argparse.ArgumentParser, role: str = "train", **defa
         a("--amp", choices=("none", "bf16", "fp16"), default="none",
           help="mixed precision autocast (fp16 adds a GradScaler); meant for CUDA (default: %(default)s)")
         a("--sync-bn", action="store_true", help="use SyncBatchNorm across processes under torchrun")
-        a("--clip-grad", type=float, default=0.0,
+        a("--clip-grad", type=at_least(0.0), default=0.0,
           help="clip the gradient norm to this value; 0 = off (default: %(default)s)")
-        a("--accumulate", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
+        a("--accumulate", type=at_least(1), default=1, help="micro-batches per optimizer step (default: %(default)s)")
         a("--val-every", default="1e", help="validate and checkpoint every N steps ('500') or N epochs ('1e'); "
                                              "'0' = only at the end (default: %(default)s)")
-        a("--log-every", type=int, default=20, help="log losses and LR every N steps (default: %(default)s)")
-        a("--hist-every", type=int, default=0,
+        a("--log-every", type=at_least(0), default=20, help="log losses and LR every N steps (default: %(default)s)")
+        a("--hist-every", type=at_least(0), default=0,
           help="parameter/gradient histograms every N steps; 0 = off (default: %(default)s)")
-        a("--keep-best", type=int, default=1,
+        a("--keep-best", type=at_least(0), default=1,
           help="keep the best K checkpoints by the model's metric (default: %(default)s)")
     set_known_defaults(parser, defaults, "add_common_args")
     return parser
+
+
+def at_least(low, above=False):
+    """argparse type: a number (int when `low` is) >= low, or > low when `above`; `--batch-size -4` is a usage
+    line at parse time, not a traceback from deep inside the DataLoader."""
+    def number(text):
+        value = type(low)(text)
+        if value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is not {'above' if above else 'at least'} {low}")
+        return value
+    number.__name__ = type(low).__name__    # argparse names it in "invalid int value: 'x'"
+    return number
 
 
 def set_known_defaults(parser, defaults: dict, what: str) -> None:
@@ -247,14 +261,20 @@ def save_checkpoint(path, state: dict) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        with open(tmp, "wb") as file:   # a file object: a full disk is OSError ENOSPC, not torch's "enforce fail"
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
+        # a write that failed partway surfaces as torch's RuntimeError, the OSError as its context
+        cause = next((e for e in (error, error.__context__) if isinstance(e, OSError)), None)
+        if cause is None:
+            raise
+        kept = f"; the previous {path.name} is kept" if path.is_file() else ""
+        raise OSError(cause.errno, f"cannot save checkpoint ({cause.strerror}){kept}", str(path)) from None
     return path
 
 
@@ -270,7 +290,18 @@ def load_checkpoint(path) -> dict:
                          "than tensors and plain types (refused by weights_only=True)") from None
     except Exception as error:   # truncated or corrupted zip archive, ...
         first_sentence = str(error).strip().split(". ")[0] or type(error).__name__
-        raise SystemExit(f"{path}: cannot load checkpoint ({first_sentence})") from None
+        raise SystemExit(f"{path}: cannot load checkpoint: truncated or damaged ({first_sentence})") from None
+
+
+def is_training_file(path, settings: dict, warn: bool = False) -> bool:
+    """Whether annotation file `path` holds what a checkpoint (its `settings`) trained on (engine.fit stores the
+    sha256 of --ann), however its path is spelled; `warn`: say that the scores are then on training images."""
+    trained_on = settings.get("train_ann_sha256")
+    found = bool(trained_on) and Path(path).is_file() and sha256_of(path) == trained_on
+    if found and warn:
+        print(f"warning: {path} is the annotation file this checkpoint was trained on: the scores below are on "
+              "training images")
+    return found
 
 
 def newest_checkpoint(model_name: str, out=None, names=("best.pt", "last.pt")) -> Path | None:

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from common.data import IMAGENET_MEAN, IMAGENET_STD, AnnotationError, BadImageError, load_coco_keypoints, read_image
+from common.data import (IMAGENET_MEAN, IMAGENET_STD, AnnotationError, BadImageError, drop_outside, load_coco_keypoints,
+                         read_image)
 from common.drawing import draw_keypoints, show_samples
 from common.geometry import (affine_points, box_to_center_scale, flip_image, flip_keypoints,
                              get_affine_transform, invert_affine, warp_image)
@@ -99,13 +100,13 @@ def load_coco_records(ann_file, image_dir, layout_name="from_file") -> tuple[lis
         layout = get_layout(layout_name, LAYOUTS)
     records = []
     for ann in coco.loadAnns(coco.getAnnIds(iscrowd=False)):
-        kpts = np.asarray(ann.get("keypoints", []), np.float32).reshape(-1, 3)
+        info = coco.imgs[ann["image_id"]]
+        kpts = drop_outside(np.reshape(ann.get("keypoints", []), (-1, 3)), info["width"], info["height"])
         if len(kpts) != layout.num_keypoints:
             raise AnnotationError(f"{ann_file}: annotation {ann.get('id')}: {len(kpts)} keypoints, "
                                   f"layout {layout.name} has {layout.num_keypoints}")
         if (kpts[:, 2] > 0).sum() < 2:
             continue  # too few labelled points to crop or to normalize PCK by
-        info = coco.imgs[ann["image_id"]]
         records.append({"id": str(ann["id"]), "image_id": ann["image_id"], "image": Path(image_dir) / info["file_name"],
                         "width": float(info["width"]), "height": float(info["height"]), "keypoints": kpts,
                         "box": [float(v) for v in ann["bbox"]] if ann.get("bbox") else None})

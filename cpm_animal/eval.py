@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from torch.utils.data import DataLoader
 
 from common.data import AnnotationError, coco_from_dict, exit_on_bad_input
@@ -21,7 +22,8 @@ from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, p
 from common.geometry import affine_points, invert_affine
 from common.keypoints import KeypointLayout
 from common.loader import collate_skip_bad
-from common.runs import add_common_args, checkpoint_or_exit, data_dir, model_from_checkpoint, output_dirs, pick_device
+from common.runs import (add_common_args, checkpoint_or_exit, data_dir, is_training_file, model_from_checkpoint,
+                         output_dirs, pick_device)
 from cpm_animal.dataset import (ImageCache, KeypointCrops, box_diagonal, build_datasets, load_coco_records,
                                 load_seed_json, record_box)
 from cpm_animal.infer import decode_predictions
@@ -38,7 +40,7 @@ def predict(model: CPM, dataset, device, batch_size=16, workers=0, compute_loss=
     model.eval()
     out = {"index": [], "pred": [], "score": [], "visible_pred": []}
     loss_sum, loss_count = 0.0, 0
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True, leave=False):
         batch.pop("num_skipped", None)
         if not batch:
             continue
@@ -162,9 +164,9 @@ def evaluation_data(args, saved, model, data_root):
     preset = saved["settings"]["preset"]
     for override in args.overrides:
         apply_override(preset, override)
-    if not args.ann:
+    if not args.ann or is_training_file(args.ann, saved["settings"]):   # the training file: its held-out animals only
         _, dataset, layout = build_datasets(preset, model.config, data_root)
-        return dataset, layout, f"the {preset['dataset']['kind']} validation split"
+        return dataset, layout, f"the {preset['dataset']['kind']} validation split (not the training animals)"
     ann = Path(args.ann)
     try:
         content = json.loads(ann.read_text())

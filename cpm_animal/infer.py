@@ -25,8 +25,8 @@ from common.heatmaps import decode_heatmaps
 from common.keypoints import layout_from_dict
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
-from common.runs import (add_common_args, checkpoint_or_exit, data_dir, load_checkpoint, model_from_checkpoint,
-                         output_dirs, pick_device)
+from common.runs import (add_common_args, at_least, checkpoint_or_exit, data_dir, load_checkpoint,
+                         model_from_checkpoint, output_dirs, pick_device)
 from cpm_animal.dataset import MEAN, STD, resolve_sources
 from cpm_animal.model import MODEL_NAME, CPMConfig, build_model, heatmap_to_input, upgrade_checkpoint
 
@@ -108,7 +108,8 @@ def main(argv=None):
     add_common_args(parser, role="infer")
     parser.add_argument("--box", type=float, nargs=4, metavar=("X", "Y", "W", "H"), default=None,
                         help="crop box in image pixels (default: the whole image)")
-    parser.add_argument("--padding", type=float, default=1.0, help="grow the box by this factor (default: %(default)s)")
+    parser.add_argument("--padding", type=at_least(0.0, above=True), default=1.0,
+                        help="grow the box by this factor (default: %(default)s)")
     args = parser.parse_args(argv)
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python cpm_animal/train.py", args.out)
     device = pick_device(args.device)

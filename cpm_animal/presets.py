@@ -8,15 +8,18 @@ error, so a typo never silently does nothing.
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 
 import yaml
+
+from common.data import BadInput
 
 FOLDER = Path(__file__).parent
 NAMES = ("cpu", "seed")
 
 
-class PresetError(ValueError):
+class PresetError(BadInput, ValueError):
     pass
 
 
@@ -44,9 +47,15 @@ def apply_override(preset: dict, override: str) -> None:
             raise PresetError(f"override {dotted!r}: {'.'.join(keys[:depth + 1])!r} is not a preset group")
         node = node[key]
     if keys[-1] not in node:
-        known = ", ".join(sorted(node))
-        raise PresetError(f"override {dotted!r}: unknown key {keys[-1]!r} (known here: {known})")
-    node[keys[-1]] = parse_value(text)
+        close = difflib.get_close_matches(keys[-1], list(node), n=3) or sorted(node)
+        raise PresetError(f"override {dotted!r}: unknown key {keys[-1]!r} (did you mean: "
+                          f"{', '.join('.'.join([*keys[:-1], key]) for key in close)}?)")
+    old, new = node[keys[-1]], parse_value(text)
+    # a word where the file has a number (`trainer.max_epochs=abc`), or a non-boolean for a boolean, is a typo
+    if (isinstance(old, (int, float)) and isinstance(new, str)) or (isinstance(old, bool) != isinstance(new, bool)
+                                                                    and old is not None and new is not None):
+        raise PresetError(f"override {dotted}={text}: expected {type(old).__name__} like {old!r}")
+    node[keys[-1]] = new
 
 
 def load_preset(name_or_path="cpu", overrides: list[str] | tuple = ()) -> dict:

@@ -148,8 +148,8 @@ def make_image_logger(layout, model_config, count=4):
         maps = final[0].cpu().numpy()
         image = denormalize(batch["image"][0])
         per_keypoint = [signed_heatmap_overlay(image, maps[k:k + 1]) for k in range(len(maps))]
-        return {"val/skeletons_pred_red_true_green": make_grid(pictures, ncols=count),
-                "val/heatmaps_per_keypoint": make_grid(per_keypoint, ncols=8)}
+        return {"skeletons_pred_red_true_green": make_grid(pictures, ncols=count),
+                "heatmaps_per_keypoint": make_grid(per_keypoint, ncols=8)}
     return log_images
 
 
@@ -202,16 +202,16 @@ def train(args, preset, model, train_set, val_set, layout, shape_xy, device):
         gt, norm = ground_truth(val_set, predictions["index"].astype(int))
         metrics, _ = compute_metrics(predictions["pred"], predictions["visible_pred"], gt, norm, thresholds)
         if "val_loss" in predictions:
-            metrics["val_loss"] = predictions["val_loss"]
+            metrics["loss/val"] = predictions["val_loss"]
         return metrics
 
     # eval.py and infer.py rebuild the model from arch and the data and decoding from these settings
     settings = {"codec": target_codec(model.config, preset["dataset"]["sigma"]).as_dict(), "preset": preset,
                 "layout": layout.as_dict(), "mean_shape": shape_xy.tolist()}
-    monitor = preset["metric"]["monitor"]
+    monitor = {"val_loss": "loss/val"}.get(preset["metric"]["monitor"], preset["metric"]["monitor"])
     _, summary = fit(args, model, train_set, compute_loss, optimizer, model_name=MODEL_NAME, arch=model.arch,
                      settings=settings, scheduler=scheduler, scheduler_interval=interval, evaluate=evaluate,
-                     best_metric=monitor, higher_is_better=monitor != "val_loss",
+                     best_metric=monitor, higher_is_better=monitor != "loss/val",
                      log_images=make_image_logger(layout, model.config),
                      early_stopping_patience=preset["callbacks"].get("early_stopping_patience"))
     return summary

@@ -5,11 +5,13 @@ for the fp16 640 releases, `1.`, weights in float16); `load_official_checkpoint`
 Every file is read with `torch.load(..., weights_only=True)`. Errors are one line naming the file.
 """
 
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
+from common.data import BadInput
 from common.keypoints import COCO17, get_layout
 from common.runs import load_checkpoint, model_from_checkpoint, require
 from higher_hrnet.dataset import LAYOUTS, target_codecs
@@ -23,7 +25,7 @@ WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "net")
 POSE_HEAD_PREFIXES = ("final_layers.", "deconv_layers.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput, ValueError):
     """A checkpoint that does not fit the model; the message is one line naming the file."""
 
 
@@ -63,7 +65,10 @@ def read_state_dict(path_or_state_dict, name=None):
             raise CheckpointError(f"{source}: checkpoint file not found")
         try:
             obj = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling errors have many types; report them in one line
+        except pickle.UnpicklingError:  # torch's message suggests weights_only=False, the unsafe way out
+            raise CheckpointError(f"{source}: cannot be read with weights_only=True: not a torch.save file, or it "
+                                  "holds objects other than tensors and plain types (refused)") from None
+        except Exception as exc:  # a truncated or damaged archive ...
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{source}: cannot be read with weights_only=True ({first_line})") \
                 from None

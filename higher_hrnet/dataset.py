@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from common.data import IMAGENET_MEAN, IMAGENET_STD, load_coco_keypoints, normalize_image, read_image
+from common.data import IMAGENET_MEAN, IMAGENET_STD, drop_outside, load_coco_keypoints, normalize_image, read_image
 from common.drawing import draw_heatmap_overlay, show_samples
 from common.geometry import affine_points, get_affine_transform, warp_image
 from common.heatmaps import HeatmapCodec
@@ -112,7 +112,7 @@ class BottomUpDataset(torch.utils.data.Dataset):
         mask = ignore_mask(self.coco, image_id, annotations, height, width)
         people = [a for a in annotations if not a.get("iscrowd", 0) and a.get("num_keypoints", 0) > 0]
         joints = np.array([a["keypoints"] for a in people], np.float32).reshape(-1, self.layout.num_keypoints, 3)
-        return image, joints, mask
+        return image, drop_outside(joints, width, height), mask
 
     def random_transform(self, height, width):
         """(center, box side, rotation, flip): the official RandomAffineTransform with scale_type 'short'."""

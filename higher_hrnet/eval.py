@@ -27,7 +27,7 @@ from common.evaluation import coco_keypoint_ap, count_parameters, write_results_
 from common.geometry import affine_points, get_affine_transform
 from common.heatmaps import make_heatmaps
 from common.keypoints import COCO17, get_layout, layout_from_dict
-from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
+from common.runs import add_common_args, at_least, checkpoint_or_exit, is_training_file, output_dirs, pick_device
 from higher_hrnet.checkpoints import load_for_inference
 from higher_hrnet.dataset import LAYOUTS, TARGET_SIGMA
 from higher_hrnet.infer import NO_CHECKPOINT_HINT, add_inference_args, inference_overrides
@@ -56,6 +56,8 @@ def evaluate_model(model, image_dir, ann_file, config, layout=COCO17, device=Non
             continue
         people, scores = predict_people(model, image, config, layout, device)
         results += people_to_coco_results(people, scores, image_id)
+    if failed and failed == len(image_ids):     # AP 0 of no image read is no result
+        raise BadImageError(f"{image_dir}: none of the {failed} images of {ann_file} could be read")
     if failed:
         print(f"{failed} image(s) could not be read and count as having no detections")
     metrics = None
@@ -66,7 +68,7 @@ def evaluate_model(model, image_dir, ann_file, config, layout=COCO17, device=Non
             metrics = coco_keypoint_ap(coco, results, layout.sigmas, print_table=True, image_ids=image_ids)
         table = buffer.getvalue()
         if print_table:
-            print(table, end="")
+            print(f"COCO keypoint AP on {len(image_ids) - failed} images of {ann_file}:\n{table}", end="")
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_results_json(results, out_dir / "results.json")
@@ -143,6 +145,7 @@ def main(args):
     config = inference_settings(args.inference, **{**inference_overrides(args),
                                                    "input_size": args.input_size or settings["input_size"]})
     image_dir, ann_file = default_data(args)
+    is_training_file(ann_file, settings, warn=True)
     run = args.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = output_dirs(MODEL_NAME, run, args.out)["outputs"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +177,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, role="eval")
     add_inference_args(parser)
-    parser.add_argument("--max-images", type=int, default=None, help="only the first N images (quick checks)")
+    parser.add_argument("--max-images", type=at_least(1), default=None, help="only the first N images (quick checks)")
     return parser.parse_args(argv)
 
 

@@ -20,7 +20,7 @@ from torchvision.datasets.folder import find_classes
 
 from common.data import BadImageError, exit_on_bad_input, read_image
 from common.prediction import IMAGE_SUFFIXES
-from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
+from common.runs import add_common_args, checkpoint_or_exit, load_checkpoint, output_dirs, pick_device
 from higher_hrnet.checkpoints import CheckpointError, checkpoint_width, load_official_checkpoint, read_state_dict
 from higher_hrnet.model import ClassificationHRNet
 from higher_hrnet.train_classification import (MODEL_NAME, PRESETS, ImageFolderSamples,
@@ -34,12 +34,7 @@ def load_classifier(path):
     """(model, info) from any supported checkpoint; info holds our checkpoints' settings and config (image
     size, class names, data folder); it is {} for files without them (official, seed)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise CheckpointError(f"{path}: cannot be read with weights_only=True ({type(exc).__name__})") from None
+    raw = load_checkpoint(path)     # one line for a missing, refused or damaged file
     config = {**raw.get("config", {}), **raw.get("settings", {})} if isinstance(raw, dict) else {}
     state = read_state_dict(raw, name=path)
     if "classifier.weight" not in state:
@@ -85,7 +80,7 @@ def parse_args(argv=None):
     parser.add_argument("--mode", choices=("val", "custom"), default="val",
                         help="val: top-1/top-5 on <data>/val; custom: draw top-5 on --images (default: val)")
     parser.add_argument("--images", nargs="+", default=None,
-                        help="custom mode: image files or folders (default: a few built-in val images)")
+                        help="custom mode: image files or folders (default: one val image per class, 8 at most)")
     parser.add_argument("--class-names", default=None,
                         help=f"a {SYNSET_FILE} for readable ImageNet names (default: <data>/{SYNSET_FILE})")
     parser.add_argument("--image-size", type=int, default=None, help="crop size (default: the checkpoint's, else 224)")
@@ -140,7 +135,9 @@ def main(args):
         return 0
 
     shown_names = class_display_names(class_names, args, data_root)
-    inputs = args.images or sorted((data_root / "val").rglob("*.png"))[::10][:6]
+    # default: the first validation image of each of the first 8 classes
+    inputs = args.images or [min(folder.glob("*.png")) for folder in sorted((data_root / "val").iterdir())
+                             if folder.is_dir() and any(folder.glob("*.png"))][:8]
     predictions, failures = [], 0
     for path in image_paths(inputs):
         try:

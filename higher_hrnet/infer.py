@@ -23,12 +23,12 @@ from common.geometry import get_affine_transform, warp_image
 from common.keypoints import get_layout, layout_from_dict
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
-from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
+from common.runs import add_common_args, at_least, checkpoint_or_exit, output_dirs, pick_device
 from higher_hrnet.checkpoints import load_for_inference
 from higher_hrnet.dataset import LAYOUTS
 from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, predict_maps,
                                     prepare_for_inference)
-from higher_hrnet.model import MODEL_NAME
+from higher_hrnet.model import MODEL_NAME, input_size
 from higher_hrnet.scenes import ensure_scenes
 
 NO_CHECKPOINT_HINT = " (ours, official or the seed's)"
@@ -68,9 +68,9 @@ def add_inference_args(parser):
     a = parser.add_argument
     a("--inference", default="official", choices=sorted(INFERENCE_SETTINGS),
       help="test settings: official (flip, detection 0.1, tag 1.0) or seed (default: %(default)s)")
-    a("--input-size", type=int, default=None, help="short side at scale 1 (default: the checkpoint's training size, "
-                                                   "else 512)")
-    a("--scales", type=float, nargs="+", default=None, help="multi-scale test factors, e.g. 2 1 0.5")
+    a("--input-size", type=input_size, default=None, help="short side at scale 1 (default: the checkpoint's training "
+                                                          "size, else 512)")
+    a("--scales", type=at_least(0.0, above=True), nargs="+", default=None, help="multi-scale test factors, e.g. 2 1 0.5")
     a("--no-flip", action="store_true", help="turn flip test off")
     a("--detection-threshold", type=float, default=None, help="override the settings'")
     a("--tag-threshold", type=float, default=None, help="override the settings'")

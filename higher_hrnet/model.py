@@ -7,6 +7,8 @@ size in which the fixed-size parts (64-channel stem, classification head) shrink
 `build_model(**arch)` rebuilds a HigherHRNet from the `arch` dict its checkpoints store.
 """
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,14 @@ def conv_bn(in_channels, out_channels, kernel_size, stride=1, relu=True, conv_bi
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
+
+
+def input_size(text) -> int:
+    """argparse type of --input-size: HRNet takes multiples of 32, so `--input-size 100` stops at parse time."""
+    size = int(text)
+    if size <= 0 or size % 32:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive multiple of 32 (e.g. 256, 512)")
+    return size
 
 class BasicBlock(nn.Module):
     expansion = 1

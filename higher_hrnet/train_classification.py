@@ -1,16 +1,24 @@
 """Train ClassificationHRNet on an ImageFolder (ImageNet): the backbone pretraining of HigherHRNet.
 
-  python higher_hrnet/train_classification.py                  # built-in shapes data, tiny width, CPU
+  python higher_hrnet/train_classification.py                  # built-in pose classes, two CPU cores
   python higher_hrnet/train_classification.py --data data/imagenet              # official recipe, W32
   torchrun --nproc_per_node=4 higher_hrnet/train_classification.py --data data/imagenet
 `--data` holds `train/<class>/*` and `val/<class>/*` (see prepare_data.py for the ImageNet archive).
 Preset `official` (HRNet-Image-Classification, cls_hrnet_w32_sgd_lr5e-2_wd1e-4_bs32_x100): SGD lr
 0.05, momentum 0.9, weight decay 1e-4, Nesterov, 100 epochs, LR x0.1 at 30/60/90, 32 images per
 GPU on 4 GPUs, RandomResizedCrop 224 + flip; evaluation resizes to 256 and center-crops 224.
-Preset `builtin` is the same recipe at CPU size. Any flag given overrides the preset.
+Preset `builtin` (no --data) renders 7 classes of people from the pose scenes' figures (no_person,
+arms_down, arms_out, arms_up, one_arm_up, crouching, lying) and trains the width of train.py's `cpu`
+preset (W8 today; --width 16 works too) on 64 px crops: AdamW lr 4e-3, weight decay 0.05, 100 warm-up
+steps then cosine decay, the last BatchNorm of each residual block zero-initialized, 6 epochs.
+Any flag given overrides the preset.
 """
 
 import argparse
+import json
+import math
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -23,95 +31,125 @@ from torchvision.transforms import v2
 
 from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input, read_image
 from common.drawing import make_grid
-from common.engine import fit
+from common.engine import fit, planned_steps
 from common.loader import SeededSamples, collate_skip_bad
 from common.pretrained import resolve_pretrained
 from common.runs import (add_common_args, local_main_first, output_dirs, parse_with_preset,
                          setup_device_and_distributed)
+from common.synthetic import (L_ANK, L_EL, L_HIP, L_KNEE, L_SH, L_WR, PELVIS, R_ANK, R_EL, R_HIP, R_KNEE, R_SH,
+                              R_WR, THORAX, random_background, random_human_figure, rasterize_human)
 from higher_hrnet.checkpoints import load_official_checkpoint
-from higher_hrnet.model import ClassificationHRNet
+from higher_hrnet.model import BasicBlock, Bottleneck, ClassificationHRNet
+from higher_hrnet.train import PRESETS as POSE_PRESETS
 
 MODEL_NAME = "hrnet_classification"
 OFFICIAL_IMAGENET_FILE = "hrnetv2_w32_imagenet_pretrained.pth"
 
 PRESETS = {
     "official": dict(width=32, image_size=224, resize_size=256, crop_min_scale=0.08, epochs=100,
-                     batch_size=32, lr=0.05, lr_steps=[30, 60, 90], workers=4),
-    # Built-in shapes: 6 classes, 32 px crops that keep at least 35% of the image (an 8% crop of a
-    # shape picture often holds no shape), the official schedule shape compressed to 30 epochs.
-    "builtin": dict(width=8, image_size=32, resize_size=36, crop_min_scale=0.35, epochs=30,
-                    batch_size=32, lr=0.05, lr_steps=[18, 26], workers=2),
+                     batch_size=32, lr=0.05, lr_steps=[30, 60, 90], workers=4, optimizer="sgd",
+                     weight_decay=1e-4, schedule="step", warmup_steps=0, zero_init_residual=False,
+                     builtin_per_class=None, builtin_size=None),
+    # Built-in pose classes on two CPU cores (README: what each choice bought, measured): 64 px crops
+    # of the 80 px images, AdamW with warm-up and cosine decay, residual blocks starting as identities.
+    # The width follows the pose `cpu` preset, so its backbone can start from this checkpoint.
+    "builtin": dict(width=POSE_PRESETS["cpu"]["width"], image_size=64, resize_size=72, crop_min_scale=0.5,
+                    epochs=6, batch_size=32, lr=4e-3, lr_steps=None, workers=1, optimizer="adamw",
+                    weight_decay=0.05, schedule="cosine", warmup_steps=100, zero_init_residual=True,
+                    builtin_per_class=1000, builtin_size=80),
 }
-MOMENTUM, WEIGHT_DECAY, NESTEROV, LR_FACTOR = 0.9, 1e-4, True, 0.1
+MOMENTUM, NESTEROV, LR_FACTOR = 0.9, True, 0.1
 
 # ---------------------------------------------------------------------------------------------
-# Built-in data: a small ImageFolder of generated shapes, rendered deterministically on first use.
+# Built-in data: an ImageFolder of people in six pose classes plus "no person", drawn with the
+# figures, backgrounds and clutter of the built-in pose scenes (common.synthetic), rendered once.
 
-SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "stripes")
-BUILTIN_SIZE, BUILTIN_TRAIN_PER_CLASS, BUILTIN_VAL_PER_CLASS = 80, 40, 10
-
-
-def _random_color(rng, avoid=None):
-    while True:
-        color = rng.integers(0, 256, 3)
-        if avoid is None or np.abs(color - avoid).sum() > 200:
-            return color
+POSE_CLASSES = ("no_person", "arms_down", "arms_out", "arms_up", "one_arm_up", "crouching", "lying")
+# Upper-arm direction per arm class, in degrees from the body's "down" towards the arm's own side.
+ARM_ANGLES = {"down": (15, 40), "out": (70, 110), "up": (150, 185)}
+BUILTIN_VERSION = 3  # bump when the renderer changes so the cached folder is rendered again
+BUILTIN_DEFAULTS = dict(image_size=80, train_per_class=1000, val_per_class=100)
 
 
-def render_shape(shape, rng, size=BUILTIN_SIZE):
-    """One RGB image of `shape` with random colors, size, position and rotation over noise."""
-    background = _random_color(rng)
-    image = np.clip(background + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-    color = tuple(int(c) for c in _random_color(rng, avoid=background))
-    radius = rng.uniform(0.18, 0.38) * size
-    cx, cy = rng.uniform(radius, size - radius, 2)
-    angle = rng.uniform(0, 2 * np.pi)
-    thickness = max(2, int(radius / 4))
-
-    def polygon(n, r=radius, phase=angle):
-        t = phase + np.arange(n) * 2 * np.pi / n
-        return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1).round().astype(np.int32)
-
-    if shape == "circle":
-        cv2.circle(image, (int(cx), int(cy)), int(radius), color, -1, cv2.LINE_AA)
-    elif shape == "ring":
-        cv2.circle(image, (int(cx), int(cy)), int(radius), color, thickness, cv2.LINE_AA)
-    elif shape in ("square", "triangle"):
-        cv2.fillPoly(image, [polygon(4 if shape == "square" else 3)], color, cv2.LINE_AA)
-    elif shape == "cross":
-        for phase in (angle, angle + np.pi / 2):
-            a, b = polygon(2, phase=phase)
-            cv2.line(image, tuple(map(int, a)), tuple(map(int, b)), color, thickness, cv2.LINE_AA)
-    elif shape == "stripes":
-        direction = np.array([np.cos(angle), np.sin(angle)])
-        normal = np.array([-direction[1], direction[0]])
-        for offset in (-1.0, 0.0, 1.0):
-            center = np.array([cx, cy]) + offset * radius * 0.6 * normal
-            a, b = center - radius * direction, center + radius * direction
-            cv2.line(image, tuple(map(int, a)), tuple(map(int, b)), color, max(2, thickness // 2),
-                     cv2.LINE_AA)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-    return image
+def _unit(vector):
+    return vector / max(float(np.linalg.norm(vector)), 1e-6)
 
 
-def ensure_builtin_imagefolder(data_root, seed=0):
-    """Render the built-in shapes ImageFolder under data_root/hrnet_shapes (once) and return it."""
-    root = Path(data_root) / "hrnet_shapes"
-    done = root / ".complete"
-    if done.is_file():
+def _aim_limb(points, root, middle, end, down, outward, angle, bend):
+    """Point the limb root -> middle -> end `angle` degrees from `down` towards `outward` (its segment
+    lengths kept), the second segment `bend` degrees further."""
+    first = np.linalg.norm(points[middle] - points[root])
+    second = np.linalg.norm(points[end] - points[middle])
+    a, b = np.radians(angle), np.radians(angle + bend)
+    points[middle] = points[root] + first * (np.cos(a) * down + np.sin(a) * outward)
+    points[end] = points[middle] + second * (np.cos(b) * down + np.sin(b) * outward)
+
+
+def pose_figure(rng, pose, size):
+    """A random person (common.synthetic's figure: proportions, facing, colors) posed as `pose`,
+    0.5-0.85 of the image side tall or wide, placed at random in a size x size image with all of it in view."""
+    while True:  # standing upright (no rare bent-over figure), facing the camera or turned away:
+        # seen from the side one arm hides the other and the classes would overlap
+        fig = random_human_figure(rng, size, (0, 0), angle_range=0.35)  # near standing
+        points = fig.points.copy()
+        down = _unit(points[PELVIS] - points[THORAX])
+        if abs(np.sin(fig.yaw)) <= 0.5 and down[1] >= np.cos(0.5):
+            break
+    across = np.array([-down[1], down[0]])
+    arms = {"arms_down": ("down", "down"), "arms_out": ("out", "out"), "arms_up": ("up", "up"),
+            "one_arm_up": tuple(rng.permutation(["up", "down"]))}.get(pose)
+    if arms is None:  # crouching or lying: any arms but raised ones
+        arms = tuple(rng.choice(["down", "out"], 2))
+    for (shoulder, elbow, wrist), arm in zip(((L_SH, L_EL, L_WR), (R_SH, R_EL, R_WR)), arms):
+        outward = across if (points[shoulder] - points[THORAX]) @ across >= 0 else -across
+        _aim_limb(points, shoulder, elbow, wrist, down, outward, rng.uniform(*ARM_ANGLES[arm]),
+                  rng.uniform(-30, 30))
+    if pose == "crouching":  # thighs out and up, shins back down
+        for hip, knee, ankle in ((L_HIP, L_KNEE, L_ANK), (R_HIP, R_KNEE, R_ANK)):
+            outward = across if (points[hip] - points[PELVIS]) @ across >= 0 else -across
+            thigh = rng.uniform(60, 105)
+            _aim_limb(points, hip, knee, ankle, down, outward, thigh, rng.uniform(-15, 15) - thigh)
+    head = fig.head_center
+    if pose == "lying":
+        angle = np.radians(rng.choice([-1, 1]) * rng.uniform(70, 110))
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        points, head = points @ rotation.T, rotation @ head
+    fig = replace(fig, points=points, head_center=head)
+    low, high = points.min(0) - fig.head_radius, points.max(0) + fig.head_radius
+    scale = rng.uniform(0.5, 0.85) * size / (high - low).max()
+    slack = size - scale * (high - low)  # anywhere in the image, but all of the person in view
+    return fig.moved(scale, rng.uniform(0.1, 0.9, 2) * slack - low * scale)
+
+
+def render_pose(pose, rng, size=BUILTIN_DEFAULTS["image_size"]):
+    """One RGB image of class `pose`: a cluttered built-in background, the posed person, sensor noise."""
+    image = random_background(rng, (size, size))
+    if pose != "no_person":
+        labels, colors, _ = rasterize_human(pose_figure(rng, pose, size), (0, 0), image.shape[:2])
+        image[labels > 0] = colors[labels[labels > 0]]
+    noise = rng.normal(0, rng.uniform(1, 5), (size, size, 1))
+    return np.clip(image + noise, 0, 255).astype(np.uint8)
+
+
+def ensure_builtin_imagefolder(data_root, seed=0, **params):
+    """Render the built-in pose-class ImageFolder under data_root/hrnet_poses (unless params.json there
+    matches) and return it. params: image_size, train_per_class, val_per_class."""
+    settings = {"version": BUILTIN_VERSION, "seed": seed, **BUILTIN_DEFAULTS, **params}
+    root = Path(data_root) / "hrnet_poses"
+    stamp = root / "params.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return root
+    shutil.rmtree(root, ignore_errors=True)
     # Validation images come from a seed stream disjoint from training.
-    for split, per_class, stream in (("train", BUILTIN_TRAIN_PER_CLASS, 0),
-                                     ("val", BUILTIN_VAL_PER_CLASS, 1)):
-        for class_index, shape in enumerate(SHAPE_CLASSES):
-            folder = root / split / shape
+    for split, stream in (("train", 0), ("val", 1)):
+        for class_index, pose in enumerate(POSE_CLASSES):
+            folder = root / split / pose
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
+            for i in range(settings[f"{split}_per_class"]):
                 rng = np.random.default_rng([seed, stream, class_index, i])
-                image = render_shape(shape, rng)
-                cv2.imwrite(str(folder / f"{shape}_{i:04d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    done.write_text("rendered by higher_hrnet/train_classification.py\n")
+                image = render_pose(pose, rng, settings["image_size"])
+                cv2.imwrite(str(folder / f"{pose}_{i:05d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    stamp.write_text(json.dumps(settings) + "\n")
     return root
 
 
@@ -209,6 +247,33 @@ def draw_predictions(image, probabilities, class_names, top=5):
     return np.concatenate([image, panel], 0)
 
 
+def zero_init_residual(model):
+    """Zero the last BatchNorm scale of every residual block, so each block starts as the identity."""
+    for module in model.modules():
+        if isinstance(module, Bottleneck):
+            torch.nn.init.zeros_(module.bn3.weight)
+        elif isinstance(module, BasicBlock):
+            torch.nn.init.zeros_(module.bn2.weight)
+
+
+def build_optimizer_and_scheduler(model, args, num_samples):
+    """(optimizer, scheduler, "epoch" | "step") of the recipe in args."""
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM,
+                                    weight_decay=args.weight_decay, nesterov=NESTEROV)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.schedule == "step":
+        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_steps, gamma=LR_FACTOR), "epoch"
+    total, warmup = planned_steps(args, num_samples), max(args.warmup_steps, 0)
+
+    def factor(step):  # linear warm-up from lr/warmup, then half a cosine down to 0 at the last step
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
+
+
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -219,7 +284,18 @@ def parse_args(argv=None):
     parser.add_argument("--crop-min-scale", type=float,
                         help="smallest image fraction a RandomResizedCrop keeps (official: 0.08; "
                              "default: %(default)s)")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), help="sgd (Nesterov) or adamw (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, help="weight decay (default: %(default)s)")
+    parser.add_argument("--schedule", choices=("step", "cosine"),
+                        help="step: LR x0.1 at --lr-steps epochs; cosine: per step down to 0 after the warm-up "
+                             "(default: %(default)s)")
     parser.add_argument("--lr-steps", type=int, nargs="+", help="epochs where LR drops x0.1 (default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps, cosine schedule (default: %(default)s)")
+    parser.add_argument("--zero-init-residual", type=int, choices=(0, 1),
+                        help="1: zero the last BatchNorm of each residual block (default: %(default)s)")
+    parser.add_argument("--builtin-per-class", type=int,
+                        help="built-in data: training images per class (default: %(default)s)")
+    parser.add_argument("--builtin-size", type=int, help="built-in data: image side in px (default: %(default)s)")
     add_common_args(parser, val_every="1e")
     # official with --data (ImageNet), builtin without
     return parse_with_preset(parser, PRESETS, argv, default="builtin", default_with_data="official")
@@ -231,9 +307,10 @@ def main(args):
     if args.data:
         data_root = Path(args.data)
     else:
-        data_root = dirs["data"] / "hrnet_shapes"
         with local_main_first(args):
-            ensure_builtin_imagefolder(dirs["data"], seed=0)
+            ensure_builtin_imagefolder(dirs["data"], seed=0, image_size=args.builtin_size,
+                                       train_per_class=args.builtin_per_class)
+        data_root = dirs["data"] / "hrnet_poses"
     train_set = ImageFolderSamples(data_root / "train", train_transform(args.image_size, args.crop_min_scale))
     val_set = None
     if (data_root / "val").is_dir():
@@ -244,9 +321,9 @@ def main(args):
     model = ClassificationHRNet(args.width, num_classes=len(train_set.classes))
     resolve_pretrained(args.pretrained, filename=OFFICIAL_IMAGENET_FILE, url=None,
                        load_fn=lambda state: load_official_checkpoint(model, state))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM,
-                                weight_decay=WEIGHT_DECAY, nesterov=NESTEROV)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_steps, gamma=LR_FACTOR)
+    if args.zero_init_residual:
+        zero_init_residual(model)
+    optimizer, scheduler, interval = build_optimizer_and_scheduler(model, args, len(train_set))
 
     def compute_loss(net, batch):
         logits = net(batch["image"])
@@ -267,8 +344,8 @@ def main(args):
 
     settings = {"image_size": args.image_size, "resize_size": args.resize_size, "class_names": train_set.classes}
     model, summary = fit(args, model, train_set, compute_loss, optimizer, model_name=MODEL_NAME,
-                         arch=model.arch, settings=settings, scheduler=scheduler, evaluate=evaluate,
-                         best_metric="top1" if evaluate else None, log_images=log_images)
+                         arch=model.arch, settings=settings, scheduler=scheduler, scheduler_interval=interval,
+                         evaluate=evaluate, best_metric="top1" if evaluate else None, log_images=log_images)
     if args.rank == 0:
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
         print(f"final: {metrics}" if metrics else "final: no validation folder, no metrics")

@@ -16,11 +16,11 @@ import torch
 from torch.utils.data import Dataset
 
 from common import synthetic
-from common.data import exit_on_bad_input, load_coco_keypoints, read_image
+from common.data import drop_outside, exit_on_bad_input, load_coco_keypoints, read_image
 from common.drawing import draw_keypoints, show_samples
 from common.geometry import flip_keypoints
 from common.keypoints import layout_from_coco_category
-from common.runs import data_dir, output_dirs
+from common.runs import at_least, data_dir, output_dirs
 from pose_spi.model import POSE_SPI13, generic_layout
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as the seed's grayscale conversion
@@ -47,25 +47,36 @@ def to_image_pixels(xy, size, input_size):
 
 
 def largest_people(coco, ann_file, image_ids=None):
-    """{image_id: annotation of its largest person}; annotations without keypoints or area are skipped."""
-    chosen, skipped = {}, []
+    """{image_id: annotation of its largest person}; annotations without keypoints or area are skipped. A person
+    split into a box-only annotation and a zero-area keypoint one (some COCO-style files) gets the box back, in
+    `coco` too (COCO AP scales by it); an image left with no person is named in a warning."""
+    chosen, skipped, recovered, left_out = {}, [], [], []
+    area_of = lambda ann: ann.get("area") or (ann["bbox"][2] * ann["bbox"][3] if "bbox" in ann else 0)
+    labelled = lambda ann: bool(ann.get("keypoints")) and any(ann["keypoints"][2::3])
     for image_id in image_ids if image_ids is not None else sorted(coco.getImgIds()):
+        anns = [ann for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None)) if not ann.get("iscrowd")]
+        boxes = [ann for ann in anns if not labelled(ann) and area_of(ann) > 0]
+        flat = [ann for ann in anns if labelled(ann) and area_of(ann) <= 0]
+        if len(anns) == 2 and len(boxes) == len(flat) == 1:     # one person in two halves, nobody else
+            flat[0]["area"], flat[0]["bbox"] = area_of(boxes[0]), list(boxes[0]["bbox"])
+            recovered.append(flat[0].get("id"))
         best = None
-        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None)):
-            if ann.get("iscrowd"):
-                continue
-            area = ann.get("area") or (ann["bbox"][2] * ann["bbox"][3] if "bbox" in ann else 0)
-            if not ann.get("keypoints") or not any(ann["keypoints"][2::3]) or area <= 0:
+        for ann in anns:
+            if not labelled(ann) or area_of(ann) <= 0:
                 skipped.append(ann.get("id"))
-                continue
-            if best is None or area > best[0]:
-                best = (area, ann)
+            elif best is None or area_of(ann) > best[0]:
+                best = (area_of(ann), ann)
         if best is not None:
             chosen[image_id] = best[1]
-    if skipped:
-        shown = ", ".join(str(i) for i in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        warnings.warn(f"{ann_file}: skipped {len(skipped)} annotations without keypoints or with zero area "
-                      f"(ids {shown})", stacklevel=2)
+        else:
+            left_out.append(image_id)
+    for count, what, ids in ((len(skipped), "annotations without keypoints or with zero area skipped", skipped),
+                             (len(recovered), "zero-area keypoint annotations took the box of a box-only annotation "
+                              "of the same image", recovered),
+                             (len(left_out), "images left out: no annotated person with keypoints and area", left_out)):
+        if count:
+            shown = ", ".join(str(i) for i in ids[:5]) + (" ..." if count > 5 else "")
+            warnings.warn(f"{ann_file}: {count} {what} (ids {shown})", stacklevel=2)
     return chosen
 
 
@@ -113,7 +124,7 @@ class PoseSPIDataset(Dataset):
         """Keypoints (K,3) of sample `index` in resized-input pixels, from the annotations alone."""
         index %= len(self.people)
         info = self.coco.loadImgs([self.image_ids[index]])[0]
-        keypoints = np.asarray(self.people[index]["keypoints"], np.float32).reshape(-1, 3).copy()
+        keypoints = drop_outside(np.reshape(self.people[index]["keypoints"], (-1, 3)), info["width"], info["height"])
         keypoints[:, :2] = to_input_pixels(keypoints[:, :2], (info["width"], info["height"]), self.input_size)
         return keypoints
 
@@ -125,7 +136,7 @@ class PoseSPIDataset(Dataset):
         h, w = image.shape[:2]
         s = self.input_size
         gray = cv2.resize(to_gray(image), (s, s), interpolation=cv2.INTER_AREA) if (h, w) != (s, s) else to_gray(image)
-        keypoints = np.asarray(self.people[index]["keypoints"], np.float32).reshape(-1, 3).copy()
+        keypoints = drop_outside(np.reshape(self.people[index]["keypoints"], (-1, 3)), w, h)  # no target from them
         keypoints[:, :2] = to_input_pixels(keypoints[:, :2], (w, h), s)  # the file's size, not the JSON's
         return gray, keypoints, (w, h)
 
@@ -248,13 +259,14 @@ def add_data_args(parser):
                                   "--batch, --lr, --output_dir, --num_keypoints")
     g.add_argument("--data_path", dest="data", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     g.add_argument("--annotation_path", dest="ann", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    g.add_argument("--batch", dest="batch_size", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    g.add_argument("--batch", dest="batch_size", type=at_least(1), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     g.add_argument("--output_dir", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     g.add_argument("--val-data", help="validation image folder (default: --data)")
     g.add_argument("--val-ann", help="validation annotations (default: a fixed 20%% split of --ann)")
-    g.add_argument("--val-fraction", type=float, default=0.2, help="share of --ann held out when no --val-ann")
-    g.add_argument("--subset", type=int, default=None, help="train on the first N images only (overfit check)")
-    g.add_argument("--repeat", type=int, default=1,
+    g.add_argument("--val-fraction", type=at_least(0.0, above=True), default=0.2,
+                   help="share of --ann held out when no --val-ann")
+    g.add_argument("--subset", type=at_least(1), default=None, help="train on the first N images only (overfit check)")
+    g.add_argument("--repeat", type=at_least(1), default=1,
                    help="passes over the training images per epoch (tiny sets: fewer per-epoch saves)")
     g.add_argument("--no-augment", dest="augment", action="store_false", help="turn flip/shift/scale off")
     g.add_argument("--raw-targets", action="store_true",
@@ -310,7 +322,7 @@ def main():
     parser.add_argument("--out", help="output root (default $POSE_OUTPUT_ROOT or .)")
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--num-keypoints", "--num_keypoints", type=int, default=None)
-    parser.add_argument("--show", type=int, default=16, help="number of augmented samples to draw")
+    parser.add_argument("--show", type=at_least(1), default=16, help="number of augmented samples to draw")
     add_data_args(parser)
     args = parser.parse_args()
     train, _ = build_datasets(args, data_dir(args.out))

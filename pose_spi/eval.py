@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from common.data import exit_on_bad_input
+from common.data import exit_on_bad_input, load_coco_keypoints
 from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, write_results_json
-from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
-from pose_spi.dataset import build_datasets, to_image_pixels
+from common.runs import (add_common_args, at_least, checkpoint_or_exit, is_training_file, model_from_checkpoint,
+                         output_dirs, pick_device)
+from pose_spi.dataset import PoseSPIDataset, ensure_synthetic, split_image_ids, to_image_pixels
 from pose_spi.infer import MODEL_NAMES, decode_output
 from pose_spi.model import build_model, upgrade_checkpoint
 
@@ -40,7 +42,7 @@ def predict(model, dataset, device="cpu", batch_size=64, flip_test=True, raw_tar
     flip_index = dataset.layout.flip_index
     all_points, all_scores, losses = [], [], []
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True, leave=False):
         images = batch["image"].to(device)
         output = model(images)
         if loss_fn is not None:
@@ -92,35 +94,58 @@ def mean_pose_ap(mean_xy, dataset, print_table=False):
     return coco_ap(dataset, points, np.ones(len(dataset)), print_table)["AP"]
 
 
+def scored_images(args, saved, checkpoint, data_root):
+    """(dataset, what it is) that eval scores. A file is the training file when its content is (train.py stored its
+    sha256, so another spelling of its path or a copy is caught): then only the images train.py held out."""
+    arch, settings = saved["arch"], saved["settings"]
+    common = dict(input_size=arch["input_size"], num_keypoints=arch["num_keypoints"],
+                  normalize=not settings["raw_targets"])
+    if args.val_ann or args.ann:
+        ann = Path(args.val_ann or args.ann)
+        image_dir = Path(args.data) if args.data else ann.parent
+    else:
+        image_dir, ann = ensure_synthetic(data_root, size=arch["input_size"])["val"]
+    if not ann.is_file():
+        raise SystemExit(f"error: {ann}: annotation file not found")
+    if "train_ann_sha256" in settings:
+        training_file, held_out = is_training_file(ann, settings), settings["val_image_ids"]
+    else:   # checkpoints before issue 19: the path train.py was given, and the split it made
+        training_file, held_out = str(ann) == saved["config"].get("ann"), None
+    if not training_file:
+        return PoseSPIDataset(ann, image_dir, **common), f"all of {ann}"
+    if held_out is None and "train_ann_sha256" not in settings:
+        held_out = split_image_ids(load_coco_keypoints(ann, arch["num_keypoints"]), args.val_fraction)[1]
+    if not held_out:
+        raise SystemExit(f"error: {ann} is the file {checkpoint} was trained on, all of it: scores on it would "
+                         "be on training images; evaluate another file (--val-ann)")
+    return (PoseSPIDataset(ann, image_dir, image_ids=held_out, **common),
+            f"the validation split of {ann} (its training file; the images train.py held out)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, role="eval")
     parser.add_argument("--no-flip-test", dest="flip_test", action="store_false",
                         help="one forward pass per image; score = mean visibility")
-    parser.add_argument("--val-fraction", type=float, default=0.2,
-                        help="with --ann and no --val-ann: evaluate the same held-out split train.py used")
+    parser.add_argument("--val-fraction", type=at_least(0.0, above=True), default=0.2,
+                        help="checkpoints before issue 19, with their training --ann: the held-out share train.py used")
     parser.add_argument("--val-ann", help="evaluate this annotation file as a whole")
     args = parser.parse_args(argv)
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAMES, "python pose_spi/train.py", args.out)
     device = pick_device(args.device)
     model, saved = model_from_checkpoint(checkpoint, build_model, MODEL_NAMES, upgrade_checkpoint, device)
-    arch, raw_targets = saved["arch"], saved["settings"]["raw_targets"]
+    arch, settings = saved["arch"], saved["settings"]
     dirs = output_dirs(checkpoint.parent.parent.name, checkpoint.parent.name, args.out)
-    data_args = argparse.Namespace(
-        data=args.data, ann=args.ann, val_ann=args.val_ann, val_data=args.data, val_fraction=args.val_fraction,
-        input_size=arch["input_size"], num_keypoints=arch["num_keypoints"], raw_targets=raw_targets,
-        augment=False, subset=None, repeat=1)
-    if args.ann and not args.val_ann and saved["config"].get("ann") != args.ann:
-        data_args.val_ann = args.ann     # a file train.py never saw: evaluate all of it
-    train_set, val_set = build_datasets(data_args, dirs["data"])
+    val_set, split = scored_images(args, saved, checkpoint, dirs["data"])
     print(f"checkpoint {checkpoint} ({arch['head']} head, {arch['encoder']} encoder)")
     example = torch.zeros(1, 1, arch["input_size"], arch["input_size"], device=device)
     print(f"parameters {count_parameters(model):,}; GFLOPs per image {count_flops(model, example) / 1e9:.4f}")
-    points, scores, _ = predict(model, val_set, device, flip_test=args.flip_test, raw_targets=raw_targets)
-    print(f"COCO keypoint AP on {len(val_set)} images ({val_set.ann_file}), sigmas by keypoint name:")
+    points, scores, _ = predict(model, val_set, device, flip_test=args.flip_test, raw_targets=settings["raw_targets"])
+    print(f"COCO keypoint AP on {len(val_set)} images: {split}; sigmas by keypoint name:")
     stats = coco_ap(val_set, points, scores)
-    baseline = mean_pose_ap(mean_pose(train_set), val_set)
-    print(f"AP {stats['AP']:.4f}  (mean-pose baseline AP {baseline:.4f})")
+    mean_xy = settings.get("mean_pose")   # the training set's, stored by train.py
+    baseline = f"{mean_pose_ap(np.float32(mean_xy), val_set):.4f}" if mean_xy else "n/a (not in this checkpoint)"
+    print(f"AP {stats['AP']:.4f}  (mean-pose baseline AP {baseline})")
     path = write_results_json(to_results(val_set, points, scores), Path(dirs["outputs"]) / "results.json")
     print(f"results written to {path}")
 

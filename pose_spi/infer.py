@@ -19,7 +19,8 @@ from common.export import use_backend
 from common.keypoints import layout_from_dict
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
-from common.runs import add_common_args, checkpoint_or_exit, data_dir, model_from_checkpoint, output_dirs, pick_device
+from common.runs import (add_common_args, at_least, checkpoint_or_exit, data_dir, model_from_checkpoint, output_dirs,
+                         pick_device)
 from pose_spi.dataset import synthetic_paths, to_gray, to_image_pixels
 from pose_spi.model import EFFICIENTNET_MODEL_NAME, MODEL_NAME, build_model, upgrade_checkpoint
 
@@ -88,7 +89,8 @@ def builtin_inputs(args, checkpoint=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, role="infer", threshold=-1.0)
-    parser.add_argument("--scale", type=int, default=4, help="enlarge drawings by this factor (default: %(default)s)")
+    parser.add_argument("--scale", type=at_least(1), default=4,
+                        help="enlarge drawings by this factor (default: %(default)s)")
     args = parser.parse_args(argv)
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAMES, "python pose_spi/train.py", args.out)
     predictor = use_backend(Predictor.from_checkpoint(checkpoint, pick_device(args.device)), args.backend,

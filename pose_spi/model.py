@@ -18,7 +18,7 @@ from efficientnet_pytorch.utils import url_map
 
 from common.keypoints import COCO_SIGMAS, layout_from_coco_category, make_layout
 from common.pretrained import resolve_pretrained
-from common.runs import require
+from common.runs import at_least, require
 
 MODEL_NAME = "pose_spi"                              # runs of train.py
 EFFICIENTNET_MODEL_NAME = "pose_spi_keypointrcnn"    # runs of train_keypointrcnn.py (the seed's script name)
@@ -110,8 +110,10 @@ class MeasurementEncoder(nn.Module):
                 phi = (torch.randint(0, 2, (num_measurements, num_pixels), generator=gen) * 2 - 1).float() * scale
             if patterns == "learned":
                 self.phi = nn.Parameter(phi)
-            else:
-                self.register_buffer("phi", phi)  # a real camera's projected patterns are fixed
+            else:   # a real camera's patterns are fixed: rebuilt from the arch, not stored in checkpoints
+                self.register_buffer("phi", phi, persistent=False)
+                # files written before issue 19 hold them: drop them on load
+                self.register_load_state_dict_pre_hook(lambda _, state, prefix, *rest: state.pop(prefix + "phi", 0))
         if reduce:
             num_measurements //= 4
         self.num_measurements = num_measurements
@@ -328,7 +330,7 @@ def add_model_args(parser, head="simple", encoder="product"):
     g.add_argument("--encoder", choices=ENCODERS, default=encoder,
                    help=f"measurement layer: the seed's product/conv, or explicit patterns (default {encoder})")
     g.add_argument("--reduce", action="store_true", help="2x2 max-pool the product/conv measurements (S^2/4)")
-    g.add_argument("--measurements", type=int, default=None,
+    g.add_argument("--measurements", type=at_least(1), default=None,
                    help="number M of SxS patterns with --encoder patterns (default S^2/4)")
     g.add_argument("--patterns", choices=PATTERN_KINDS, default="learned",
                    help="pattern kind with --encoder patterns (default learned)")

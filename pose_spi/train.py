@@ -15,10 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.data import exit_on_bad_input
+from common.data import exit_on_bad_input, sha256_of
 from common.drawing import GREEN, RED, draw_keypoints, make_grid
 from common.engine import fit, planned_steps
-from common.runs import add_common_args, local_main_first, output_dirs, parse_with_preset, setup_device_and_distributed
+from common.runs import (add_common_args, at_least, local_main_first, output_dirs, parse_with_preset,
+                         setup_device_and_distributed)
 from pose_spi.dataset import add_data_args, build_datasets
 from pose_spi.eval import coco_ap, mean_pose, mean_pose_ap, predict
 from pose_spi.infer import decode_output
@@ -101,14 +102,14 @@ def build_parser(head, description):
     add_data_args(parser)
     g = parser.add_argument_group("optimization")
     g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), help="optimizer (preset)")
-    g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (the seed used none)")
-    g.add_argument("--weight-decay", type=float, help="weight decay (preset)")
+    g.add_argument("--momentum", type=at_least(0.0), default=0.0, help="SGD momentum (the seed used none)")
+    g.add_argument("--weight-decay", type=at_least(0.0), help="weight decay (preset)")
     g.add_argument("--schedule", choices=("onecycle", "cosine", "none"), help="LR schedule, stepped per step (preset)")
     g.add_argument("--loss", choices=("l1", "mse", "smooth_l1"), help="coordinate loss (preset)")
     g.add_argument("--encoder-init", choices=("downsample", "random"),
                    help="start the encoder's FC layer as measurement-inverse + 2x2 average pool, or as PyTorch's "
                         "random init like the seed (preset)")
-    g.add_argument("--vis-weight", type=float, default=0.1, help="weight of the visibility BCE (default 0.1)")
+    g.add_argument("--vis-weight", type=at_least(0.0), default=0.1, help="weight of the visibility BCE (default 0.1)")
     g.add_argument("--no-flip-test", dest="flip_test", action="store_false",
                    help="evaluate without the mirrored second pass (its agreement is the detection score)")
     return parser
@@ -147,7 +148,8 @@ def main(args, model_name=MODEL_NAME):
     model = build(args, train_set)
     # the schedule spans the run: whichever of --epochs and --max-steps ends it first
     optimizer, scheduler = make_optimizer(args, model, planned_steps(args, len(train_set)))
-    baseline = mean_pose_ap(mean_pose(train_set), val_set)
+    train_mean_pose = mean_pose(train_set)
+    baseline = mean_pose_ap(train_mean_pose, val_set)
     print(f"mean-pose baseline AP on the validation split: {baseline:.4f}")
     device = torch.device(args.device)
 
@@ -165,10 +167,14 @@ def main(args, model_name=MODEL_NAME):
 
     def log_images(net, _train_batch):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in val_preview.items()}
-        return {"val/predicted_red_vs_true_green": draw_predictions(
+        return {"predicted_red_vs_true_green": draw_predictions(
             net, batch, train_set.layout, args.input_size, args.raw_targets)}
 
-    settings = {"raw_targets": args.raw_targets, "layout": train_set.layout.as_dict()}
+    # eval.py scores only the held-out images when given the training file, and compares with this mean pose
+    held_out = val_set.image_ids if val_set.ann_file == train_set.ann_file else None
+    settings = {"raw_targets": args.raw_targets, "layout": train_set.layout.as_dict(),
+                "train_ann_sha256": sha256_of(train_set.ann_file), "val_image_ids": held_out,
+                "mean_pose": train_mean_pose.tolist()}
     model, summary = fit(args, model, train_set, lambda net, batch: loss_fn(net(batch["image"]), batch["target"]),
                          optimizer, model_name=model_name, arch=model.arch, settings=settings, scheduler=scheduler,
                          scheduler_interval="step", evaluate=evaluate, best_metric="AP", log_images=log_images)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input, load_coco_keypoints, read_image
+from common.data import (IMAGENET_MEAN, IMAGENET_STD, drop_outside, exit_on_bad_input, load_coco_keypoints,
+                         read_image)
 from common.drawing import draw_heatmap_overlay, show_samples
 from common.geometry import affine_points, get_affine_transform
 from common.heatmaps import HeatmapCodec
@@ -151,7 +152,7 @@ class DistillationDataset(Dataset):
         flip_index = self.layout.flip_index
         labelled = [a for a in people if a.get("num_keypoints", 0) > 0]
         joints = np.array([np.reshape(a["keypoints"], (-1, 3)) for a in labelled], np.float32)
-        joints = joints.reshape(-1, self.layout.num_keypoints, 3)
+        joints = drop_outside(joints.reshape(-1, self.layout.num_keypoints, 3), width, height)
         joints = affine_points(joints, to_map)
         if flip:
             joints = joints[:, flip_index]

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from common.data import exit_on_bad_input, load_coco_keypoints, read_image
 from common.evaluation import coco_keypoint_ap, write_results_json
 from common.keypoints import COCO17
-from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
+from common.runs import (add_common_args, at_least, checkpoint_or_exit, is_training_file, model_from_checkpoint,
+                         output_dirs, pick_device)
 from higher_hrnet.grouping import GroupingParams
 from higher_hrnet.scenes import ensure_scenes
 from rtpe.infer import SEED_GROUPING, Predictor, maps_to_people, people_to_results
@@ -61,7 +63,7 @@ def evaluate_student(model, settings, coco, image_dir, image_ids, input_size=256
     pos_weight) the model was trained with."""
     predictor = Predictor(copy.deepcopy(model).cpu(), settings, input_size)
     results, intersection, union = [], 0, 0
-    for image_id in image_ids:
+    for image_id in tqdm(image_ids, desc="eval", unit="image", dynamic_ncols=True, leave=False):
         info = coco.loadImgs(image_id)[0]
         image = read_image(Path(image_dir) / info["file_name"])
         keypoints, scores, segmentation = predictor.run(image)
@@ -136,6 +138,7 @@ def main(args):
         model, saved = model_from_checkpoint(checkpoint, build_model, MODEL_NAME, upgrade_checkpoint,
                                              pick_device(args.device))
         input_size = args.input_size or saved["settings"]["input_size"]
+        is_training_file(ann, saved["settings"], warn=True)
         metrics, results = evaluate_student(model, saved["settings"], coco, image_dir, image_ids, input_size,
                                             print_table=True)
         label = f"student {model.size}/{model.color} ({checkpoint}, input {input_size})"
@@ -157,8 +160,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher-cache", default=None, help="teacher cache root with <split>/ (own data)")
     p.add_argument("--split", default="val2017", help="split under --data (default: %(default)s)")
     p.add_argument("--list", default=None, help="file of image names to evaluate (a minival list)")
-    p.add_argument("--limit", type=int, default=None, help="first N images only")
-    p.add_argument("--input-size", type=int, default=None,
+    p.add_argument("--limit", type=at_least(1), default=None, help="first N images only")
+    p.add_argument("--input-size", type=at_least(1), default=None,
                    help="student input, longer side (default: the checkpoint's validation size)")
     return p.parse_args(argv)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import cv2
 import numpy as np
@@ -26,7 +27,7 @@ from common.geometry import affine_points
 from common.keypoints import COCO17, layout_from_dict
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
-from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
+from common.runs import add_common_args, at_least, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
 from higher_hrnet.grouping import GroupingParams, group_by_tags
 from higher_hrnet.inference import fold_batchnorm
 from higher_hrnet.scenes import ensure_scenes
@@ -169,7 +170,7 @@ def main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, role="infer", threshold=0.2)
-    p.add_argument("--input-size", type=int, default=None,
+    p.add_argument("--input-size", type=at_least(1), default=None,
                    help="longer input side (default: the checkpoint's validation size)")
     p.add_argument("--attention", action="store_true", help="also draw the segmentation attention map")
     add_live_args(p)
@@ -177,4 +178,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    exit_on_bad_input(main, parse_args())
+    sys.exit(exit_on_bad_input(main, parse_args()))

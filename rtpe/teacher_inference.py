@@ -13,7 +13,6 @@ as heatmaps and per-person tags, so the whole pipeline runs without a trained te
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input, load_coco_keypoints, read_image
+from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input, load_coco_keypoints, read_image, sha256_of
 from common.heatmaps import make_heatmaps
 from common.runs import data_dir, newest_checkpoint
 from higher_hrnet.checkpoints import checkpoint_width, load_official_checkpoint, read_state_dict
@@ -35,14 +34,6 @@ DEFAULT_WEIGHTS = "models/pose_higher_hrnet_w48_640.pth.tar"  # the seed's defau
 ORACLE_SIGMA = 2.0          # HigherHRNet's target spread, so the oracle looks like the teacher
 ORACLE_TAG_RADIUS = 2       # map pixels around each joint painted with the person's tag
 CACHE_VERSION = 1
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def map_affine(scale):

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data import exit_on_bad_input, load_coco_keypoints
+from common.data import exit_on_bad_input, load_coco_keypoints, sha256_of
 from common.engine import fit
-from common.runs import add_common_args, local_main_first, parse_with_preset, setup_device_and_distributed
+from common.runs import add_common_args, at_least, local_main_first, parse_with_preset, setup_device_and_distributed
 from higher_hrnet.checkpoints import read_state_dict
 from higher_hrnet.scenes import ensure_scenes
 from rtpe.dataset import DistillationDataset, collate_people, sample_picture
@@ -176,7 +176,8 @@ def main(args):
     val_coco = load_coco_keypoints(val_ann)
     val_ids = select_image_ids(val_coco, args.val_list, args.val_size)
     # eval.py and infer.py decode with these (and rebuild the model from its arch)
-    settings = {**decoding_settings(args.input_size), "codec": train_set.codec.as_dict()}
+    settings = {**decoding_settings(args.input_size), "codec": train_set.codec.as_dict(),
+                "train_ann_sha256": sha256_of(train_ann)}     # eval warns when given the training file
 
     def evaluate(student):
         if args.stage == "stem":
@@ -200,7 +201,7 @@ def main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, val_every="200", workers=2, log_every=20)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=at_least(1), default=1,
                    help="torch CPU threads for the training process; 0 = torch's default (default: %(default)s)")
     p.add_argument("--size", choices=("seed", "light"), help="student size (default: %(default)s)")
     p.add_argument("--color", choices=("lab", "hsv", "none"), default="lab", help="color branch (default: lab)")
@@ -215,23 +216,25 @@ def parse_args(argv=None):
     p.add_argument("--val-split", default="val2017", help="validation split under --data (default: %(default)s)")
     p.add_argument("--val-list", default=None, help="file of image names to validate on "
                                                     "(e.g. ../shared/reference/coco_minival2017_100.txt)")
-    p.add_argument("--val-size", type=int, default=100, help="validate on the first N images (default: %(default)s)")
-    p.add_argument("--input-size", type=int, default=256, help="validation input, longer side (default: %(default)s)")
-    p.add_argument("--crop-size", type=int, help="training crop side (default: %(default)s)")
+    p.add_argument("--val-size", type=at_least(1), default=100,
+                   help="validate on the first N images (default: %(default)s)")
+    p.add_argument("--input-size", type=at_least(1), default=256,
+                   help="validation input, longer side (default: %(default)s)")
+    p.add_argument("--crop-size", type=at_least(1), help="training crop side (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.8, help="teacher share of the heatmap loss (default: %(default)s)")
-    p.add_argument("--ae-weight", type=float, default=1.0, help="pull+push factor (default: %(default)s)")
-    p.add_argument("--background-factor", type=float, default=1.0,
+    p.add_argument("--ae-weight", type=at_least(0.0), default=1.0, help="pull+push factor (default: %(default)s)")
+    p.add_argument("--background-factor", type=at_least(0.0), default=1.0,
                    help="loss weight of pixels where the ground truth is 0 (default: %(default)s)")
-    p.add_argument("--hard-keypoints", type=int, default=0,
+    p.add_argument("--hard-keypoints", type=at_least(0), default=0,
                    help="online hard keypoint mining: keep the top-k joints by loss; 0 = off (default)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), help="(default: %(default)s)")
-    p.add_argument("--min-lr", type=float, help="(default: %(default)s)")
-    p.add_argument("--period", type=int, help="SGDR period in steps (default: %(default)s)")
+    p.add_argument("--min-lr", type=at_least(0.0), help="(default: %(default)s)")
+    p.add_argument("--period", type=at_least(1), help="SGDR period in steps (default: %(default)s)")
     p.add_argument("--max-lr-scale", type=float, help="SGDR peak factor per restart (default: %(default)s)")
     p.add_argument("--period-scale", type=float, help="SGDR period factor per restart (default: %(default)s)")
-    p.add_argument("--momentum", type=float, help="(default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, help="(default: %(default)s)")
-    p.add_argument("--warmup", type=int, help="Adam warm-up steps (default: %(default)s)")
+    p.add_argument("--momentum", type=at_least(0.0), help="(default: %(default)s)")
+    p.add_argument("--weight-decay", type=at_least(0.0), help="(default: %(default)s)")
+    p.add_argument("--warmup", type=at_least(0), help="Adam warm-up steps (default: %(default)s)")
     return parse_with_preset(p, PRESETS, argv, default="cpu")
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from scipy.io import loadmat
 
-from common.data import IMAGENET_MEAN, IMAGENET_STD, BadImageError, load_coco_keypoints, normalize_image, read_image
+from common.data import (IMAGENET_MEAN, IMAGENET_STD, BadImageError, drop_outside, load_coco_keypoints, normalize_image,
+                         read_image)
 from common.drawing import draw_heatmap_overlay, show_samples
 from common.geometry import (affine_points, box_to_center_scale, flip_image, flip_keypoints,
                              get_affine_transform, warp_image)
@@ -123,10 +124,9 @@ def read_coco_topdown(ann_file, image_dir, detections=None, num_keypoints=17, mi
             x, y, w, h = ann["bbox"]
             if ann.get("num_keypoints", 0) == 0 or w < 1 or h < 1:
                 continue
-            kpts = np.asarray(ann["keypoints"], np.float32).reshape(-1, 3)
-            joints = kpts.copy()
-            joints[:, 2] = kpts[:, 2] > 0
             info = coco.imgs[ann["image_id"]]
+            joints = drop_outside(np.reshape(ann["keypoints"], (-1, 3)), info["width"], info["height"])
+            joints[:, 2] = joints[:, 2] > 0
             records.append({"image": str(Path(image_dir) / info["file_name"]), "joints": joints,
                             "box": (x, y, w, h), "image_id": ann["image_id"], "score": 1.0})
     else:

@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common.data import BadImageError, exit_on_bad_input, read_image
 from common.evaluation import coco_keypoint_ap, count_flops, count_parameters, pck, write_results_json
@@ -21,7 +22,8 @@ from common.geometry import affine_points, get_affine_transform
 from common.heatmaps import HeatmapCodec
 from common.keypoints import COCO17
 from common.loader import make_loader
-from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
+from common.runs import (add_common_args, at_least, checkpoint_or_exit, is_training_file, model_from_checkpoint,
+                         output_dirs, pick_device)
 from simple_baseline.dataset import TopDownDataset, load_split
 from simple_baseline.infer import draw_prediction, heatmaps_to_image_coords, predict_heatmaps
 from simple_baseline.model import LIP16, MODEL_NAME, architecture_mismatch, build_model, upgrade_checkpoint
@@ -43,7 +45,7 @@ def run_predictions(model, dataset, flip_index, batch_size=32, workers=0, flip_t
     parts = {k: [] for k in ("index", "pred", "scores", "gt", "head_size", "center", "size")}
     was_training = model.training
     model.eval()
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True, leave=False):
         if "image" not in batch:  # every sample of this batch was unreadable (already warned)
             continue
         heatmaps = predict_heatmaps(model, batch["image"].to(device), flip_index, flip_test, flip_shift)
@@ -206,6 +208,8 @@ def evaluation_data(args, saved, dirs):
     builtin = config.get("builtin_sizes") if args.data is None and args.ann is None else None
     split = load_split(data_format, args.data, args.ann, "val", data_root=dirs["root"],
                        head_boxes=args.head_boxes, detections=args.detections, builtin_sizes=builtin)
+    if args.ann:
+        is_training_file(args.ann, settings, warn=True)
     layout = COCO17 if data_format == "coco" else LIP16
     dataset = TopDownDataset(split["records"], layout.flip_index, HeatmapCodec.from_dict(settings["codec"]))
     dataset.official_head_boxes = split.get("official_head_boxes", False)
@@ -253,11 +257,11 @@ def parse_args(argv=None):
     parser.add_argument("--head-boxes", default=None, help="MPII gt_valid.mat for the official PCKh head sizes")
     parser.add_argument("--detections", default=None, help="COCO: person boxes as a results JSON (default: GT boxes)")
     parser.add_argument("--backbone", default=None, help="expected backbone; an error if the checkpoint differs")
-    parser.add_argument("--deconv-filters", type=int, nargs="+", default=None, help="expected deconv widths")
+    parser.add_argument("--deconv-filters", type=at_least(1), nargs="+", default=None, help="expected deconv widths")
     parser.add_argument("--no-flip-test", action="store_true", help="one forward pass instead of two")
     parser.add_argument("--no-flip-shift", action="store_true", help="flip test without the one-pixel shift")
     parser.add_argument("--no-baseline", action="store_true", help="skip the mean-pose baseline")
-    parser.add_argument("--visualize", type=int, default=0, metavar="N", help="write N validation images")
+    parser.add_argument("--visualize", type=at_least(0), default=0, metavar="N", help="write N validation images")
     parser.add_argument("--no-skeleton", action="store_true", help="joints only in --visualize images")
     parser.add_argument("--no-gt", action="store_true", help="leave ground truth out of --visualize images")
     parser.add_argument("--threshold", type=float, default=0.2, help="hide joints scoring below this")

@@ -22,7 +22,8 @@ from common.drawing import BLUE, RED, draw_keypoints, make_grid
 from common.engine import fit, planned_steps
 from common.heatmaps import decode_heatmaps
 from common.keypoints import COCO17
-from common.runs import add_common_args, local_main_first, parse_with_preset, run_dirs, setup_device_and_distributed
+from common.runs import (add_common_args, at_least, local_main_first, parse_with_preset, run_dirs,
+                         setup_device_and_distributed)
 from simple_baseline.dataset import PAPER_SIGMA, TopDownDataset, denormalize, load_split, target_codec
 from simple_baseline.eval import evaluate_split, mean_pose_in_crop
 from simple_baseline.model import LIP16, MODEL_NAME, build_model, load_pretrained_backbone
@@ -169,12 +170,12 @@ def parse_args(argv=None):
     parser.add_argument("--head-boxes", default=None, help="MPII gt_valid.mat: official PCKh head sizes for validation")
     parser.add_argument("--backbone", choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
                         help="torchvision ResNet without avgpool/fc (default: %(default)s)")
-    parser.add_argument("--deconv-filters", type=int, nargs="+",
+    parser.add_argument("--deconv-filters", type=at_least(1), nargs="+",
                         help="channels of each stride-2 deconvolution (default: %(default)s)")
     parser.add_argument("--sigmoid-output", action="store_true", help="squash heatmaps with a sigmoid (the seed)")
-    parser.add_argument("--input-size", type=int, nargs=2, metavar=("W", "H"),
+    parser.add_argument("--input-size", type=at_least(1), nargs=2, metavar=("W", "H"),
                         help="network input size (default: %(default)s)")
-    parser.add_argument("--sigma", type=float, default=PAPER_SIGMA,
+    parser.add_argument("--sigma", type=at_least(0.0, above=True), default=PAPER_SIGMA,
                         help="Gaussian target sigma in heatmap pixels (default: %(default)s; the paper uses 2)")
     parser.add_argument("--schedule", choices=("step", "onecycle"), default="step",
                         help="step: x --lr-factor at --milestones (paper); onecycle: warm-up, then anneal to ~0 "
@@ -182,13 +183,15 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=float, default=0.15, help="onecycle: fraction of the run spent warming up")
     parser.add_argument("--milestones", type=int, nargs="*",
                         help="epochs after which the LR is multiplied by --lr-factor (default: %(default)s)")
-    parser.add_argument("--lr-factor", type=float, default=0.1, help="LR decay factor (default: %(default)s)")
-    parser.add_argument("--scale-factor", type=float, default=None, help="scale augmentation (default: by format)")
-    parser.add_argument("--rotation-factor", type=float, default=None, help="rotation augmentation in degrees")
+    parser.add_argument("--lr-factor", type=at_least(0.0, above=True), default=0.1,
+                        help="LR decay factor (default: %(default)s)")
+    parser.add_argument("--scale-factor", type=at_least(0.0), default=None,
+                        help="scale augmentation (default: by format)")
+    parser.add_argument("--rotation-factor", type=at_least(0.0), default=None, help="rotation augmentation in degrees")
     parser.add_argument("--no-flip-test", action="store_true", help="validate without the flip test")
     parser.add_argument("--no-flip-shift", action="store_true", help="flip test without the one-pixel shift")
-    parser.add_argument("--builtin-train", type=int, default=3000, help="built-in data: training images")
-    parser.add_argument("--builtin-val", type=int, default=300, help="built-in data: validation images")
+    parser.add_argument("--builtin-train", type=at_least(1), default=3000, help="built-in data: training images")
+    parser.add_argument("--builtin-val", type=at_least(1), default=300, help="built-in data: validation images")
     add_common_args(parser)
     return parse_with_preset(parser, PRESETS, argv, default="cpu")
 

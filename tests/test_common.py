@@ -1,5 +1,6 @@
 """Tests of common/: layouts, heatmaps, geometry, evaluation against pycocotools, image/annotation reading."""
 import json
+import warnings
 from pathlib import Path
 
 import cv2
@@ -324,3 +325,22 @@ def test_malformed_annotations_give_one_line_naming_file_and_id(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         exit_on_bad_input(main)
     assert str(exit_info.value).startswith("error: ") and "annotation 7" in str(exit_info.value)
+
+
+def test_keypoints_outside_the_image_warn_once_with_a_count_and_make_no_target(tmp_path):
+    from pose_spi.dataset import PoseSPIDataset
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((20, 40), np.uint8))
+    inside, left, below = [10, 5, 2], [-3, 5, 2], [10, 25, 1]
+    ann = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 20}],
+           "categories": [{"id": 1, "keypoints": ["nose", "left_eye", "right_eye"]}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "keypoints": inside + left + below,
+                            "area": 100, "bbox": [0, 0, 10, 10]}]}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(ann))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = PoseSPIDataset(path, tmp_path, input_size=16)
+    assert [str(w.message) for w in caught] == [f"{path}: 2 labelled keypoints lie outside their image (negative, "
+                                                "or beyond its width or height); training targets leave them out"]
+    assert data[0]["target"][:, 2].tolist() == [1.0, 0.0, 0.0]      # the regression target's visibility
+    assert data.coco.anns[1]["keypoints"][3:6] == left               # evaluation keeps the file as it is

@@ -289,8 +289,8 @@ def test_train_eval_infer_scripts(tmp_path, monkeypatch, capsys, one_thread):
     checkpoint = tmp_path / "checkpoints" / "cpm_animal" / "t" / "last.pt"
     assert checkpoint.is_file()
     cpm_eval.main([])
-    out = capsys.readouterr().out
-    assert "PCK@0.1" in out and "parameters:" in out
+    out, err = capsys.readouterr()
+    assert "PCK@0.1" in out and "parameters:" in out and "eval:   0%" in err
     assert json.loads((tmp_path / "outputs" / "cpm_animal" / "eval-t" / "metrics.json").read_text())["pck@0.1"] >= 0
     image = tmp_path / "data" / "cpm_animal" / "quadrupeds" / "val" / "images" / "000000.jpg"
     assert infer.main(["--input", str(image), "--checkpoint", str(checkpoint)]) == 0
@@ -299,6 +299,13 @@ def test_train_eval_infer_scripts(tmp_path, monkeypatch, capsys, one_thread):
     [animal] = result["images"][0]["people"]
     assert len(animal["keypoints"]) == 16 and len(animal["extra"]["visible"]) == 16
     assert (tmp_path / "outputs" / "cpm_animal" / "infer-t" / "000000_pose.jpg").is_file()
+    # a second run and --run-name: folders of their own; an empty folder is an error, not an empty JSON
+    assert infer.main(["--input", str(image), "--checkpoint", str(checkpoint)]) == 0
+    assert infer.main(["--input", str(image), "--run-name", "mine", "--checkpoint", str(checkpoint)]) == 0
+    assert all((tmp_path / "outputs" / "cpm_animal" / name / "predictions.json").is_file()
+               for name in ("infer-t-2", "mine"))
+    (tmp_path / "empty").mkdir()
+    assert infer.main(["--input", str(tmp_path / "empty"), "--checkpoint", str(checkpoint)]) == 1
 
 
 def test_eval_without_checkpoint_says_how_to_get_one(tmp_path, monkeypatch, capsys):

@@ -11,8 +11,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common import engine, pretrained, runs
 from common.data import BadImageError
@@ -131,9 +133,7 @@ def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path, monke
 
     def dies_halfway(obj, f, *a, **k):
         real_save(obj, f, *a, **k)
-        size = os.path.getsize(f)
-        with open(f, "r+b") as fh:
-            fh.truncate(size // 2)
+        f.truncate(f.tell() // 2)
         raise KeyboardInterrupt("killed during save")
 
     monkeypatch.setattr(runs.torch, "save", dies_halfway)
@@ -192,6 +192,10 @@ def test_best_k_tensorboard_and_weights_only_checkpoints(tmp_path, monkeypatch):
     # validations at steps 2, 4, ..., 12 scored .1 .5 .3 .7 .2 .6: the best two are steps 8 and 12
     assert sorted(p.name for p in ckpt_dir.glob("best_step*.pt")) == ["best_step00000008.pt", "best_step00000012.pt"]
     assert load_checkpoint(ckpt_dir / "best.pt")["step"] == 8
+    # one full file for --resume; the best ones hold the weights only, and best.pt is the best one's second name
+    assert (ckpt_dir / "best.pt").stat().st_ino == (ckpt_dir / "best_step00000008.pt").stat().st_ino
+    assert "optimizer" in load_checkpoint(ckpt_dir / "last.pt")
+    assert not {"optimizer", "rng"} & set(load_checkpoint(ckpt_dir / "best_step00000012.pt"))
     assert summary["best_checkpoint"] == ckpt_dir / "best_step00000008.pt"
     assert newest_checkpoint("tiny") == ckpt_dir / "best.pt"
     assert newest_checkpoint("tiny", names=("last.pt",)) == ckpt_dir / "last.pt"
@@ -202,6 +206,18 @@ def test_best_k_tensorboard_and_weights_only_checkpoints(tmp_path, monkeypatch):
     assert len(images) == 6
     events = list((tmp_path / "tensorboard_logs" / "tiny" / "r").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_tensorboard_tags_and_a_run_shorter_than_log_every(tmp_path, monkeypatch):
+    """One tag scheme for the five folders; a run shorter than --log-every still logs its loss and LR."""
+    monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
+    run_tiny(tmp_path, "--max-steps", "3", "--log-every", "100", "--run-name", "r",
+             evaluate=lambda m: {"loss/val": 1.0, "ap": 0.5}, best_metric="ap",
+             log_images=lambda model, batch: {"pred": np.zeros((4, 5, 3), np.uint8)})
+    events = EventAccumulator(str(tmp_path / "tensorboard_logs" / "tiny" / "r")).Reload()
+    assert set(events.Tags()["scalars"]) == {"loss/train", "loss/mse", "lr", "loss/val", "metrics/ap"}
+    assert events.Tags()["images"] == ["images/pred"]
+    assert [event.step for event in events.Scalars("loss/train")] == [3]
 
 
 class SomeUnreadable(tiny.NoisyRegression):

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 
+from common.synthetic import L_EL, L_HIP, L_KNEE, L_SH, L_WR, PELVIS, R_EL, R_HIP, R_KNEE, R_SH, R_WR, THORAX
 from higher_hrnet import eval_classification, prepare_data, train_classification
 from higher_hrnet.checkpoints import (CheckpointError, convert_seed_state_dict, higher_hrnet_config,
                                       load_higher_hrnet, load_imagenet_backbone, load_official_checkpoint)
 from higher_hrnet.eval_classification import read_synset_names
 from higher_hrnet.model import ClassificationHRNet, HigherHRNet, build_model
-from higher_hrnet.train_classification import render_shape
+from higher_hrnet.train import PRESETS as POSE_PRESETS
+from higher_hrnet.train_classification import POSE_CLASSES, pose_figure, render_pose
 
 REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
 REPO = Path(__file__).resolve().parents[1]
@@ -290,12 +292,36 @@ def test_imagenet_backbone_loads_1752_of_1810_by_name():
 
 def _tiny_imagefolder(root):
     for split, count in (("train", 4), ("val", 2)):
-        for c, shape in enumerate(("circle", "square", "cross")):
-            (root / split / shape).mkdir(parents=True)
+        for c, pose in enumerate(("arms_up", "lying", "no_person")):
+            (root / split / pose).mkdir(parents=True)
             for i in range(count):
-                image = render_shape(shape, np.random.default_rng([c, i, split == "val"]), size=40)
-                cv2.imwrite(str(root / split / shape / f"{i}.png"), image)
+                image = render_pose(pose, np.random.default_rng([c, i, split == "val"]), size=40)
+                cv2.imwrite(str(root / split / pose / f"{i}.png"), image)
     return root
+
+
+def test_builtin_pose_classes_have_their_geometry():
+    """Each built-in class draws what its name says, in the person's own frame (up = pelvis -> thorax)."""
+    def raised(points, shoulder, wrist, up):  # wrist above the shoulder along the body
+        return (points[wrist] - points[shoulder]) @ up > 0
+
+    for pose in POSE_CLASSES[1:]:
+        for i in range(20):
+            points = pose_figure(np.random.default_rng([7, i]), pose, 80).points
+            up = points[THORAX] - points[PELVIS]
+            up /= np.linalg.norm(up)
+            arms_up = [raised(points, L_SH, L_WR, up), raised(points, R_SH, R_WR, up)]
+            thighs = [(points[k] - points[h]) @ -up / np.linalg.norm(points[k] - points[h])
+                      for h, k in ((L_HIP, L_KNEE), (R_HIP, R_KNEE))]
+            assert (abs(up[1]) < np.sin(np.radians(40))) == (pose == "lying"), (pose, i)  # body axis
+            assert (max(thighs) < np.cos(np.radians(55))) == (pose == "crouching"), (pose, i)
+            assert points.min() >= 0 and points.max() < 80, (pose, i)  # the whole person is in view
+            if pose in ("arms_down", "arms_out", "arms_up", "one_arm_up"):
+                assert sum(arms_up) == {"arms_down": 0, "arms_up": 2, "one_arm_up": 1}.get(pose, sum(arms_up))
+            if pose == "arms_out":
+                for shoulder, elbow in ((L_SH, L_EL), (R_SH, R_EL)):
+                    upper = points[elbow] - points[shoulder]
+                    assert abs(upper @ up) < np.cos(np.radians(65)) * np.linalg.norm(upper), (pose, i)
 
 
 def test_classification_train_eval_and_backbone_transfer(tmp_path, monkeypatch, capsys):
@@ -318,11 +344,11 @@ def test_classification_train_eval_and_backbone_transfer(tmp_path, monkeypatch, 
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"")
     assert eval_classification.main(eval_classification.parse_args(
-        ["--mode", "custom", "--images", str(data / "val" / "cross"), str(bad), "--run-name", "custom"])) == 0
+        ["--mode", "custom", "--images", str(data / "val" / "lying"), str(bad), "--run-name", "custom"])) == 0
     out = tmp_path / "root/outputs/hrnet_classification/custom"
     predictions = json.loads((out / "predictions.json").read_text())
     assert len(predictions) == 2 and len(predictions[0]["top5"]) == 3
-    assert {t["class"] for t in predictions[0]["top5"]} == {"circle", "square", "cross"}
+    assert {t["class"] for t in predictions[0]["top5"]} == {"arms_up", "lying", "no_person"}
     assert (out / "0_top5.png").is_file()
     assert "bad.jpg: empty file" in capsys.readouterr().err
 
@@ -344,13 +370,21 @@ def test_classification_train_eval_and_backbone_transfer(tmp_path, monkeypatch, 
 
 def test_classification_defaults_and_builtin_data(tmp_path, monkeypatch, capsys):
     args = train_classification.parse_args([])
-    assert (args.preset, args.width, args.image_size) == ("builtin", 8, 32)
-    first = train_classification.ensure_builtin_imagefolder(tmp_path / "a")
-    second = train_classification.ensure_builtin_imagefolder(tmp_path / "b")
+    assert (args.preset, args.image_size) == ("builtin", 64)
+    assert args.width == POSE_PRESETS["cpu"]["width"]  # the pose preset can load this backbone
+    small = dict(train_per_class=3, val_per_class=2)
+    first = train_classification.ensure_builtin_imagefolder(tmp_path / "a", **small)
+    second = train_classification.ensure_builtin_imagefolder(tmp_path / "b", **small)
     files = sorted(p.relative_to(first) for p in first.rglob("*.png"))
-    assert len(files) == 6 * (40 + 10)
-    for name in files[::37]:
+    assert len(files) == len(POSE_CLASSES) * (3 + 2)
+    for name in files:
         assert (first / name).read_bytes() == (second / name).read_bytes()
+    # validation images come from their own stream: none repeats a training image
+    train_bytes = {p.read_bytes() for p in (first / "train").rglob("*.png")}
+    assert not train_bytes & {p.read_bytes() for p in (first / "val").rglob("*.png")}
+    stamp = (first / "params.json").stat().st_mtime_ns
+    assert train_classification.ensure_builtin_imagefolder(tmp_path / "a", **small) == first
+    assert (first / "params.json").stat().st_mtime_ns == stamp  # rendered once
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path / "fresh"))
     with pytest.raises(SystemExit) as done:
         eval_classification.main(eval_classification.parse_args([]))

@@ -86,6 +86,15 @@ def test_hadamard_patterns_orthogonal_and_sequency_ordered():
     torch.testing.assert_close(phi @ phi.t(), torch.eye(256))
 
 
+def test_fixed_patterns_are_rebuilt_not_stored_and_old_files_still_load():
+    model = PoseSPI(input_size=16, encoder="patterns", patterns="hadamard", measurements=256)
+    state = model.state_dict()
+    assert "encoder.phi" not in state      # 256 x 256 floats regenerable from the arch: not in checkpoints
+    old_file = {**state, "encoder.phi": model.encoder.phi.clone()}     # as written before issue 19
+    PoseSPI(input_size=16, encoder="patterns", patterns="hadamard", measurements=256).load_state_dict(old_file)
+    assert "encoder.phi" in PoseSPI(input_size=16, encoder="patterns", patterns="learned").state_dict()
+
+
 def test_hadamard_refuses_non_power_of_two():
     with pytest.raises(ValueError, match="power-of-two"):
         PoseSPI(input_size=48, encoder="patterns", patterns="hadamard")
@@ -177,11 +186,30 @@ def test_largest_person_is_the_target_and_bad_annotations_are_skipped(tmp_path):
                {"id": 4, "image_id": 1, "category_id": 3, "keypoints": [0] * 6, "area": 900, "bbox": [0, 0, 30, 30]}]}
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(ann))
-    with pytest.warns(UserWarning, match="skipped 2 annotations"):
+    with pytest.warns(UserWarning, match="2 annotations without keypoints or with zero area skipped"):
         data = PoseSPIDataset(path, image_dir, input_size=16, normalize=False)
     target = data[0]["target"].numpy()
     assert target[0, 0] == pytest.approx((20 + 0.5) * 16 / 48 - 0.5)  # annotation 2, resized 48 -> 16
     assert data.layout.flip_index == [1, 0]
+
+
+def test_a_person_split_into_box_and_keypoints_is_joined_and_a_lost_image_is_named(tmp_path):
+    kp = [10, 10, 2, 20, 10, 2]
+    image = lambda i: {"id": i, "file_name": f"{i}.png", "width": 48, "height": 32}  # noqa: E731
+    ann = {"images": [image(1), image(2)],
+           "categories": [{"id": 3, "name": "p", "keypoints": ["left_hip", "right_hip"], "skeleton": [[1, 2]]}],
+           "annotations": [   # image 1: one person in two annotations; image 2: keypoints without any box
+               {"id": 1, "image_id": 1, "category_id": 3, "keypoints": [0] * 6, "area": 300, "bbox": [5, 5, 20, 15]},
+               {"id": 2, "image_id": 1, "category_id": 3, "keypoints": kp, "area": 0, "bbox": [0, 0, 0, 0]},
+               {"id": 3, "image_id": 2, "category_id": 3, "keypoints": kp, "area": 0}]}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(ann))
+    with pytest.warns(UserWarning) as caught:
+        data = PoseSPIDataset(path, tmp_path, input_size=16)
+    messages = [str(w.message) for w in caught]
+    assert data.image_ids == [1] and data.coco.anns[2]["area"] == 300 and data.coco.anns[2]["bbox"] == [5, 5, 20, 15]
+    assert any("1 zero-area keypoint annotations took the box of a box-only annotation" in m for m in messages)
+    assert any(f"{path}: 1 images left out: no annotated person with keypoints and area (ids 2)" in m for m in messages)
 
 
 def test_augmentation_flip_swaps_left_and_right():
@@ -273,6 +301,31 @@ def test_train_two_steps_then_eval_and_infer(small_builtin, out_root, capsys):
     assert predictions["keypoint_names"] == list(POSE_SPI13.names) and len(predictions["images"]) == 3
     person = predictions["images"][0]["people"][0]
     assert len(person["keypoints"]) == 13 and len(person["box"]) == 4 and 0 <= person["score"] <= 1
+
+
+def test_eval_knows_the_training_file_by_content_and_scores_only_its_held_out_images(small_builtin, out_root,
+                                                                                    capsys):
+    """The same file spelled differently, or a copy, is the training file: eval scores the images train.py held
+    out (stored in the checkpoint) and compares with the training set's mean pose, as training did."""
+    train_dir, train_ann = small_builtin["train"]
+    main(parse_args(PRESETS, "simple", "", ["--data", str(train_dir), "--ann", str(train_ann), "--max-steps", "1",
+                                            "--batch-size", "4", "--val-every", "0", "--run-name", "split"]))
+    trained = capsys.readouterr().out
+    checkpoint = out_root / "checkpoints" / "pose_spi" / "split" / "last.pt"
+    held_out = torch.load(checkpoint, weights_only=True)["settings"]["val_image_ids"]
+    assert len(held_out) == 3      # 20% of 16
+    baseline = trained.split("mean-pose baseline AP on the validation split: ")[1].split()[0]
+    copy = out_root / "copy.json"
+    copy.write_bytes(train_ann.read_bytes())
+    for spelling in (train_ann.parent / ".." / train_ann.parent.name / train_ann.name, copy):
+        eval_script.main(["--checkpoint", str(checkpoint), "--data", str(train_dir), "--ann", str(spelling)])
+        printed, progress = capsys.readouterr()
+        assert "eval:   0%" in progress
+        assert f"AP on 3 images: the validation split of {spelling}" in printed
+        assert f"(mean-pose baseline AP {baseline})" in printed
+    val_dir, val_ann = small_builtin["val"]
+    eval_script.main(["--checkpoint", str(checkpoint), "--data", str(val_dir), "--ann", str(val_ann)])
+    assert f"AP on 8 images: all of {val_ann}" in capsys.readouterr().out
 
 
 def test_eval_without_checkpoint_says_how_to_get_one(out_root, capsys):

@@ -75,7 +75,9 @@ def test_run_inference_writes_drawings_and_one_json_schema(tmp_path, capsys):
 
     status = run_inference(CenterPredictor(), [folder, tmp_path / "clip.mp4", tmp_path / "missing.jpg"], out, "c.pt",
                            draw)
-    assert status == 0 and "missing.jpg: no such file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert status == 0 and "missing.jpg: no such file" in err
+    assert "clip.mp4:   0%|          | 0/3 [" in err      # progress per input, of a video's frame count
     assert sorted(p.name for p in out.iterdir()) == ["a_pose.jpg", "clip_pose.mp4", "predictions.json"]
     assert cv2.VideoCapture(str(out / "clip_pose.mp4")).get(cv2.CAP_PROP_FPS) == 5.0     # the input's frame rate
     document = json.loads((out / "predictions.json").read_text())
@@ -86,3 +88,12 @@ def test_run_inference_writes_drawings_and_one_json_schema(tmp_path, capsys):
     [person] = document["images"][0]["people"]
     assert person["keypoints"][16] == [15.0, 10.0, 1.0] and person["box"] == [15.0, 10.0, 0.0, 0.0]
     assert run_inference(CenterPredictor(), [folder / "b.png"], tmp_path / "none", "c.pt", draw) == 1   # none read
+    assert "no input could be read; nothing written" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    (tmp_path / "empty").mkdir()
+    assert run_inference(CenterPredictor(), [tmp_path / "empty"], tmp_path / "none", "c.pt", draw) == 1
+    assert f"no images found in {tmp_path / 'empty'}" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    # a second run never replaces the first one's results: it gets a folder of its own
+    assert run_inference(CenterPredictor(), [folder / "a.png"], out, "c.pt", draw) == 0
+    assert (out / "clip_pose.mp4").is_file() and len(json.loads((out / "predictions.json").read_text())["images"]) == 4
+    assert [r["file"] for r in json.loads((tmp_path / "out-2" / "predictions.json").read_text())["images"]] == [
+        str(folder / "a.png")]

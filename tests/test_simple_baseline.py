@@ -339,6 +339,10 @@ def test_infer_on_an_image_a_folder_and_a_10_frame_video(trained_run, monkeypatc
     while capture.read()[0]:
         frames += 1
     assert frames == 10
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert infer_script.main(infer_script.parse_args(["--input", str(empty), "--run-name", "empty"])) == 1
+    assert not (out / "empty").exists()
 
 
 def test_overfit_a_few_built_in_images(trained_run):
