@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 
 from common.data import BadImageError
-from common.prediction import VIDEO_SUFFIXES, VideoWriter
+from common.prediction import VIDEO_SUFFIXES, VideoWriter, fresh_folder
 
 
 class Clock:
@@ -123,14 +123,14 @@ def add_live_args(parser):
     return parser
 
 
-def run_live(predictor, source, out_dir, draw, show=False, clock=None) -> dict:
-    """Predict frames of `source` until it ends (or Ctrl-C, or q in the window); returns the counts."""
+def run_live(predictor, source, out_dir, draw, show=False, clock=None) -> int:
+    """Predict frames of `source` until it ends (or Ctrl-C, or q in the window); returns the exit status (1 when
+    no frame came)."""
     clock = clock or Clock()
     if show and not can_show():
         print("--show: this OpenCV has no GUI support (opencv-python-headless); writing files only")
         show = False
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = fresh_folder(out_dir)      # an earlier run's files stay: this one takes <out_dir>-2 ...
     video, finished, processed, fps = VideoWriter(out_dir / "live_pose.mp4", source.fps), deque(maxlen=30), 0, 0.0
     try:
         with open(out_dir / "live.jsonl", "w") as lines:
@@ -158,4 +158,4 @@ def run_live(predictor, source, out_dir, draw, show=False, clock=None) -> dict:
         source.close()
     print(f"{processed} frames processed, {source.dropped} dropped while the model was busy, {fps:.1f} FPS at the "
           f"end; live_pose.mp4 and live.jsonl in {out_dir}")
-    return {"processed": processed, "dropped": source.dropped, "fps": fps}
+    return 0 if processed else 1

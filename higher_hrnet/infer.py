@@ -21,6 +21,7 @@ from common.drawing import draw_heatmap_overlay, draw_people, person_color
 from common.export import use_backend
 from common.geometry import get_affine_transform, warp_image
 from common.keypoints import get_layout, layout_from_dict
+from common.live import add_live_args, open_live_source, run_live
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
 from common.runs import add_common_args, at_least, checkpoint_or_exit, output_dirs, pick_device
@@ -148,15 +149,18 @@ def main(args):
     predictor = Predictor(model, settings, args.inference, device, layout, args.plain_network,
                           **inference_overrides(args))
     use_backend(predictor, args.backend, checkpoint, args.onnx)
-    sources = args.input or builtin_inputs(args)
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
-    return run_inference(predictor, sources, out_dir, checkpoint, drawings(predictor, args.threshold), args.limit)
+    draw = drawings(predictor, args.threshold)
+    if args.camera is not None or args.live:
+        return run_live(predictor, open_live_source(args.camera, args.live), out_dir, draw, args.show)
+    return run_inference(predictor, args.input or builtin_inputs(args), out_dir, checkpoint, draw, args.limit)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, role="infer", limit=8, threshold=0.1)
     add_inference_args(parser)
+    add_live_args(parser)
     return parser.parse_args(argv)
 
 

@@ -162,8 +162,7 @@ def main(args):
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
     draw = drawing(predictor, args.threshold, args.attention)
     if args.camera is not None or args.live:
-        run_live(predictor, open_live_source(args.camera, args.live), out_dir, draw, args.show)
-        return 0
+        return run_live(predictor, open_live_source(args.camera, args.live), out_dir, draw, args.show)
     return run_inference(predictor, args.input or builtin_inputs(args), out_dir, checkpoint, draw, args.limit)
 
 

@@ -19,6 +19,7 @@ from common.export import use_backend
 from common.geometry import affine_points, box_to_center_scale, get_affine_transform, warp_image
 from common.heatmaps import HeatmapCodec, decode_heatmaps
 from common.keypoints import layout_from_dict
+from common.live import add_live_args, open_live_source, run_live
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
 from common.runs import (add_common_args, checkpoint_or_exit, load_checkpoint, model_from_checkpoint, output_dirs,
@@ -131,7 +132,6 @@ def main(args):
     predictor = Predictor(model, saved["settings"], not args.no_flip_test, tuple(args.box) if args.box else None,
                           device)
     use_backend(predictor, args.backend, checkpoint, args.onnx)
-    sources = args.input or builtin_inputs(args, checkpoint, saved)
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
 
     def draw(image, people):
@@ -139,6 +139,9 @@ def main(args):
         return {"pose": draw_prediction(image, person.keypoints, person.scores, None, not args.no_skeleton,
                                         args.threshold, predictor.layout)}
 
+    if args.camera is not None or args.live:
+        return run_live(predictor, open_live_source(args.camera, args.live), out_dir, draw, args.show)
+    sources = args.input or builtin_inputs(args, checkpoint, saved)
     return run_inference(predictor, sources, out_dir, checkpoint, draw, args.limit)
 
 
@@ -149,6 +152,7 @@ def parse_args(argv=None):
                         help="person box in original pixels (default: the whole frame)")
     parser.add_argument("--no-skeleton", action="store_true", help="draw joints only")
     parser.add_argument("--no-flip-test", action="store_true", help="one forward pass per frame instead of two")
+    add_live_args(parser)
     return parser.parse_args(argv)
 
 
