@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common.prediction import iter_inputs
-from common.runs import checkpoint_or_exit
+from common.runs import at_least, checkpoint_or_exit
 
 PARITY_TOLERANCE = 1e-4   # fp32: torch and onnxruntime order their sums differently, nothing more
 
@@ -136,7 +136,7 @@ def real_inputs(predictor, sources, count=4):
 def random_inputs(example, dynamic, seed=0):
     """Batches of 2 of random values: at the example's size, and 32 pixels taller and wider when those vary."""
     generator = torch.Generator().manual_seed(seed)
-    batch, channels, height, width = example.shape
+    _, channels, height, width = example.shape
     sizes = [(height, width)] + ([(height + 32, width + 32)] if {"height", "width"} <= set(dynamic) else [])
     return [torch.randn(2, channels, h, w, generator=generator) for h, w in sizes]
 
@@ -163,9 +163,9 @@ def add_export_args(parser):
     a("--onnx", default=None, help="output file (default: beside the checkpoint, <checkpoint>.onnx)")
     a("--input", nargs="+", default=None, metavar="PATH",
       help="real images (or folders, videos) for the parity check (default: infer.py's built-in images)")
-    a("--frames", type=int, default=30, help="timed forwards per backend for the latency line; 0 = skip "
+    a("--frames", type=at_least(0), default=30, help="timed forwards per backend for the latency line; 0 = skip "
                                              "(default: %(default)s)")
-    a("--threads", type=int, default=2, help="CPU threads for the latency line (default: %(default)s)")
+    a("--threads", type=at_least(1), default=2, help="CPU threads for the latency line (default: %(default)s)")
     a("--out", default=None, help="output root (default: $POSE_OUTPUT_ROOT, else .)")
     return parser
 

@@ -14,6 +14,7 @@ import cv2
 
 from common.data import BadImageError
 from common.prediction import VIDEO_SUFFIXES, VideoWriter, fresh_folder
+from common.runs import at_least
 
 
 class Clock:
@@ -60,7 +61,7 @@ class CameraSource:
     def __init__(self, source):
         self.capture = cv2.VideoCapture(source)
         if not self.capture.isOpened():
-            raise BadImageError(f"{source}: cannot open camera or stream")
+            raise BadImageError(f"{'camera ' if isinstance(source, int) else ''}{source}: cannot open it")
         self.fps = self.capture.get(cv2.CAP_PROP_FPS) or 30.0
         self.dropped, self.newest, self.ended = 0, None, False
         self.changed = threading.Condition()
@@ -115,7 +116,7 @@ def can_show() -> bool:
 
 def add_live_args(parser):
     a = parser.add_argument
-    a("--camera", type=int, default=None, metavar="N", help="run live on OpenCV camera N (instead of --input)")
+    a("--camera", type=at_least(0), default=None, metavar="N", help="run live on OpenCV camera N (instead of --input)")
     a("--live", default=None, metavar="URL|VIDEO",
       help="run live on a stream URL, or a video file paced at its frame rate as a camera stands in")
     a("--show", action="store_true", help="with --camera/--live, also show the frames in a window (needs a GUI "
