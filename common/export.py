@@ -40,7 +40,10 @@ class OnnxRuntimeModel(_StandIn):
     """Tensors in, tensors out (CPU), through an onnxruntime session of an exported file."""
 
     def __init__(self, path, model, threads=None):
-        import onnxruntime   # optional dependency
+        try:
+            import onnxruntime
+        except ImportError:
+            raise SystemExit("onnxruntime is the optional extra: pip install onnx onnxscript onnxruntime") from None
         super().__init__(model)
         options = onnxruntime.SessionOptions()
         if threads:
