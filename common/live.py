@@ -65,7 +65,8 @@ class CameraSource:
         self.fps = self.capture.get(cv2.CAP_PROP_FPS) or 30.0
         self.dropped, self.newest, self.ended = 0, None, False
         self.changed = threading.Condition()
-        threading.Thread(target=self._read_all, daemon=True).start()
+        self.reader = threading.Thread(target=self._read_all, daemon=True)
+        self.reader.start()
 
     def _read_all(self):
         index = 0
@@ -90,6 +91,7 @@ class CameraSource:
 
     def close(self):
         self.ended = True
+        self.reader.join(timeout=5)     # the reader's last read returns before the capture is released
         self.capture.release()
 
 

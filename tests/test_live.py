@@ -4,13 +4,14 @@ processed frame."""
 import importlib
 import json
 import re
+import time
 
 import cv2
 import numpy as np
 import pytest
 
 import _old_checkpoints as old
-from common.live import VideoFileSource, can_show, run_live
+from common.live import CameraSource, VideoFileSource, can_show, run_live
 from common.prediction import VideoWriter
 
 
@@ -38,7 +39,7 @@ class SlowPredictor:
 def write_video(path, frames=30, fps=10.0):
     video = VideoWriter(path, fps)
     for index in range(frames):
-        video.write(np.full((48, 64, 3), index * 8, np.uint8))
+        video.write(np.full((48, 64, 3), index * 4 % 256, np.uint8))
     video.close()
     return path
 
@@ -60,6 +61,22 @@ def test_frames_are_dropped_not_queued(tmp_path, capsys, cost, processed):
     assert lines[-1]["fps"] == pytest.approx(1 / max(cost, 0.1))     # waits for frames when faster than 10 fps
     written = cv2.VideoCapture(str(tmp_path / "out" / "live_pose.mp4"))
     assert int(written.get(cv2.CAP_PROP_FRAME_COUNT)) == len(processed)
+
+
+def test_a_stream_keeps_only_the_newest_frame(tmp_path, capsys):
+    """CameraSource (a camera or stream URL; here a file read as fast as it decodes, as a stream that outpaces the
+    model): a reader thread overwrites the frame the model has not taken yet, so each frame is processed or
+    counted as dropped, and more arrive than a model taking 20 ms per frame can take."""
+    video = write_video(tmp_path / "clip.mp4", frames=60)
+
+    class Busy:
+        def predict(self, image):
+            time.sleep(0.02)
+            return []
+    source = CameraSource(str(video))
+    assert run_live(Busy(), source, tmp_path / "out", lambda image, people: {"pose": image}) == 0
+    frames = [json.loads(line)["frame"] for line in (tmp_path / "out" / "live.jsonl").read_text().splitlines()]
+    assert frames == sorted(frames) and len(frames) + source.dropped == 60 and source.dropped > 0
 
 
 @pytest.mark.parametrize("folder", ["rtpe", "simple_baseline"])
