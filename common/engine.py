@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from common.data import sha256_of
 from common.loader import collate_skip_bad, make_loader
-from common.runs import (CHECKPOINT_FORMAT, broadcast_object, load_checkpoint, load_weights, plain, resume_path,
-                         run_dirs, save_checkpoint, seed_everything, setup_device_and_distributed)
+from common.runs import (CHECKPOINT_FORMAT, broadcast_object, checkpoint_from_spec, load_checkpoint, load_weights, plain,
+                         resume_path, run_dirs, save_checkpoint, seed_everything, setup_device_and_distributed)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COUNTERS = ("epoch", "step", "batch_in_epoch", "best", "metrics", "early_stopping")   # what --resume restores
@@ -192,7 +192,7 @@ def start_run(run: Run) -> Run:
     if resume_from is not None:
         restore(run, resume_from)
     elif args.init_from:
-        load_weights(run.model, args.init_from)
+        load_weights(run.model, checkpoint_from_spec(args.init_from, run.model_name, args.out))
     run.ddp_model = run.model
     if run.world > 1:
         run.ddp_model = nn.parallel.DistributedDataParallel(

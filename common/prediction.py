@@ -114,17 +114,23 @@ class VideoWriter:
             self.writer.release()
 
 
-def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw, limit=None) -> int:
-    """Predict every image (or frame) of `sources`; write <name>_<picture>.jpg per image (an mp4 per video) and
-    predictions.json (the schema in the top README). draw(image, people) -> {picture name: RGB image} (video:
-    the first one). A folder an earlier run wrote to is left alone: this run takes `<out_dir>-2`, `-3` ...
-    Returns the exit status: 1 (and no predictions.json) when no image was found or none could be read."""
+def fresh_folder(out_dir) -> Path:
+    """out_dir, created; when an earlier run wrote to it, the first free `<out_dir>-2`, `-3` ... instead."""
     base, number = Path(out_dir), 1
     out_dir = base
     while out_dir.is_dir() and any(out_dir.iterdir()):
         number += 1
         out_dir = base.with_name(f"{base.name}-{number}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def run_inference(predictor: Predictor, sources, out_dir, checkpoint, draw, limit=None) -> int:
+    """Predict every image (or frame) of `sources`; write <name>_<picture>.jpg per image (an mp4 per video) and
+    predictions.json (the schema in the top README). draw(image, people) -> {picture name: RGB image} (video:
+    the first one). A folder an earlier run wrote to is left alone: this run takes `<out_dir>-2`, `-3` ...
+    Returns the exit status: 1 (and no predictions.json) when no image was found or none could be read."""
+    out_dir = fresh_folder(out_dir)
     records, errors = [], []
     for source in map(Path, sources):
         video = None

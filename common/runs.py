@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import datetime
 import os
 import pickle
 import random
@@ -34,6 +35,9 @@ def add_common_args(parser: argparse.ArgumentParser, role: str = "train", **defa
           help="images, folders of images or videos (default: a few built-in validation images)")
         a("--limit", type=at_least(1), default=None, help="at most N images from each folder (default: all)")
         a("--threshold", type=float, default=0.0, help="draw joints scoring above this (default: %(default)s)")
+        a("--backend", choices=("torch", "onnxruntime"), default="torch",
+          help="run the network in torch, or its ONNX file (<folder>/export.py) in onnxruntime (default: torch)")
+        a("--onnx", default=None, help="ONNX file for --backend onnxruntime (default: <checkpoint>.onnx)")
     else:
         a("--data", default=None, help="dataset folder (default: the built-in data, rendered into <root>/data/)")
         a("--ann", default=None, help="annotation file (COCO JSON / CSV) when not inside --data")
@@ -50,9 +54,12 @@ def add_common_args(parser: argparse.ArgumentParser, role: str = "train", **defa
         a("--max-steps", type=at_least(0), default=None, help="stop after this many optimizer steps in all")
         a("--lr", type=at_least(0.0, above=True), default=1e-3, help="base learning rate (default: %(default)s)")
         a("--seed", type=int, default=0, help="seed for weights, data order and augmentation (default: %(default)s)")
-        a("--resume", default=None, metavar="PATH|auto",
-          help="continue a run exactly from a checkpoint; 'auto' = newest last.pt of this model (of --run-name's run)")
-        a("--init-from", default=None, metavar="CKPT", help="start from a checkpoint's weights only (fine-tuning)")
+        a("--resume", default=None, metavar="PATH|RUN|newest|auto",
+          help="continue a run exactly from a checkpoint: a file, a run name of this model (its last.pt), newest "
+               "(the newest last.pt), or auto (as newest, of --run-name's run when given; none: start fresh)")
+        a("--init-from", default=None, metavar="PATH|RUN|newest",
+          help="start from a checkpoint's weights only (fine-tuning): a file, a run name of this model (its best.pt, "
+               "else last.pt) or newest (the newest run's)")
         a("--pretrained", default="none", metavar="none|imagenet|PATH",
           help="backbone weights: none (default, no network), imagenet (torch cache or download), or a file")
         a("--amp", choices=("none", "bf16", "fp16"), default="none",
@@ -125,12 +132,28 @@ def data_dir(out=None) -> Path:
     return output_root(out) / "data"
 
 
+def checkpoint_from_spec(spec, model_name: str, out=None, names=("best.pt", "last.pt"), flag="--init-from") -> Path:
+    """A checkpoint named on the command line: a file, `newest` (the newest run of this model that has one of
+    `names`) or a run name (the first of `names` in that run); else one line saying what was looked for."""
+    if Path(spec).is_file():
+        return Path(spec)
+    if spec == "newest":
+        found, where = newest_checkpoint(model_name, out, names), output_root(out) / "checkpoints" / model_name
+    else:
+        where = output_dirs(model_name, spec, out)["checkpoints"]
+        found = next((where / name for name in names if (where / name).is_file()), None)
+    if found is None:
+        raise SystemExit(f"{flag} {spec}: no such file, and no {' or '.join(names)} in {where}")
+    return found
+
+
 def resume_path(args, model_name: str, verbose: bool = True) -> Path | None:
-    """--resume PATH, or for 'auto' the newest last.pt of this model (of --run-name's run when given)."""
+    """--resume PATH|RUN|newest (checkpoint_from_spec, last.pt), or for 'auto' the newest last.pt of this model (of
+    --run-name's run when given), None when there is none."""
     if not args.resume:
         return None
     if args.resume != "auto":
-        return Path(args.resume)
+        return checkpoint_from_spec(args.resume, model_name, args.out, ("last.pt",), "--resume")
     if args.run_name:
         path = output_dirs(model_name, args.run_name, args.out)["checkpoints"] / "last.pt"
         path = path if path.is_file() else None
@@ -163,6 +186,19 @@ def pick_device(requested=None) -> torch.device:
     return device
 
 
+def end_process_group():
+    """At exit, on CPUs (gloo): wait up to a minute for every rank, then leave. A rank 0 that left while another
+    rank still talked to the store it hosts was now and then aborted (torchrun with a c10d rendezvous, two
+    single-process nodes on one machine: about 1 run in 8 without a wait, none in 24 with one); a rank that never
+    comes delays the exit only."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        with contextlib.suppress(RuntimeError):
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    dist.destroy_process_group()
+
+
 def setup_device_and_distributed(args) -> torch.device:
     """Pick the device, join the torchrun process group if there is one, seed; sets args.device (a str), rank,
     world_size, local_rank and distributed."""
@@ -179,7 +215,7 @@ def setup_device_and_distributed(args) -> torch.device:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        atexit.register(end_process_group)
     args.device, args.rank, args.world_size = str(device), rank, world
     args.local_rank, args.distributed = local_rank, world > 1
     if getattr(args, "seed", None) is not None:
@@ -188,6 +224,19 @@ def setup_device_and_distributed(args) -> torch.device:
         where = f", {world} processes ({dist.get_backend()})" if world > 1 else ""
         print(f"device: {device}{where}")
     return device
+
+
+@contextlib.contextmanager
+def local_main_first(args):
+    """For built-in data: each machine's local rank 0 runs the block first (renders into its output root, whether
+    machines share it or not; renders write a temporary folder and rename it, so two at once are safe), then the
+    machine's other processes run it and find the data there."""
+    distributed = getattr(args, "distributed", False)
+    if distributed and args.local_rank != 0:
+        dist.barrier()
+    yield
+    if distributed and args.local_rank == 0:
+        dist.barrier()
 
 
 def seed_everything(seed: int) -> None:

@@ -19,13 +19,15 @@ import torch
 
 from common.data import exit_on_bad_input
 from common.drawing import GREEN, PURPLE, RED, draw_keypoints
+from common.export import use_backend
 from common.geometry import box_to_center_scale, get_affine_transform, invert_affine, warp_image
 from common.heatmaps import decode_heatmaps
 from common.keypoints import layout_from_dict
+from common.live import add_live_args, open_live_source, run_live
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
-from common.runs import (add_common_args, at_least, checkpoint_or_exit, data_dir, model_from_checkpoint, output_dirs,
-                         pick_device)
+from common.runs import (add_common_args, at_least, checkpoint_or_exit, data_dir, load_checkpoint,
+                         model_from_checkpoint, output_dirs, pick_device)
 from cpm_animal.dataset import MEAN, STD, resolve_sources
 from cpm_animal.model import MODEL_NAME, CPMConfig, build_model, heatmap_to_input, upgrade_checkpoint
 
@@ -94,6 +96,14 @@ def draw_visibility(skeleton):
     return draw
 
 
+def builtin_inputs(args, checkpoint, saved=None):
+    """The first 8 images of the built-in val split the checkpoint was trained with (infer.py's and export.py's
+    default)."""
+    saved = saved or load_checkpoint(checkpoint)
+    _, val_records, _ = resolve_sources(saved["settings"]["preset"], data_dir(args.out) / MODEL_NAME)
+    return [r["image"] for r in val_records[:8]]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, role="infer")
@@ -101,17 +111,18 @@ def main(argv=None):
                         help="crop box in image pixels (default: the whole image)")
     parser.add_argument("--padding", type=at_least(0.0, above=True), default=1.0,
                         help="grow the box by this factor (default: %(default)s)")
+    add_live_args(parser)
     args = parser.parse_args(argv)
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python cpm_animal/train.py", args.out)
     device = pick_device(args.device)
     model, saved = model_from_checkpoint(checkpoint, build_model, MODEL_NAME, upgrade_checkpoint, device)
-    predictor = Predictor(model, saved["settings"], args.box, args.padding, device)
-    sources = args.input
-    if not sources:   # the first 8 images of the built-in val split the checkpoint was trained with
-        _, val_records, _ = resolve_sources(saved["settings"]["preset"], data_dir(args.out) / MODEL_NAME)
-        sources = [r["image"] for r in val_records[:8]]
+    predictor = use_backend(Predictor(model, saved["settings"], args.box, args.padding, device), args.backend,
+                            checkpoint, args.onnx)
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
     draw = draw_visibility(predictor.layout.skeleton)
+    if args.camera is not None or args.live:
+        return run_live(predictor, open_live_source(args.camera, args.live), out_dir, draw, args.show)
+    sources = args.input or builtin_inputs(args, checkpoint, saved)
     return run_inference(predictor, sources, out_dir, checkpoint, draw, args.limit)
 
 

@@ -20,7 +20,7 @@ import torch
 from common.data import exit_on_bad_input
 from common.drawing import GREEN, RED, draw_keypoints, make_grid
 from common.engine import fit, planned_steps
-from common.runs import add_common_args, data_dir, output_dirs, setup_device_and_distributed
+from common.runs import add_common_args, data_dir, local_main_first, output_dirs, setup_device_and_distributed
 from cpm_animal.dataset import SEED_ANN_NAME, build_datasets, denormalize, signed_heatmap_overlay
 from cpm_animal.eval import compute_metrics, full_report, ground_truth, mean_shape, predict
 from cpm_animal.infer import decode_predictions
@@ -162,13 +162,9 @@ def main(argv=None):
     is_main = args.rank == 0
     preset["model"]["num_keypoints"] = preset["dataset"]["n_keypoints"]
     model_config = config_from_dict(preset["model"])
-    # rank 0 renders / caches the data first; the other ranks then read it
-    if args.distributed and not is_main:
-        torch.distributed.barrier()
-    train_set, val_set, layout = build_datasets(preset, model_config, data_dir(args.out) / MODEL_NAME,
-                                                quiet=not is_main)
-    if args.distributed and is_main:
-        torch.distributed.barrier()
+    with local_main_first(args):      # each machine's local rank 0 renders / caches the data first
+        train_set, val_set, layout = build_datasets(preset, model_config, data_dir(args.out) / MODEL_NAME,
+                                                    quiet=not is_main)
     model = CPM(model_config)
     shape_xy = mean_shape(train_set)
     if is_main:

@@ -30,10 +30,10 @@ from common.keypoints import COCO17, get_layout, layout_from_dict
 from common.runs import add_common_args, at_least, checkpoint_or_exit, is_training_file, output_dirs, pick_device
 from higher_hrnet.checkpoints import load_for_inference
 from higher_hrnet.dataset import LAYOUTS, TARGET_SIGMA
-from higher_hrnet.infer import NO_CHECKPOINT_HINT, add_plain_network_arg
-from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, multi_scale_size,
-                                    people_to_coco_results, predict_people, prepare_for_inference)
-from higher_hrnet.model import MODEL_NAME, input_size
+from higher_hrnet.infer import NO_CHECKPOINT_HINT, add_inference_args, inference_overrides
+from higher_hrnet.inference import (inference_settings, maps_to_people, multi_scale_size, people_to_coco_results,
+                                    predict_people, prepare_for_inference)
+from higher_hrnet.model import MODEL_NAME
 from higher_hrnet.scenes import ensure_scenes
 
 
@@ -142,10 +142,8 @@ def main(args):
     device = pick_device(args.device)
     model, settings = load_for_inference(checkpoint, device)
     layout = get_layout(args.layout, LAYOUTS) if args.layout else layout_from_dict(settings["layout"])
-    config = inference_settings(args.inference, input_size=args.input_size or settings["input_size"],
-                                scales=tuple(args.scales) if args.scales else None,
-                                detection_threshold=args.detection_threshold, tag_threshold=args.tag_threshold,
-                                flip=False if args.no_flip else None)
+    config = inference_settings(args.inference, **{**inference_overrides(args),
+                                                   "input_size": args.input_size or settings["input_size"]})
     image_dir, ann_file = default_data(args)
     is_training_file(ann_file, settings, warn=True)
     run = args.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -178,19 +176,8 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, role="eval")
-    parser.add_argument("--inference", default="official", choices=sorted(INFERENCE_SETTINGS),
-                        help="test settings: official (flip, detection 0.1, tag 1.0) or seed (default: %(default)s)")
-    parser.add_argument("--input-size", type=input_size, default=None,
-                        help="short side at scale 1 (default: the checkpoint's training size, else 512)")
-    parser.add_argument("--scales", type=at_least(0.0, above=True), nargs="+", default=None,
-                        help="multi-scale test factors, e.g. 2 1 0.5")
-    parser.add_argument("--no-flip", action="store_true", help="turn flip test off")
-    parser.add_argument("--detection-threshold", type=float, default=None, help="override the settings'")
-    parser.add_argument("--tag-threshold", type=float, default=None, help="override the settings'")
-    parser.add_argument("--layout", default=None, help="keypoint layout: coco17 or crowdpose14 (default: the "
-                                                       "checkpoint's, else coco17)")
+    add_inference_args(parser)
     parser.add_argument("--max-images", type=at_least(1), default=None, help="only the first N images (quick checks)")
-    add_plain_network_arg(parser)
     return parser.parse_args(argv)
 
 

@@ -3,6 +3,7 @@
     python higher_hrnet/infer.py                                  # newest checkpoint, built-in val images
     python higher_hrnet/infer.py --input photo.jpg --checkpoint pose_higher_hrnet_w32_512.pth --threshold 0.2
     python higher_hrnet/infer.py --input clip.mp4 --inference seed   # video in, annotated video out
+    python higher_hrnet/infer.py --scales 2 1 0.5 --no-flip --detection-threshold 0.2 --tag-threshold 0.8   # as eval.py
 Writes to outputs/higher_hrnet/<run>/: <name>_pose.jpg, <name>_tags.jpg, <name>_heatmaps.jpg per image
 (a <name>_pose.mp4 for a video) and predictions.json (top README; each person's "extra" holds its tags).
 --threshold hides joints (e.g. refined ones) below it. Works with our checkpoints, official and the seed's.
@@ -17,11 +18,13 @@ import numpy as np
 
 from common.data import exit_on_bad_input
 from common.drawing import draw_heatmap_overlay, draw_people, person_color
+from common.export import use_backend
 from common.geometry import get_affine_transform, warp_image
 from common.keypoints import get_layout, layout_from_dict
+from common.live import add_live_args, open_live_source, run_live
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
-from common.runs import add_common_args, checkpoint_or_exit, output_dirs, pick_device
+from common.runs import add_common_args, at_least, checkpoint_or_exit, output_dirs, pick_device
 from higher_hrnet.checkpoints import load_for_inference
 from higher_hrnet.dataset import LAYOUTS
 from higher_hrnet.inference import (INFERENCE_SETTINGS, inference_settings, maps_to_people, predict_maps,
@@ -59,6 +62,28 @@ class Predictor(BasePredictor):
         self.last_maps = heatmaps, center, box
         people, scores = maps_to_people(heatmaps, tags, center, box, self.config, num_joints)
         return [make_person(p[:, :2], p[:, 2], s, tags=p[:, 3:]) for p, s in zip(people, scores)]
+
+
+def add_inference_args(parser):
+    """The test settings eval.py and infer.py share; inference_overrides(args) turns them into Predictor keywords."""
+    a = parser.add_argument
+    a("--inference", default="official", choices=sorted(INFERENCE_SETTINGS),
+      help="test settings: official (flip, detection 0.1, tag 1.0) or seed (default: %(default)s)")
+    a("--input-size", type=input_size, default=None, help="short side at scale 1 (default: the checkpoint's training "
+                                                          "size, else 512)")
+    a("--scales", type=at_least(0.0, above=True), nargs="+", default=None, help="multi-scale test factors, e.g. 2 1 0.5")
+    a("--no-flip", action="store_true", help="turn flip test off")
+    a("--detection-threshold", type=float, default=None, help="override the settings'")
+    a("--tag-threshold", type=float, default=None, help="override the settings'")
+    a("--layout", default=None, help="keypoint layout: coco17 or crowdpose14 (default: the checkpoint's, else coco17)")
+    add_plain_network_arg(parser)
+
+
+def inference_overrides(args):
+    """InferenceConfig fields from add_inference_args' flags (None: the settings' own)."""
+    return {"input_size": args.input_size, "scales": tuple(args.scales) if args.scales else None,
+            "detection_threshold": args.detection_threshold, "tag_threshold": args.tag_threshold,
+            "flip": False if args.no_flip else None}
 
 
 def add_plain_network_arg(parser):
@@ -110,6 +135,11 @@ def drawings(predictor, threshold):
     return draw
 
 
+def builtin_inputs(args, checkpoint=None):
+    """The built-in validation scenes (infer.py's and export.py's default)."""
+    return [ensure_scenes(args.out) / "images" / "val"]
+
+
 def main(args):
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python higher_hrnet/train.py", args.out,
                                     hint=NO_CHECKPOINT_HINT)
@@ -117,21 +147,20 @@ def main(args):
     model, settings = load_for_inference(checkpoint, device)
     layout = get_layout(args.layout, LAYOUTS) if args.layout else None
     predictor = Predictor(model, settings, args.inference, device, layout, args.plain_network,
-                          input_size=args.input_size)
-    sources = args.input or [ensure_scenes(args.out) / "images" / "val"]
+                          **inference_overrides(args))
+    use_backend(predictor, args.backend, checkpoint, args.onnx)
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
-    return run_inference(predictor, sources, out_dir, checkpoint, drawings(predictor, args.threshold), args.limit)
+    draw = drawings(predictor, args.threshold)
+    if args.camera is not None or args.live:
+        return run_live(predictor, open_live_source(args.camera, args.live), out_dir, draw, args.show)
+    return run_inference(predictor, args.input or builtin_inputs(args), out_dir, checkpoint, draw, args.limit)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, role="infer", limit=8, threshold=0.1)
-    parser.add_argument("--inference", default="official", choices=sorted(INFERENCE_SETTINGS),
-                        help="test settings (default: %(default)s)")
-    parser.add_argument("--input-size", type=input_size, default=None,
-                        help="short side (default: the checkpoint's training size)")
-    parser.add_argument("--layout", default=None, help="keypoint layout (default: the checkpoint's, else coco17)")
-    add_plain_network_arg(parser)
+    add_inference_args(parser)
+    add_live_args(parser)
     return parser.parse_args(argv)
 
 

@@ -15,13 +15,13 @@ import argparse
 import sys
 
 import torch
-import torch.distributed as dist
 
 from common.data import exit_on_bad_input
 from common.engine import fit
 from common.keypoints import get_layout
 from common.pretrained import resolve_pretrained
-from common.runs import add_common_args, at_least, parse_with_preset, run_dirs, setup_device_and_distributed
+from common.runs import (add_common_args, at_least, local_main_first, parse_with_preset, run_dirs,
+                         setup_device_and_distributed)
 from higher_hrnet.checkpoints import CheckpointError, load_imagenet_backbone
 from higher_hrnet.dataset import LAYOUTS, BottomUpDataset, collate_skip_bad_bottom_up
 from higher_hrnet.eval import evaluate_model, oracle_metrics, summary_line
@@ -58,11 +58,8 @@ def data_paths(args):
         if not args.ann:
             raise SystemExit("--data needs --ann (COCO keypoint JSON)")
         return args.data, args.ann, args.val_data, args.val_ann
-    if args.rank == 0:
+    with local_main_first(args):
         root = ensure_scenes(args.out)
-    if args.distributed:
-        dist.barrier()
-    root = ensure_scenes(args.out)
     return (root / "images" / "train", root / "annotations" / "person_keypoints_train.json",
             root / "images" / "val", root / "annotations" / "person_keypoints_val.json")
 

@@ -34,7 +34,8 @@ from common.drawing import make_grid
 from common.engine import fit, planned_steps
 from common.loader import SeededSamples, collate_skip_bad
 from common.pretrained import resolve_pretrained
-from common.runs import add_common_args, output_dirs, parse_with_preset, setup_device_and_distributed
+from common.runs import (add_common_args, local_main_first, output_dirs, parse_with_preset,
+                         setup_device_and_distributed)
 from common.synthetic import (L_ANK, L_EL, L_HIP, L_KNEE, L_SH, L_WR, PELVIS, R_ANK, R_EL, R_HIP, R_KNEE, R_SH,
                               R_WR, THORAX, random_background, random_human_figure, rasterize_human)
 from higher_hrnet.checkpoints import load_official_checkpoint
@@ -306,11 +307,9 @@ def main(args):
     if args.data:
         data_root = Path(args.data)
     else:
-        if args.rank == 0:
+        with local_main_first(args):
             ensure_builtin_imagefolder(dirs["data"], seed=0, image_size=args.builtin_size,
                                        train_per_class=args.builtin_per_class)
-        if args.distributed:
-            torch.distributed.barrier()
         data_root = dirs["data"] / "hrnet_poses"
     train_set = ImageFolderSamples(data_root / "train", train_transform(args.image_size, args.crop_min_scale))
     val_set = None

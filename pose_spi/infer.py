@@ -15,7 +15,9 @@ import torch
 
 from common.data import exit_on_bad_input
 from common.drawing import draw_keypoints
+from common.export import use_backend
 from common.keypoints import layout_from_dict
+from common.live import add_live_args, open_live_source, run_live
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
 from common.runs import (add_common_args, at_least, checkpoint_or_exit, data_dir, model_from_checkpoint, output_dirs,
@@ -77,23 +79,32 @@ def enlarged_drawing(skeleton, scale, threshold):
     return draw
 
 
+def builtin_inputs(args, checkpoint=None):
+    """The built-in validation images (what infer.py and export.py read without --input)."""
+    folder = synthetic_paths(data_dir(args.out))["val"][0]
+    if not folder.is_dir():
+        sys.exit(f"error: no built-in val images at {folder}; run python pose_spi/train.py or pass --input")
+    return [folder]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, role="infer", threshold=-1.0)
     parser.add_argument("--scale", type=at_least(1), default=4,
                         help="enlarge drawings by this factor (default: %(default)s)")
+    add_live_args(parser)
     args = parser.parse_args(argv)
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAMES, "python pose_spi/train.py", args.out)
-    predictor = Predictor.from_checkpoint(checkpoint, pick_device(args.device))
-    sources, limit = args.input, args.limit
-    if not sources:
-        sources, limit = [synthetic_paths(data_dir(args.out))["val"][0]], limit or 16
-        if not sources[0].is_dir():
-            sys.exit(f"error: no built-in val images at {sources[0]}; run python pose_spi/train.py or pass --input")
+    predictor = use_backend(Predictor.from_checkpoint(checkpoint, pick_device(args.device)), args.backend,
+                            checkpoint, args.onnx)
     out_dir = output_dirs(checkpoint.parent.parent.name, args.run_name or f"infer-{checkpoint.parent.name}",
                           args.out)["outputs"]
     draw = enlarged_drawing(predictor.layout.skeleton, args.scale, args.threshold)
-    return run_inference(predictor, sources, out_dir, checkpoint, draw, limit)
+    if args.camera is not None or args.live:
+        return run_live(predictor, open_live_source(args.camera, args.live), out_dir, draw, args.show)
+    if args.input:
+        return run_inference(predictor, args.input, out_dir, checkpoint, draw, args.limit)
+    return run_inference(predictor, builtin_inputs(args), out_dir, checkpoint, draw, args.limit or 16)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from common.data import exit_on_bad_input, sha256_of
 from common.drawing import GREEN, RED, draw_keypoints, make_grid
 from common.engine import fit, planned_steps
-from common.runs import add_common_args, at_least, output_dirs, parse_with_preset, setup_device_and_distributed
+from common.runs import (add_common_args, at_least, local_main_first, output_dirs, parse_with_preset,
+                         setup_device_and_distributed)
 from pose_spi.dataset import add_data_args, build_datasets
 from pose_spi.eval import coco_ap, mean_pose, mean_pose_ap, predict
 from pose_spi.infer import decode_output
@@ -140,7 +141,8 @@ def main(args, model_name=MODEL_NAME):
     setup_device_and_distributed(args)
     dirs = output_dirs(model_name, args.run_name, args.out)
     torch.manual_seed(args.seed)
-    train_set, val_set = build_datasets(args, dirs["data"])
+    with local_main_first(args):      # each machine's local rank 0 renders the built-in data first
+        train_set, val_set = build_datasets(args, dirs["data"])
     print(f"data: {len(train_set.people)} training / {len(val_set)} validation images, {train_set.num_keypoints} "
           f"keypoints ({', '.join(train_set.layout.names)})")
     model = build(args, train_set)

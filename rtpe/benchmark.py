@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from common.evaluation import count_flops
+from common.export import export_onnx
 from common.runs import output_dirs
 from higher_hrnet.inference import fold_batchnorm
 from higher_hrnet.model import build_model as build_teacher
-from rtpe.export import export_onnx
 from rtpe.infer import Predictor, decoding_settings
 from rtpe.model import RealtimePoseStudent
 
@@ -79,7 +79,8 @@ def bench_onnxruntime(model, student_size, size, frames, warmup):
     import onnxruntime   # optional dependency
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, f"{tmp}/m.onnx", example_size=size)
+        path = f"{tmp}/m.onnx"
+        export_onnx(model, torch.randn(2, 3, size, size), path)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -2,6 +2,8 @@
 
     python rtpe/infer.py                                   # newest rtpe checkpoint on built-in val images
     python rtpe/infer.py --checkpoint best.pt --input clip.mp4 --input-size 256
+    python rtpe/infer.py --camera 0 [--show]                # live: frames dropped, not queued, when it falls behind
+    python rtpe/infer.py --live clip.mp4                    # a video file standing in for a camera (or a stream URL)
 
 The image -> keypoints path lives here (eval.py and benchmark.py use it): letterbox resize so the longer
 side is --input-size, normalize, network, sigmoid, associative-embedding grouping with one tag dimension
@@ -19,6 +21,8 @@ import torch
 
 from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input
 from common.drawing import draw_people
+from common.export import use_backend
+from common.live import add_live_args, open_live_source, run_live
 from common.geometry import affine_points
 from common.keypoints import COCO17, layout_from_dict
 from common.prediction import Predictor as BasePredictor
@@ -104,9 +108,10 @@ class Predictor(BasePredictor):
         self.last_segmentation = None   # of the last image `predict` saw, for drawing
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", input_size=None):
+    def from_checkpoint(cls, path, device="cpu", input_size=None, **options):
+        """options: fold, channels_last (export.py's reference keeps the network as trained)."""
         model, checkpoint = model_from_checkpoint(path, build_model, MODEL_NAME, upgrade_checkpoint, device)
-        return cls(model, checkpoint["settings"], input_size)
+        return cls(model, checkpoint["settings"], input_size, **options)
 
     @torch.inference_mode()
     def run(self, image):
@@ -145,13 +150,20 @@ def drawing(predictor, threshold, attention):
     return draw
 
 
+def builtin_inputs(args, checkpoint=None):
+    """The built-in validation scenes (infer.py's and export.py's default)."""
+    return [ensure_scenes(args.out) / "images" / "val"]
+
+
 def main(args):
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python rtpe/train.py", args.out)
-    predictor = Predictor.from_checkpoint(checkpoint, pick_device(args.device), args.input_size)
-    sources = args.input or [ensure_scenes(args.out) / "images" / "val"]
+    predictor = use_backend(Predictor.from_checkpoint(checkpoint, pick_device(args.device), args.input_size),
+                            args.backend, checkpoint, args.onnx)
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
-    return run_inference(predictor, sources, out_dir, checkpoint, drawing(predictor, args.threshold, args.attention),
-                         args.limit)
+    draw = drawing(predictor, args.threshold, args.attention)
+    if args.camera is not None or args.live:
+        return run_live(predictor, open_live_source(args.camera, args.live), out_dir, draw, args.show)
+    return run_inference(predictor, args.input or builtin_inputs(args), out_dir, checkpoint, draw, args.limit)
 
 
 def parse_args(argv=None):
@@ -160,6 +172,7 @@ def parse_args(argv=None):
     p.add_argument("--input-size", type=at_least(1), default=None,
                    help="longer input side (default: the checkpoint's validation size)")
     p.add_argument("--attention", action="store_true", help="also draw the segmentation attention map")
+    add_live_args(p)
     return p.parse_args(argv)
 
 

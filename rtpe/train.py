@@ -24,7 +24,7 @@ import torch
 
 from common.data import exit_on_bad_input, load_coco_keypoints, sha256_of
 from common.engine import fit
-from common.runs import add_common_args, at_least, parse_with_preset, setup_device_and_distributed
+from common.runs import add_common_args, at_least, local_main_first, parse_with_preset, setup_device_and_distributed
 from higher_hrnet.checkpoints import read_state_dict
 from higher_hrnet.scenes import ensure_scenes
 from rtpe.dataset import DistillationDataset, collate_people, sample_picture
@@ -113,8 +113,9 @@ def trainable_parameters(model, stage):
 def resolve_data(args):
     """(train image dir, train ann, val image dir, val ann, train cache, teacher description)."""
     if args.data is None:
-        data = Path(ensure_scenes(args.out))
-        cache, teacher = (None, "none") if args.alpha == 0 else ensure_builtin_cache(args.teacher, args.out)
+        with local_main_first(args):      # each machine's local rank 0 renders the scenes and teacher maps first
+            data = Path(ensure_scenes(args.out))
+            cache, teacher = (None, "none") if args.alpha == 0 else ensure_builtin_cache(args.teacher, args.out)
         return (data / "images" / "train", data / "annotations" / "person_keypoints_train.json",
                 data / "images" / "val", data / "annotations" / "person_keypoints_val.json",
                 cache / "train" if cache else None, teacher)

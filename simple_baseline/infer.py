@@ -15,12 +15,15 @@ import torch
 
 from common.data import exit_on_bad_input, normalize_image
 from common.drawing import BLUE, RED, draw_keypoints
+from common.export import use_backend
 from common.geometry import affine_points, box_to_center_scale, get_affine_transform, warp_image
 from common.heatmaps import HeatmapCodec, decode_heatmaps
 from common.keypoints import layout_from_dict
+from common.live import add_live_args, open_live_source, run_live
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
-from common.runs import add_common_args, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
+from common.runs import (add_common_args, checkpoint_or_exit, load_checkpoint, model_from_checkpoint, output_dirs,
+                         pick_device)
 from simple_baseline.dataset import load_split
 from simple_baseline.model import LIP16, MODEL_NAME, build_model, upgrade_checkpoint
 
@@ -113,17 +116,22 @@ def draw_prediction(image, pred, scores, gt=None, skeleton=True, threshold=0.2, 
     return draw_keypoints(image, keypoints, edges, color=RED, threshold=threshold, scores=False)
 
 
+def builtin_inputs(args, checkpoint, saved=None):
+    """A few built-in validation images, of the split the checkpoint trained on (infer.py's and export.py's
+    default)."""
+    saved = saved or load_checkpoint(checkpoint)
+    split = load_split("coco" if saved["settings"]["format"] == "coco" else "lip", None, None, "val", args.out,
+                       quiet=True, builtin_sizes=saved["config"].get("builtin_sizes"))
+    return [r["image"] for r in split["records"][:4]]
+
+
 def main(args):
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python simple_baseline/train.py", args.out)
     device = pick_device(args.device)
     model, saved = model_from_checkpoint(checkpoint, build_model, MODEL_NAME, upgrade_checkpoint, device)
     predictor = Predictor(model, saved["settings"], not args.no_flip_test, tuple(args.box) if args.box else None,
                           device)
-    sources = args.input
-    if not sources:   # a few built-in validation images, of the split the checkpoint trained on
-        split = load_split("coco" if saved["settings"]["format"] == "coco" else "lip", None, None, "val", args.out,
-                           quiet=True, builtin_sizes=saved["config"].get("builtin_sizes"))
-        sources = [r["image"] for r in split["records"][:4]]
+    use_backend(predictor, args.backend, checkpoint, args.onnx)
     out_dir = output_dirs(MODEL_NAME, args.run_name or f"infer-{checkpoint.parent.name}", args.out)["outputs"]
 
     def draw(image, people):
@@ -131,6 +139,9 @@ def main(args):
         return {"pose": draw_prediction(image, person.keypoints, person.scores, None, not args.no_skeleton,
                                         args.threshold, predictor.layout)}
 
+    if args.camera is not None or args.live:
+        return run_live(predictor, open_live_source(args.camera, args.live), out_dir, draw, args.show)
+    sources = args.input or builtin_inputs(args, checkpoint, saved)
     return run_inference(predictor, sources, out_dir, checkpoint, draw, args.limit)
 
 
@@ -141,6 +152,7 @@ def parse_args(argv=None):
                         help="person box in original pixels (default: the whole frame)")
     parser.add_argument("--no-skeleton", action="store_true", help="draw joints only")
     parser.add_argument("--no-flip-test", action="store_true", help="one forward pass per frame instead of two")
+    add_live_args(parser)
     return parser.parse_args(argv)
 
 

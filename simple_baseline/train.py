@@ -16,14 +16,14 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from common.data import exit_on_bad_input
 from common.drawing import BLUE, RED, draw_keypoints, make_grid
 from common.engine import fit, planned_steps
 from common.heatmaps import decode_heatmaps
 from common.keypoints import COCO17
-from common.runs import add_common_args, at_least, parse_with_preset, run_dirs, setup_device_and_distributed
+from common.runs import (add_common_args, at_least, local_main_first, parse_with_preset, run_dirs,
+                         setup_device_and_distributed)
 from simple_baseline.dataset import PAPER_SIGMA, TopDownDataset, denormalize, load_split, target_codec
 from simple_baseline.eval import evaluate_split, mean_pose_in_crop
 from simple_baseline.model import LIP16, MODEL_NAME, build_model, load_pretrained_backbone
@@ -75,19 +75,16 @@ def draw_batch_predictions(model, batch, flip_index, layout, count=4):
 
 
 def load_data(args, dirs, is_main):
-    """(train split, val split, train set, val set, layout); the built-in set is rendered once, by rank 0,
-    before the other ranks read it."""
+    """(train split, val split, train set, val set, layout); the built-in set is rendered by each machine's local
+    rank 0 before the machine's other ranks read it."""
     builtin = args.data is None and args.ann is None
     args.builtin_sizes = {"num_images": args.builtin_train, "num_val": args.builtin_val} if builtin else None
-    if args.distributed and not is_main:
-        dist.barrier()
-    train_split = load_split(args.format, args.data, args.ann, "train", dirs["root"], args.head_boxes,
-                             builtin_sizes=args.builtin_sizes, quiet=not is_main)
-    val_split = load_split(args.format, args.val_data if not builtin else None,
-                           args.val_ann if not builtin else None, "val", dirs["root"], args.head_boxes,
-                           builtin_sizes=args.builtin_sizes, quiet=not is_main)
-    if args.distributed and is_main:
-        dist.barrier()
+    with local_main_first(args):
+        train_split = load_split(args.format, args.data, args.ann, "train", dirs["root"], args.head_boxes,
+                                 builtin_sizes=args.builtin_sizes, quiet=not is_main)
+        val_split = load_split(args.format, args.val_data if not builtin else None,
+                               args.val_ann if not builtin else None, "val", dirs["root"], args.head_boxes,
+                               builtin_sizes=args.builtin_sizes, quiet=not is_main)
     layout = COCO17 if args.format == "coco" else LIP16
     scale_factor, rotation_factor = AUGMENTATION[args.format]
     scale_factor = args.scale_factor if args.scale_factor is not None else scale_factor

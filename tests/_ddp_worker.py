@@ -1,7 +1,8 @@
 """A tiny model, data set and loss for the training-loop tests, and a script torchrun runs.
 
 `torchrun --nproc_per_node=2 tests/_ddp_worker.py --out DIR --device cpu ...` trains through
-common.engine.fit and writes each rank's final weights to DIR/rank<r>.pt for the test to compare.
+common.engine.fit and writes each rank's final weights to DIR/rank<r>.pt for the test to compare; with --scenes N
+it first renders built-in data as the train.py scripts do.
 """
 import argparse
 import sys
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 from common.engine import fit
-from common.runs import add_common_args, output_root, setup_device_and_distributed
+from common.runs import add_common_args, local_main_first, output_root, setup_device_and_distributed
+from higher_hrnet.scenes import ensure_scenes
 
 ARCH = {"dim": 8}   # tiny_model(**ARCH)
 
@@ -46,6 +48,8 @@ def mse_loss(model, batch):
 def make_parser():
     parser = argparse.ArgumentParser(description=__doc__)
     add_common_args(parser, epochs=2, batch_size=8, lr=0.05, workers=0, val_every="0", log_every=2)
+    parser.add_argument("--scenes", type=int, default=0, help="first render this many built-in scenes, as train.py "
+                                                              "scripts do (each machine's local rank 0 first)")
     return parser
 
 
@@ -61,6 +65,11 @@ def build(args):
 def main(argv=None):
     args = make_parser().parse_args(argv)
     model, optimizer, scheduler = build(args)
+    if args.scenes:
+        with local_main_first(args):
+            scenes = ensure_scenes(args.out, num_images=args.scenes, num_val=1, image_size=64)
+        if len(list((scenes / "images" / "train").iterdir())) != args.scenes:
+            raise SystemExit(f"rank {args.rank}: the built-in scenes are missing from {scenes}")
     model, summary = fit(args, model, NoisyRegression(), mse_loss, optimizer, scheduler=scheduler,
                          scheduler_interval="step", model_name="tiny", arch=ARCH, settings={})
     torch.save(model.state_dict(), output_root(args.out) / f"rank{args.rank}.pt")

@@ -61,6 +61,31 @@ def test_torchrun_two_ranks_end_with_equal_weights(tmp_path):
     assert not torch.equal(tiny.tiny_model().state_dict()["0.weight"], rank0["0.weight"])
 
 
+def test_two_nodes_with_c10d_rendezvous_and_unshared_roots(tmp_path):
+    """Two single-process "machines" on localhost (torchrun --nnodes=2, gloo, a c10d rendezvous), each with its own
+    output root: each renders the built-in data into its root before training, and both end with the same weights."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for node in range(2):
+        root = tmp_path / f"node{node}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=posezoo-test",
+               str(REPO / "tests" / "_ddp_worker.py"), "--out", str(root), "--device", "cpu", "--max-steps", "4",
+               "--workers", "0", "--scenes", "2"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "POSE_OUTPUT_ROOT": str(root)}
+        nodes.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(out[-3000:] for out in outputs)
+    weights = [list((tmp_path / f"node{node}").glob("rank*.pt")) for node in range(2)]
+    assert sorted(path.name for paths in weights for path in paths) == ["rank0.pt", "rank1.pt"]
+    for node in range(2):
+        assert len(list((tmp_path / f"node{node}" / "data" / "multi_person" / "images" / "train").iterdir())) == 2
+    assert_same_weights(*(torch.load(paths[0], weights_only=True) for paths in weights))
+
+
 def test_resume_mid_epoch_gives_identical_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("POSE_OUTPUT_ROOT", str(tmp_path))
 
@@ -246,6 +271,17 @@ def test_init_from_loads_weights_only(tmp_path, monkeypatch):
     assert runs.run_dirs(args, "tiny")["run_name"] == "c" and runs.resume_path(args, "tiny") is None
     args = parse(["--device", "cpu", "--resume", "auto", "--run-name", "a"])
     assert runs.resume_path(args, "tiny") == tmp_path / "checkpoints/tiny/a/last.pt"
+    # a run name or `newest` instead of a path (issue 20): run a's file by its name, run b's as the newest
+    assert runs.resume_path(parse(["--resume", "a"]), "tiny") == tmp_path / "checkpoints/tiny/a/last.pt"
+    assert runs.resume_path(parse(["--resume", "newest"]), "tiny") == tmp_path / "checkpoints/tiny/b/last.pt"
+    assert runs.checkpoint_from_spec("a", "tiny") == tmp_path / "checkpoints/tiny/a/last.pt"   # a has no best.pt
+    with pytest.raises(SystemExit, match="--init-from nope: no such file, and no best.pt or last.pt in .*tiny/nope"):
+        runs.checkpoint_from_spec("nope", "tiny")
+    args = tiny.make_parser().parse_args(["--device", "cpu", "--max-steps", "0", "--run-name", "d", "--init-from", "a"])
+    model, optimizer, _ = tiny.build(args)
+    model, _ = fit(args, model, tiny.NoisyRegression(), tiny.mse_loss, optimizer, model_name="tiny", arch=tiny.ARCH,
+                   settings={})
+    assert_same_weights(first.state_dict(), model.state_dict())
 
 
 def test_cli_vocabulary_and_output_dirs(tmp_path, monkeypatch):

@@ -643,3 +643,19 @@ def test_torchrun_one_step_then_eval_writes_its_files(tiny_scenes, tmp_path, cap
                                "--out", str(tmp_path), "--device", "cpu"])
     with pytest.raises(BadImageError, match=f"{tmp_path}: none of the 2 images of .* could be read"):
         hh_eval.main(args)      # a folder without the images: an error, not AP 0
+
+
+def test_infer_takes_the_inference_settings_eval_has():
+    """infer.py and eval.py share their test-setting flags (issue 20), and both reach the Predictor's config."""
+    from higher_hrnet import infer as hh_infer
+    flags = ["--inference", "seed", "--input-size", "320", "--scales", "2", "1", "--no-flip",
+             "--detection-threshold", "0.3", "--tag-threshold", "0.7"]
+    for args in (hh_infer.parse_args(flags), hh_eval.parse_args(flags)):
+        predictor = hh_infer.Predictor(build_model(4), {"input_size": 256, "layout": COCO17.as_dict()},
+                                       args.inference, **hh_infer.inference_overrides(args))
+        config = predictor.config
+        assert (config.input_size, config.scales, config.flip) == (320, (2.0, 1.0), False)
+        assert (config.detection_threshold, config.tag_threshold) == (0.3, 0.7)
+    default = hh_infer.Predictor(build_model(4), {"input_size": 256, "layout": COCO17.as_dict()},
+                                 **hh_infer.inference_overrides(hh_infer.parse_args([])))
+    assert (default.config.input_size, default.config.flip, default.config.detection_threshold) == (256, True, 0.1)
