@@ -15,6 +15,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -279,13 +280,21 @@ def save_checkpoint(path, state: dict) -> Path:
     return path
 
 
+def load_tensors(path):
+    """torch.load(weights_only=True) to the CPU, without torch's warning about the pickle protocol of a plain
+    pickle that it then refuses anyway (the caller's one-line error says so)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(path) -> dict:
     """torch.load(weights_only=True); a missing or unreadable file stops with one line."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"{path}: no such checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_tensors(path)
     except pickle.UnpicklingError:
         raise SystemExit(f"{path}: cannot load checkpoint: not a torch.save file, or it holds objects other "
                          "than tensors and plain types (refused by weights_only=True)") from None

@@ -13,7 +13,7 @@ import torch
 
 from common.data import BadInput
 from common.keypoints import COCO17, get_layout
-from common.runs import load_checkpoint, model_from_checkpoint, require
+from common.runs import load_checkpoint, load_tensors, model_from_checkpoint, require
 from higher_hrnet.dataset import LAYOUTS, target_codecs
 from higher_hrnet.model import MODEL_NAME, build_model
 
@@ -64,7 +64,7 @@ def read_state_dict(path_or_state_dict, name=None):
         if not Path(source).is_file():
             raise CheckpointError(f"{source}: checkpoint file not found")
         try:
-            obj = torch.load(source, map_location="cpu", weights_only=True)
+            obj = load_tensors(source)
         except pickle.UnpicklingError:  # torch's message suggests weights_only=False, the unsafe way out
             raise CheckpointError(f"{source}: cannot be read with weights_only=True: not a torch.save file, or it "
                                   "holds objects other than tensors and plain types (refused)") from None

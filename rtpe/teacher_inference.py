@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input, load_coco_keypoints, read_image, sha256_of
 from common.heatmaps import make_heatmaps
-from common.runs import data_dir, newest_checkpoint
+from common.runs import data_dir, load_tensors, newest_checkpoint
 from higher_hrnet.checkpoints import checkpoint_width, load_official_checkpoint, read_state_dict
 from higher_hrnet.model import MODEL_NAME as TEACHER_MODEL_NAME
 from higher_hrnet.model import build_model as build_teacher
@@ -106,7 +106,7 @@ class HigherHRNetTeacher:
     @staticmethod
     def _input_size_from(path):
         try:
-            config = torch.load(path, map_location="cpu", weights_only=True).get("config", {})
+            config = load_tensors(path).get("config", {})
         except Exception:
             return None
         return config.get("input_size") if isinstance(config, dict) else None

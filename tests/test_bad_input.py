@@ -5,11 +5,13 @@ import errno
 import io
 import json
 import os
+import pickle
 import runpy
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,13 @@ def test_refused_checkpoint_says_why_once_without_the_unsafe_hint(tmp_path):
     with pytest.raises(SystemExit) as error:
         load_checkpoint(pickled)
     assert "objects other than tensors" in str(error.value) and str(error.value).count(str(pickled)) == 1
+    plain = tmp_path / "plain.pkl"     # a plain pickle (protocol 4): refused without torch's protocol warning
+    plain.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for load, refusal in ((load_checkpoint, SystemExit), (read_state_dict, CheckpointError)):
+            with pytest.raises(refusal, match="objects other than tensors"):
+                load(plain)
 
 
 class FillsUp(io.FileIO):
