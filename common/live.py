@@ -14,7 +14,6 @@ import cv2
 
 from common.data import BadImageError
 from common.prediction import VIDEO_SUFFIXES, VideoWriter, fresh_folder
-from common.runs import at_least
 
 
 class Clock:
@@ -114,16 +113,6 @@ def can_show() -> bool:
         return True
     except cv2.error:
         return False
-
-
-def add_live_args(parser):
-    a = parser.add_argument
-    a("--camera", type=at_least(0), default=None, metavar="N", help="run live on OpenCV camera N (instead of --input)")
-    a("--live", default=None, metavar="URL|VIDEO",
-      help="run live on a stream URL, or a video file paced at its frame rate as a camera stands in")
-    a("--show", action="store_true", help="with --camera/--live, also show the frames in a window (needs a GUI "
-                                          "OpenCV; q stops)")
-    return parser
 
 
 def run_live(predictor, source, out_dir, draw, show=False, clock=None) -> int:

@@ -39,6 +39,12 @@ def add_common_args(parser: argparse.ArgumentParser, role: str = "train", **defa
         a("--backend", choices=("torch", "onnxruntime"), default="torch",
           help="run the network in torch, or its ONNX file (<folder>/export.py) in onnxruntime (default: torch)")
         a("--onnx", default=None, help="ONNX file for --backend onnxruntime (default: <checkpoint>.onnx)")
+        a("--camera", type=at_least(0), default=None, metavar="N",
+          help="run live on OpenCV camera N (instead of --input)")
+        a("--live", default=None, metavar="URL|VIDEO",
+          help="run live on a stream URL, or a video file paced at its frame rate as a camera stands in")
+        a("--show", action="store_true", help="with --camera/--live, also show the frames in a window (needs a GUI "
+                                              "OpenCV; q stops)")
     else:
         a("--data", default=None, help="dataset folder (default: the built-in data, rendered into <root>/data/)")
         a("--ann", default=None, help="annotation file (COCO JSON / CSV) when not inside --data")

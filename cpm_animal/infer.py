@@ -23,7 +23,7 @@ from common.export import use_backend
 from common.geometry import box_to_center_scale, get_affine_transform, invert_affine, warp_image
 from common.heatmaps import decode_heatmaps
 from common.keypoints import layout_from_dict
-from common.live import add_live_args, open_live_source, run_live
+from common.live import open_live_source, run_live
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
 from common.runs import (add_common_args, at_least, checkpoint_or_exit, data_dir, load_checkpoint,
@@ -111,7 +111,6 @@ def main(argv=None):
                         help="crop box in image pixels (default: the whole image)")
     parser.add_argument("--padding", type=at_least(0.0, above=True), default=1.0,
                         help="grow the box by this factor (default: %(default)s)")
-    add_live_args(parser)
     args = parser.parse_args(argv)
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAME, "python cpm_animal/train.py", args.out)
     device = pick_device(args.device)

@@ -21,7 +21,7 @@ from common.drawing import draw_heatmap_overlay, draw_people, person_color
 from common.export import use_backend
 from common.geometry import get_affine_transform, warp_image
 from common.keypoints import get_layout, layout_from_dict
-from common.live import add_live_args, open_live_source, run_live
+from common.live import open_live_source, run_live
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
 from common.runs import add_common_args, at_least, checkpoint_or_exit, output_dirs, pick_device
@@ -160,7 +160,6 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, role="infer", limit=8, threshold=0.1)
     add_inference_args(parser)
-    add_live_args(parser)
     return parser.parse_args(argv)
 
 

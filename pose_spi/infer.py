@@ -17,7 +17,7 @@ from common.data import exit_on_bad_input
 from common.drawing import draw_keypoints
 from common.export import use_backend
 from common.keypoints import layout_from_dict
-from common.live import add_live_args, open_live_source, run_live
+from common.live import open_live_source, run_live
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
 from common.runs import (add_common_args, at_least, checkpoint_or_exit, data_dir, model_from_checkpoint, output_dirs,
@@ -92,7 +92,6 @@ def main(argv=None):
     add_common_args(parser, role="infer", threshold=-1.0)
     parser.add_argument("--scale", type=at_least(1), default=4,
                         help="enlarge drawings by this factor (default: %(default)s)")
-    add_live_args(parser)
     args = parser.parse_args(argv)
     checkpoint = checkpoint_or_exit(args.checkpoint, MODEL_NAMES, "python pose_spi/train.py", args.out)
     predictor = use_backend(Predictor.from_checkpoint(checkpoint, pick_device(args.device)), args.backend,

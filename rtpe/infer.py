@@ -22,7 +22,7 @@ import torch
 from common.data import IMAGENET_MEAN, IMAGENET_STD, exit_on_bad_input
 from common.drawing import draw_people
 from common.export import use_backend
-from common.live import add_live_args, open_live_source, run_live
+from common.live import open_live_source, run_live
 from common.geometry import affine_points
 from common.keypoints import COCO17, layout_from_dict
 from common.prediction import Predictor as BasePredictor
@@ -172,7 +172,6 @@ def parse_args(argv=None):
     p.add_argument("--input-size", type=at_least(1), default=None,
                    help="longer input side (default: the checkpoint's validation size)")
     p.add_argument("--attention", action="store_true", help="also draw the segmentation attention map")
-    add_live_args(p)
     return p.parse_args(argv)
 
 

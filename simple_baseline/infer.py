@@ -19,7 +19,7 @@ from common.export import use_backend
 from common.geometry import affine_points, box_to_center_scale, get_affine_transform, warp_image
 from common.heatmaps import HeatmapCodec, decode_heatmaps
 from common.keypoints import layout_from_dict
-from common.live import add_live_args, open_live_source, run_live
+from common.live import open_live_source, run_live
 from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
 from common.runs import (add_common_args, checkpoint_or_exit, load_checkpoint, model_from_checkpoint, output_dirs,
@@ -152,7 +152,6 @@ def parse_args(argv=None):
                         help="person box in original pixels (default: the whole frame)")
     parser.add_argument("--no-skeleton", action="store_true", help="draw joints only")
     parser.add_argument("--no-flip-test", action="store_true", help="one forward pass per frame instead of two")
-    add_live_args(parser)
     return parser.parse_args(argv)
 
 
