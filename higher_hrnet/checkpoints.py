@@ -195,16 +195,17 @@ def load_official_checkpoint(model, path_or_state_dict):
     return model
 
 
-def load_imagenet_backbone(model, path_or_state_dict):
+def load_imagenet_backbone(model, path_or_state_dict, name=None):
     """Initialise a HigherHRNet's backbone from an ImageNet ClassificationHRNet checkpoint by name.
 
     Accepts the official `hrnetv2_w32_imagenet_pretrained.pth`, a `train_classification.py`
     checkpoint or the seed's `hrnet_32.pt`. Every backbone tensor must be present with the right
     shape (1,752 of HigherHRNet's 1,810 entries: all but final_layers/deconv_layers); the
-    classification head is ignored. Returns the number of tensors loaded.
+    classification head is ignored. Returns the number of tensors loaded. `name`: what errors call an in-memory
+    state dict (read_state_dict's).
     """
-    source = path_or_state_dict
-    state_dict = read_state_dict(source)
+    source = path_or_state_dict if name is None else name
+    state_dict = read_state_dict(path_or_state_dict, name)
     own = model.state_dict()
     wanted = [n for n in own if not n.startswith(POSE_HEAD_PREFIXES)]
     missing = [n for n in wanted if n not in state_dict and not n.endswith("num_batches_tracked")]

@@ -22,7 +22,7 @@ from common.keypoints import get_layout
 from common.pretrained import resolve_pretrained
 from common.runs import (add_common_args, at_least, local_main_first, parse_with_preset, run_dirs,
                          setup_device_and_distributed)
-from higher_hrnet.checkpoints import CheckpointError, load_imagenet_backbone
+from higher_hrnet.checkpoints import load_imagenet_backbone
 from higher_hrnet.dataset import LAYOUTS, BottomUpDataset, collate_skip_bad_bottom_up
 from higher_hrnet.eval import evaluate_model, oracle_metrics, summary_line
 from higher_hrnet.inference import INFERENCE_SETTINGS, inference_settings
@@ -69,11 +69,8 @@ def build(args, layout):
     model = build_model(args.width, layout.num_keypoints, tag_per_joint=not args.shared_tag)
     if args.pretrained not in (None, "none"):
         # no download URL: the official ImageNet weights come from a OneDrive link, fetched by hand
-        def load_backbone(state):
-            try:
-                print(f"backbone: {load_imagenet_backbone(model, state)} tensors")
-            except CheckpointError as error:    # it was given the weights, not the file: name the file
-                raise CheckpointError(f"--pretrained {args.pretrained}: {error}".replace("<state dict>: ", ""))
+        def load_backbone(state):   # it is given the weights, not the file: errors name the flag and file
+            print(f"backbone: {load_imagenet_backbone(model, state, name=f'--pretrained {args.pretrained}')} tensors")
         resolve_pretrained(args.pretrained, filename=f"hrnetv2_w{args.width}_imagenet_pretrained.pth", url=None,
                            load_fn=load_backbone)
     return model
