@@ -178,8 +178,9 @@ def start_run(run: Run) -> Run:
         print(f"--amp {args.amp} on {run.device}: CPU autocast works but is rarely faster; it is there for tests")
     resume_from = resume_path(args, run.model_name, verbose=run.is_main)
     run.dirs = run_dirs(args, run.model_name)     # a resumed run keeps writing into its own run folder
-    if getattr(args, "ann", None) and os.path.isfile(args.ann):     # eval knows the training file by content
-        run.settings.setdefault("train_ann_sha256", sha256_of(args.ann))
+    # eval knows the training file by content; a folder that trains on another file (built-in data) stored its own
+    if "train_ann_sha256" not in run.settings and getattr(args, "ann", None) and os.path.isfile(args.ann):
+        run.settings["train_ann_sha256"] = sha256_of(args.ann)
     if run.device.type == "cpu":
         keep_freed_memory()
     run.model.to(run.device)
