@@ -108,7 +108,7 @@ def main(args):
         return 1
     data_root = Path(args.data) if args.data else (Path(config["data_root"]) if config.get("data_root") else None)
     if data_root is None or not data_root.is_dir():
-        data_root = ensure_builtin_imagefolder(dirs["data"])
+        data_root = ensure_builtin_imagefolder(dirs["root"])
     num_classes = model.classifier.out_features
     class_names = config.get("class_names")
     if not class_names:

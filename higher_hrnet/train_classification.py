@@ -15,9 +15,7 @@ Any flag given overrides the preset.
 """
 
 import argparse
-import json
 import math
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,7 +35,8 @@ from common.pretrained import resolve_pretrained
 from common.runs import (add_common_args, local_main_first, output_dirs, parse_with_preset,
                          setup_device_and_distributed)
 from common.synthetic import (L_ANK, L_EL, L_HIP, L_KNEE, L_SH, L_WR, PELVIS, R_ANK, R_EL, R_HIP, R_KNEE, R_SH,
-                              R_WR, THORAX, random_background, random_human_figure, rasterize_human)
+                              R_WR, THORAX, ensure_dataset, random_background, random_human_figure,
+                              rasterize_human)
 from higher_hrnet.checkpoints import load_official_checkpoint
 from higher_hrnet.model import BasicBlock, Bottleneck, ClassificationHRNet
 from higher_hrnet.train import PRESETS as POSE_PRESETS
@@ -68,7 +67,8 @@ POSE_CLASSES = ("no_person", "arms_down", "arms_out", "arms_up", "one_arm_up", "
 # Upper-arm direction per arm class, in degrees from the body's "down" towards the arm's own side.
 ARM_ANGLES = {"down": (15, 40), "out": (70, 110), "up": (150, 185)}
 BUILTIN_VERSION = 3  # bump when the renderer changes so the cached folder is rendered again
-BUILTIN_DEFAULTS = dict(image_size=80, train_per_class=1000, val_per_class=100)
+BUILTIN_DEFAULTS = dict(num_images=len(POSE_CLASSES) * 1000, num_val=len(POSE_CLASSES) * 100, image_size=80, seed=0,
+                        version=BUILTIN_VERSION)   # image counts are of all classes together
 
 
 def _unit(vector):
@@ -131,26 +131,24 @@ def render_pose(pose, rng, size=BUILTIN_DEFAULTS["image_size"]):
     return np.clip(image + noise, 0, 255).astype(np.uint8)
 
 
-def ensure_builtin_imagefolder(data_root, seed=0, **params):
-    """Render the built-in pose-class ImageFolder under data_root/hrnet_poses (unless params.json there
-    matches) and return it. params: image_size, train_per_class, val_per_class."""
-    settings = {"version": BUILTIN_VERSION, "seed": seed, **BUILTIN_DEFAULTS, **params}
-    root = Path(data_root) / "hrnet_poses"
-    stamp = root / "params.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == settings:
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    # Validation images come from a seed stream disjoint from training.
-    for split, stream in (("train", 0), ("val", 1)):
-        for class_index, pose in enumerate(POSE_CLASSES):
-            folder = root / split / pose
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(settings[f"{split}_per_class"]):
-                rng = np.random.default_rng([seed, stream, class_index, i])
-                image = render_pose(pose, rng, settings["image_size"])
-                cv2.imwrite(str(folder / f"{pose}_{i:05d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    stamp.write_text(json.dumps(settings) + "\n")
-    return root
+def build_pose_classes(folder, split, count, progress=True, image_size=80, seed=0, version=BUILTIN_VERSION):
+    """Write `count` images of `split`, in equal shares per class, as <folder>/<split>/<class>/<image>.png. The
+    validation images come from a seed stream disjoint from training. version: of this renderer (part of the
+    cache key, see ensure_builtin_imagefolder)."""
+    stream = {"train": 0, "val": 1}[split]
+    for class_index, pose in enumerate(POSE_CLASSES):
+        out = Path(folder) / split / pose
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(count // len(POSE_CLASSES)):
+            image = render_pose(pose, np.random.default_rng([seed, stream, class_index, i]), image_size)
+            cv2.imwrite(str(out / f"{pose}_{i:05d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+
+
+def ensure_builtin_imagefolder(root=None, **params):
+    """<root>/data/hrnet_poses, the built-in pose-class ImageFolder (train/ and val/), rendered by
+    common.synthetic.ensure_dataset unless its params.json matches. params override BUILTIN_DEFAULTS:
+    num_images, num_val (all classes together), image_size, seed."""
+    return ensure_dataset("hrnet_poses", build_pose_classes, BUILTIN_DEFAULTS, root, **params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,9 +306,8 @@ def main(args):
         data_root = Path(args.data)
     else:
         with local_main_first(args):
-            ensure_builtin_imagefolder(dirs["data"], seed=0, image_size=args.builtin_size,
-                                       train_per_class=args.builtin_per_class)
-        data_root = dirs["data"] / "hrnet_poses"
+            data_root = ensure_builtin_imagefolder(dirs["root"], image_size=args.builtin_size,
+                                                   num_images=len(POSE_CLASSES) * args.builtin_per_class)
     train_set = ImageFolderSamples(data_root / "train", train_transform(args.image_size, args.crop_min_scale))
     val_set = None
     if (data_root / "val").is_dir():

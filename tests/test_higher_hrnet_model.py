@@ -372,7 +372,7 @@ def test_classification_defaults_and_builtin_data(tmp_path, monkeypatch, capsys)
     args = train_classification.parse_args([])
     assert (args.preset, args.image_size) == ("builtin", 64)
     assert args.width == POSE_PRESETS["cpu"]["width"]  # the pose preset can load this backbone
-    small = dict(train_per_class=3, val_per_class=2)
+    small = dict(num_images=3 * len(POSE_CLASSES), num_val=2 * len(POSE_CLASSES))
     first = train_classification.ensure_builtin_imagefolder(tmp_path / "a", **small)
     second = train_classification.ensure_builtin_imagefolder(tmp_path / "b", **small)
     files = sorted(p.relative_to(first) for p in first.rglob("*.png"))
