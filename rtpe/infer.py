@@ -29,8 +29,8 @@ from common.prediction import Predictor as BasePredictor
 from common.prediction import make_person, run_inference
 from common.runs import add_common_args, at_least, checkpoint_or_exit, model_from_checkpoint, output_dirs, pick_device
 from higher_hrnet.grouping import GroupingParams, group_by_tags
+from higher_hrnet.infer import builtin_inputs   # the built-in val scenes, the teacher's as well
 from higher_hrnet.inference import fold_batchnorm
-from higher_hrnet.scenes import ensure_scenes
 from rtpe.dataset import MEAN_RGB
 from rtpe.loss import HEATMAP_POS_WEIGHT
 from rtpe.model import MODEL_NAME, STRIDE, build_model, upgrade_checkpoint
@@ -148,11 +148,6 @@ def drawing(predictor, threshold, attention):
             drawn = np.concatenate([drawn, gray], 1)
         return {"pose": drawn}
     return draw
-
-
-def builtin_inputs(args, checkpoint=None):
-    """The built-in validation scenes (infer.py's and export.py's default)."""
-    return [ensure_scenes(args.out) / "images" / "val"]
 
 
 def main(args):
